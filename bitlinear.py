@@ -1,0 +1,90 @@
+"""
+BitLinear: the 1.58-bit linear layer of BitNet b1.58, as used by BitNet Distillation.
+
+Paper section 2 (Preliminaries), arXiv 2510.13998:
+  Eq. (1)-(2)  weights   -> ternary {-1, 0, +1} times one per-tensor scale Δ = mean|W|  (absmean)
+  Eq. (3)      activations -> int8 per token, scale γ = max|X| over the hidden dim       (absmax)
+  STE          gradients pass straight through both RoundClips.
+
+Two forms of each quantizer live here:
+  * the float ("fake-quantized") form used for training: it returns de-quantized floats, so the
+    matmul is an ordinary F.linear and autograd works through the straight-through estimator;
+  * the integer form (ternary codes + Δ, int8 + γ) that packed inference (ternary_cpu.c) uses.
+    y = (x_int8 @ w_ternary^T) * (γ/127) * Δ equals the fake-quantized F.linear up to float rounding.
+"""
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+EPS = 1e-5  # ε in Eq. (1) and (3)
+
+
+# Eq. (2): RoundClip(Y, a, b) = min(max(round(Y), a), b)
+def round_clip(y, a, b):
+    return torch.clamp(torch.round(y), a, b)
+
+
+# Eq. (1)-(2), integer form: codes = RoundClip(W / (Δ+ε), -1, 1), Δ = mean(|W|)
+def weight_quant_int(w):
+    """Returns (codes int8 in {-1,0,1} with w's shape, Δ as a 0-dim float32 tensor)."""
+    w = w.float()
+    delta = w.abs().mean()
+    codes = round_clip(w / (delta + EPS), -1, 1).to(torch.int8)
+    return codes, delta
+
+
+# Eq. (1): Q_w(W) = Δ · RoundClip(W / (Δ+ε), -1, 1)   (de-quantized float)
+def weight_quant(w):
+    codes, delta = weight_quant_int(w)
+    return (delta * codes.float()).to(w.dtype)
+
+
+# Eq. (3), integer form: q = RoundClip(127/(γ+ε) · X, -128, 127), γ = max|X| per token
+def activation_quant_int(x):
+    """Returns (q int8 with x's shape, γ float32 of shape x.shape[:-1] + (1,))."""
+    x = x.float()
+    gamma = x.abs().amax(dim=-1, keepdim=True)  # (..., 1): one scale per token
+    q = round_clip(x * (127.0 / (gamma + EPS)), -128, 127).to(torch.int8)
+    return q, gamma
+
+
+# Eq. (3): Q_INT8(X) = γ/127 · RoundClip(127/(γ+ε) · X, -128, 127)   (de-quantized float)
+def activation_quant(x):
+    q, gamma = activation_quant_int(x)
+    return (q.float() * (gamma / 127.0)).to(x.dtype)
+
+
+# Straight-through estimator: forward uses q, backward sees the identity d q / d x = 1.
+def ste(x, q):
+    return x + (q - x).detach()
+
+
+class BitLinear(nn.Linear):
+    """Drop-in nn.Linear whose forward is F.linear(Q_INT8(x), Q_w(W)) with STE gradients.
+    The latent full-precision weight is what the optimizer updates (and what checkpoints hold)."""
+
+    def forward(self, x):
+        w = ste(self.weight, weight_quant(self.weight))  # Eq. (1)-(2)
+        x = ste(x, activation_quant(x))                  # Eq. (3)
+        return F.linear(x, w, self.bias)
+
+    @classmethod
+    def from_linear(cls, linear):
+        """A BitLinear holding the same latent weight (and bias) as `linear`."""
+        bl = cls(linear.in_features, linear.out_features, bias=linear.bias is not None,
+                 device=linear.weight.device, dtype=linear.weight.dtype)
+        with torch.no_grad():
+            bl.weight.copy_(linear.weight)
+            if linear.bias is not None:
+                bl.bias.copy_(linear.bias)
+        return bl
+
+
+def bitlinear_int_reference(x, w):
+    """The integer computation packed inference performs, in PyTorch (the reference the C kernel
+    must match): int8 activations times ternary codes accumulated in int32, then one float scale
+    per output: y = acc · (γ/127) · Δ.  x: (..., K) float, w: (N, K) float -> (..., N) float32."""
+    q, gamma = activation_quant_int(x)            # (..., K) int8, (..., 1)
+    codes, delta = weight_quant_int(w)            # (N, K) int8, ()
+    acc = q.to(torch.int32) @ codes.to(torch.int32).t()  # (..., N) int32, exact
+    return acc.float() * (gamma / 127.0) * delta

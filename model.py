@@ -1,0 +1,357 @@
+"""
+Qwen3 (and Qwen2 / Qwen2.5) in plain PyTorch, loading Hugging Face checkpoints by hand.
+
+This is the full-precision model that BitNet Distillation starts from (paper section 2, Eq. 6 is
+its attention) and that subln.py turns into a 1.58-bit BitNet (Eq. 1-5). Module names mirror the
+Hugging Face checkpoint keys (model.layers.0.self_attn.q_proj.weight, ...), so loading is one
+explicit key-by-key copy with every key and shape asserted.
+
+    from model import Qwen3
+    from tokenizer import load_tokenizer
+    model = Qwen3.from_pretrained("Qwen/Qwen3-0.6B")          # or a local checkpoint folder
+    tok = load_tokenizer("Qwen/Qwen3-0.6B")
+    out = model.generate(torch.tensor([tok.encode("Hello")]), max_new_tokens=20)
+
+Differences between the two families, all read from config.json:
+    qwen3: RMSNorm on each head's q and k (q_norm, k_norm), no q/k/v bias, explicit head_dim
+    qwen2: q/k/v bias, no q/k norm, head_dim = hidden_size // num_attention_heads
+Padding: `attention_mask` (B, T) has 1 for real tokens, 0 for padding. Left and right padding are
+both correct in forward (positions come from the mask); generate() expects left padding.
+"""
+import json
+import math
+import os
+from dataclasses import dataclass, asdict, fields
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+@dataclass
+class Qwen3Config:
+    vocab_size: int = 151936
+    hidden_size: int = 1024
+    intermediate_size: int = 3072
+    num_hidden_layers: int = 28
+    num_attention_heads: int = 16
+    num_key_value_heads: int = 8
+    head_dim: int = 128
+    rope_theta: float = 1000000.0
+    rms_norm_eps: float = 1e-6
+    tie_word_embeddings: bool = True
+    max_position_embeddings: int = 40960
+    qkv_bias: bool = False       # qwen2: True
+    qk_norm: bool = True         # qwen3: True
+    model_type: str = "qwen3"
+    bitnet: bool = False         # set by subln.convert_to_bitnet: linears are BitLinear
+    subln: bool = False          # set by subln.convert_to_bitnet: SubLN before o_proj and down_proj
+
+    @classmethod
+    def from_hf(cls, d):
+        """From the dict of a Hugging Face config.json (model_type qwen3 or qwen2)."""
+        mt = d.get("model_type")
+        if mt not in ("qwen3", "qwen2"):
+            raise ValueError(f"unsupported model_type {mt!r}: this loader knows 'qwen3' (Qwen3) and "
+                             "'qwen2' (Qwen2, Qwen2.5). Pick a Qwen3/Qwen2.5 checkpoint.")
+        rope = d.get("rope_scaling") or d.get("rope_parameters") or {}
+        rope_type = rope.get("rope_type", rope.get("type", "default"))
+        if rope_type != "default":
+            raise ValueError(f"rope_scaling type {rope_type!r} is not implemented (only plain RoPE).")
+        theta = d.get("rope_theta", rope.get("rope_theta", 10000.0))
+        n_head = d["num_attention_heads"]
+        return cls(
+            vocab_size=d["vocab_size"], hidden_size=d["hidden_size"],
+            intermediate_size=d["intermediate_size"], num_hidden_layers=d["num_hidden_layers"],
+            num_attention_heads=n_head, num_key_value_heads=d.get("num_key_value_heads", n_head),
+            head_dim=d.get("head_dim") or d["hidden_size"] // n_head, rope_theta=float(theta),
+            rms_norm_eps=d.get("rms_norm_eps", 1e-6),
+            tie_word_embeddings=d.get("tie_word_embeddings", False),
+            max_position_embeddings=d.get("max_position_embeddings", 32768),
+            qkv_bias=(mt == "qwen2") or bool(d.get("attention_bias", False)),
+            qk_norm=(mt == "qwen3"), model_type=mt)
+
+    @classmethod
+    def from_dict(cls, d):
+        """From one of our own checkpoints' asdict(config); unknown keys are an error."""
+        known = {f.name for f in fields(cls)}
+        unknown = set(d) - known
+        if unknown:
+            raise ValueError(f"unknown config keys {sorted(unknown)}: checkpoint from another version?")
+        return cls(**d)
+
+    def to_dict(self):
+        return asdict(self)
+
+
+class RMSNorm(nn.Module):
+    """y = x / sqrt(mean(x^2) + eps) * weight, computed in fp32 as Qwen does."""
+
+    def __init__(self, dim, eps=1e-6):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        dtype = x.dtype
+        x = x.float()
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x.to(dtype)
+
+
+def rope_cos_sin(pos, head_dim, theta):
+    """pos: (B, T) integer positions -> cos, sin: (B, T, head_dim) in fp32."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=pos.device).float() / head_dim))
+    angles = pos.float()[..., None] * inv_freq                 # (B, T, head_dim/2)
+    emb = torch.cat([angles, angles], dim=-1)                  # (B, T, head_dim)
+    return emb.cos(), emb.sin()
+
+
+def apply_rope(x, cos, sin):
+    """Rotary embedding, 'rotate half' layout (first half pairs with second half).
+    x: (B, nh, T, hd), cos/sin: (B, T, hd)."""
+    cos, sin = cos[:, None].to(x.dtype), sin[:, None].to(x.dtype)  # (B, 1, T, hd)
+    x1, x2 = x.chunk(2, dim=-1)
+    return x * cos + torch.cat([-x2, x1], dim=-1) * sin
+
+
+class KVCache:
+    """Pre-allocated keys/values for every layer: (B, n_kv_head, max_len, head_dim) each."""
+
+    def __init__(self, config, batch_size, max_len, device, dtype):
+        shape = (batch_size, config.num_key_value_heads, max_len, config.head_dim)
+        self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.num_hidden_layers)]
+        self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.num_hidden_layers)]
+        self.length = 0  # tokens already stored
+        self.max_len = max_len
+
+
+class Attention(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        c = config
+        self.n_head, self.n_kv_head, self.head_dim = c.num_attention_heads, c.num_key_value_heads, c.head_dim
+        if self.n_head % self.n_kv_head:
+            raise ValueError(f"num_attention_heads {self.n_head} is not a multiple of "
+                             f"num_key_value_heads {self.n_kv_head}")
+        self.q_proj = nn.Linear(c.hidden_size, self.n_head * self.head_dim, bias=c.qkv_bias)
+        self.k_proj = nn.Linear(c.hidden_size, self.n_kv_head * self.head_dim, bias=c.qkv_bias)
+        self.v_proj = nn.Linear(c.hidden_size, self.n_kv_head * self.head_dim, bias=c.qkv_bias)
+        self.o_proj = nn.Linear(self.n_head * self.head_dim, c.hidden_size, bias=False)
+        if c.qk_norm:
+            self.q_norm = RMSNorm(self.head_dim, c.rms_norm_eps)
+            self.k_norm = RMSNorm(self.head_dim, c.rms_norm_eps)
+        self.qk_norm = c.qk_norm
+        self.subln = nn.Identity()  # Eq. (4): subln.py puts SubLN here, right before o_proj
+        # Attention-relation distillation (attn_relation.py) reads one layer's Q, K, V:
+        # set capture_qkv = True and read captured_qkv after the forward.
+        self.capture_qkv = False
+        self.captured_qkv = None
+
+    def forward(self, x, cos, sin, mask, cache=None, layer_idx=0):
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.n_head, self.head_dim).transpose(1, 2)     # (B, nh, T, hd)
+        k = self.k_proj(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)  # (B, nkv, T, hd)
+        v = self.v_proj(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)  # (B, nkv, T, hd)
+        if self.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
+        if self.capture_qkv:  # Eq. (10): A ~ {Q, K, V}, before RoPE and before the GQA repeat
+            self.captured_qkv = (q, k, v)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if cache is not None:
+            s = cache.length
+            cache.k[layer_idx][:, :, s:s + T] = k
+            cache.v[layer_idx][:, :, s:s + T] = v
+            k, v = cache.k[layer_idx][:, :, :s + T], cache.v[layer_idx][:, :, :s + T]
+        # grouped-query attention: query head h reads kv head h // (nh / nkv)
+        rep = self.n_head // self.n_kv_head
+        k = k.repeat_interleave(rep, dim=1)  # (B, nh, S, hd)
+        v = v.repeat_interleave(rep, dim=1)
+        # Eq. (6): softmax(Q K^T / sqrt(d)) V, with the causal + padding mask
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)   # (B, nh, T, hd)
+        y = y.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim)
+        return self.o_proj(self.subln(y))
+
+
+class MLP(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+        self.subln = nn.Identity()  # Eq. (5): subln.py puts SubLN here, right before down_proj
+
+    def forward(self, x):
+        return self.down_proj(self.subln(F.silu(self.gate_proj(x)) * self.up_proj(x)))
+
+
+class Block(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.self_attn = Attention(config)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.mlp = MLP(config)
+
+    def forward(self, x, cos, sin, mask, cache=None, layer_idx=0):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, layer_idx)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class Qwen3(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.config = config
+        self.model = nn.ModuleDict(dict(
+            embed_tokens=nn.Embedding(config.vocab_size, config.hidden_size),
+            layers=nn.ModuleList([Block(config) for _ in range(config.num_hidden_layers)]),
+            norm=RMSNorm(config.hidden_size, config.rms_norm_eps),
+        ))
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        if config.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight  # one tensor, two uses
+
+    def forward(self, idx, attention_mask=None, cache=None, last_only=False):
+        """idx: (B, T) token ids; attention_mask: (B, past + T) with 1 = real token, or None.
+        Returns logits (B, T, vocab), or (B, 1, vocab) with last_only."""
+        B, T = idx.shape
+        past = cache.length if cache is not None else 0
+        if cache is not None and past + T > cache.max_len:
+            raise ValueError(f"KV cache holds {cache.max_len} tokens; {past + T} requested")
+        if attention_mask is None:
+            attention_mask = torch.ones(B, past + T, dtype=torch.long, device=idx.device)
+        if attention_mask.shape != (B, past + T):
+            raise ValueError(f"attention_mask has shape {tuple(attention_mask.shape)}, "
+                             f"expected (batch, past + T) = {(B, past + T)}")
+        keep = attention_mask.bool()                                              # (B, S)
+        pos = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, past:]       # (B, T)
+        cos, sin = rope_cos_sin(pos, self.config.head_dim, self.config.rope_theta)
+        # mask[b, 0, i, j]: query i (absolute past+i) may see key j if j <= past+i and j is real;
+        # a padded query also sees itself, so its softmax row is never empty (its output is unused).
+        S = past + T
+        qpos = torch.arange(past, S, device=idx.device)[:, None]                 # (T, 1)
+        kpos = torch.arange(S, device=idx.device)[None, :]                        # (1, S)
+        mask = (kpos <= qpos)[None] & keep[:, None, :]                            # (B, T, S)
+        mask = (mask | (kpos == qpos)[None])[:, None]                             # (B, 1, T, S)
+        x = self.model.embed_tokens(idx)                                          # (B, T, C)
+        for i, block in enumerate(self.model.layers):
+            x = block(x, cos, sin, mask, cache, i)
+        if cache is not None:
+            cache.length += T
+        x = self.model.norm(x)
+        if last_only:
+            x = x[:, -1:]
+        return self.lm_head(x)
+
+    @torch.no_grad()
+    def generate(self, idx, max_new_tokens, temperature=0.0, top_p=1.0, attention_mask=None,
+                 eos_token_id=None, generator=None):
+        """Greedy at temperature 0, nucleus (top-p) sampling otherwise. Batched prompts must be
+        left-padded (attention_mask 0 on the left). Returns (B, T + new) ids; rows that hit
+        eos_token_id keep emitting eos."""
+        B, T = idx.shape
+        p = next(self.parameters())
+        cache = KVCache(self.config, B, T + max_new_tokens, p.device, p.dtype)
+        if attention_mask is None:
+            attention_mask = torch.ones(B, T, dtype=torch.long, device=idx.device)
+        done = torch.zeros(B, dtype=torch.bool, device=idx.device)
+        logits = self(idx, attention_mask, cache, last_only=True)[:, -1]          # (B, V)
+        out = [idx]
+        for _ in range(max_new_tokens):
+            nxt = sample(logits.float(), temperature, top_p, generator)          # (B,)
+            if eos_token_id is not None:
+                nxt = torch.where(done, torch.full_like(nxt, eos_token_id), nxt)
+                done |= nxt == eos_token_id
+            out.append(nxt[:, None])
+            if eos_token_id is not None and bool(done.all()):
+                break
+            attention_mask = torch.cat([attention_mask, torch.ones_like(attention_mask[:, :1])], 1)
+            logits = self(nxt[:, None], attention_mask, cache)[:, -1]
+        return torch.cat(out, dim=1)
+
+    @classmethod
+    def from_pretrained(cls, path, dtype=torch.float32):
+        """A Hugging Face Qwen3/Qwen2 checkpoint (folder, or hub id fetched with huggingface_hub)."""
+        path = resolve_checkpoint_dir(path)
+        with open(os.path.join(path, "config.json")) as f:
+            config = Qwen3Config.from_hf(json.load(f))
+        sd = read_safetensors(path)
+        model = cls(config)
+        ours = model.state_dict()
+        # tied embeddings: our lm_head.weight *is* embed_tokens.weight; the checkpoint may or may
+        # not repeat it under lm_head.weight (if it does, it must be the same tensor)
+        if config.tie_word_embeddings:
+            ours.pop("lm_head.weight")
+            if "lm_head.weight" in sd:
+                if not torch.equal(sd["lm_head.weight"], sd["model.embed_tokens.weight"]):
+                    raise ValueError("tie_word_embeddings is true but lm_head.weight differs from "
+                                     "model.embed_tokens.weight in the checkpoint")
+                sd.pop("lm_head.weight")
+        missing, unexpected = sorted(set(ours) - set(sd)), sorted(set(sd) - set(ours))
+        if missing or unexpected:
+            raise ValueError(f"checkpoint {path} does not match the {config.model_type} architecture: "
+                             f"missing {missing[:8]}{'...' if len(missing) > 8 else ''}, "
+                             f"unexpected {unexpected[:8]}{'...' if len(unexpected) > 8 else ''}")
+        with torch.no_grad():
+            for k, v in ours.items():  # one explicit copy per key, every shape asserted
+                if sd[k].shape != v.shape:
+                    raise ValueError(f"shape mismatch for {k}: checkpoint {tuple(sd[k].shape)}, "
+                                     f"model {tuple(v.shape)} (is config.json from the same model?)")
+                v.copy_(sd[k])
+        return model.to(dtype)
+
+
+def sample(logits, temperature, top_p, generator=None):
+    """logits (B, V) -> next ids (B,). temperature 0: argmax; else softmax(logits/T) cut to the
+    smallest set of tokens whose probability reaches top_p."""
+    if temperature == 0:
+        return logits.argmax(-1)
+    probs = F.softmax(logits / temperature, dim=-1)
+    if top_p < 1.0:
+        sp, si = probs.sort(dim=-1, descending=True)
+        drop = sp.cumsum(-1) - sp > top_p   # tokens entirely beyond the nucleus
+        sp[drop] = 0.0
+        probs = torch.zeros_like(probs).scatter_(-1, si, sp)
+    return torch.multinomial(probs, 1, generator=generator)[:, 0]
+
+
+def resolve_checkpoint_dir(path):
+    """A local folder as is; anything else is treated as a hub id and downloaded."""
+    if os.path.isdir(path):
+        if not os.path.exists(os.path.join(path, "config.json")):
+            raise FileNotFoundError(f"{path} has no config.json: is it a Hugging Face checkpoint folder?")
+        return path
+    if os.path.exists(path):
+        raise ValueError(f"{path} is a file; from_pretrained wants a checkpoint folder or a hub id")
+    if path.count("/") != 1:
+        raise FileNotFoundError(f"no checkpoint folder at {path!r} (and it is not a hub id like 'Qwen/Qwen3-0.6B')")
+    try:
+        from huggingface_hub import snapshot_download
+        return snapshot_download(path, allow_patterns=["*.json", "*.safetensors", "*.txt", "*.tiktoken"])
+    except Exception as e:  # offline, unknown repo, no huggingface_hub ...
+        raise FileNotFoundError(f"could not download {path!r} from the Hugging Face hub ({type(e).__name__}: "
+                                f"{str(e)[:200]}). Without internet, pass a local checkpoint folder.") from None
+
+
+def read_safetensors(path):
+    """All tensors of a checkpoint folder: one model.safetensors, or the shards listed in
+    model.safetensors.index.json."""
+    from safetensors.torch import load_file
+    index = os.path.join(path, "model.safetensors.index.json")
+    if os.path.exists(index):
+        with open(index) as f:
+            weight_map = json.load(f)["weight_map"]
+        files = sorted(set(weight_map.values()))
+    elif os.path.exists(os.path.join(path, "model.safetensors")):
+        weight_map, files = None, ["model.safetensors"]
+    else:
+        raise FileNotFoundError(f"no model.safetensors or model.safetensors.index.json in {path}")
+    sd = {}
+    for fn in files:
+        fp = os.path.join(path, fn)
+        if not os.path.exists(fp):
+            raise FileNotFoundError(f"shard {fn} listed in the index is missing from {path}")
+        sd.update(load_file(fp))
+    if weight_map is not None and set(weight_map) != set(sd):
+        raise ValueError(f"the shards of {path} do not hold exactly the keys of its index")
+    return sd

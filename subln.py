@@ -1,0 +1,75 @@
+"""
+Stage 1 of BitNet Distillation (paper section 3.1): modeling refinement with SubLN, and the
+conversion of a full-precision Qwen3 into a 1.58-bit BitNet.
+
+    Eq. (4)  Y_l     = X_l + SubLN(Concat(heads)) W_out                      (SubLN before o_proj)
+    Eq. (5)  X_{l+1} = Y_l + SubLN((Y_l W_up) ⊙ σ(Y_l W_gate)) W_down        (SubLN before down_proj)
+
+Every q, k, v, o, gate, up, down projection becomes a BitLinear (Eq. 1-3, bitlinear.py). The
+embeddings, the lm_head and every RMSNorm that was already there stay full precision (they are
+counted as such wherever memory is reported). With subln=False (the ablation of Table 5) only
+the linears change.
+
+    from subln import load_model, convert_to_bitnet
+    model = convert_to_bitnet(load_model("Qwen/Qwen3-0.6B"), subln=True)
+"""
+import os
+
+import torch
+
+from bitlinear import BitLinear
+from model import Qwen3, Qwen3Config, RMSNorm
+
+LINEARS = {"self_attn": ("q_proj", "k_proj", "v_proj", "o_proj"),
+           "mlp": ("gate_proj", "up_proj", "down_proj")}
+
+
+class SubLN(RMSNorm):
+    """SubLN is an RMSNorm (weight initialised to 1) on the input of o_proj / down_proj.
+    It rescales the hidden states before they are quantized to int8 (Eq. 3), which keeps their
+    variance in range and stabilises training (paper section 3.1)."""
+
+
+def convert_to_bitnet(model, subln=True):
+    """In place: Qwen3 -> 1.58-bit BitNet. Returns the model. Latent weights are copied unchanged."""
+    c = model.config
+    if c.bitnet:
+        raise ValueError("model is already converted to BitNet")
+    for block in model.model.layers:
+        for part, names in LINEARS.items():
+            mod = getattr(block, part)
+            for name in names:
+                setattr(mod, name, BitLinear.from_linear(getattr(mod, name)))
+        if subln:
+            w = block.self_attn.o_proj.weight
+            block.self_attn.subln = SubLN(c.num_attention_heads * c.head_dim, c.rms_norm_eps).to(w)  # Eq. (4)
+            block.mlp.subln = SubLN(c.intermediate_size, c.rms_norm_eps).to(w)                     # Eq. (5)
+    c.bitnet, c.subln = True, subln
+    return model
+
+
+def build_model(config):
+    """An (untrained) model of `config`, converted to BitNet if config.bitnet says so: the skeleton
+    that one of our checkpoints' state dict loads into strictly."""
+    bitnet, subln = config.bitnet, config.subln
+    config.bitnet, config.subln = False, False
+    model = Qwen3(config)
+    if bitnet:
+        convert_to_bitnet(model, subln=subln)
+    return model
+
+
+def load_model(path, dtype=torch.float32):
+    """A Hugging Face checkpoint (folder or hub id) or one of our .pt checkpoints (a dict with
+    'config' and 'model', as continue_train.py and distill.py write them), loaded strictly."""
+    if os.path.isfile(path):
+        try:
+            ckpt = torch.load(path, map_location="cpu", weights_only=False)
+        except Exception as e:
+            raise ValueError(f"{path} is not a readable checkpoint ({type(e).__name__}: {e})") from None
+        if not isinstance(ckpt, dict) or "config" not in ckpt or "model" not in ckpt:
+            raise ValueError(f"{path} is not a bitdistill checkpoint (needs 'config' and 'model' keys)")
+        model = build_model(Qwen3Config.from_dict(dict(ckpt["config"])))
+        model.load_state_dict(ckpt["model"], strict=True)
+        return model.to(dtype)
+    return Qwen3.from_pretrained(path, dtype=dtype)

@@ -1,0 +1,200 @@
+"""
+Qwen2 / Qwen2.5 / Qwen3 tokenizer as a tiktoken.Encoding, built from a checkpoint's own files.
+
+    from tokenizer import load_tokenizer
+    tok = load_tokenizer("path/to/Qwen3-0.6B")   # folder with tokenizer.json (+ tokenizer_config.json)
+    tok = load_tokenizer("qwen.tiktoken")        # or a rank file; tokenizer_config.json beside it is used
+    ids = tok.encode("<|im_start|>user\nhi<|im_end|>")   # same ids as Hugging Face's tokenizer
+    text = tok.decode(ids)
+    tok.eos_token_id, tok.pad_token_id           # Qwen3: 151645 <|im_end|>, 151643 <|endoftext|>; None
+                                                 # when no tokenizer_config.json names them
+
+Accepted layouts (checked in this order):
+    folder/tokenizer.json                 BPE vocab, NFC normalizer and split regex are read from it
+    folder/vocab.json + folder/merges.txt the slow-tokenizer layout; Qwen's regex and NFC are assumed
+    file.tiktoken                         `base64(token_bytes) rank` lines (Qwen's own format)
+Added tokens (<|endoftext|>, <|im_start|>, ..., </think>) come from tokenizer_config.json's
+`added_tokens_decoder` (else tokenizer.json's `added_tokens`, else the Qwen default list below).
+
+How Hugging Face tokenizes, and what this file mirrors step by step:
+    1. added tokens are cut out of the raw text (HF does this for every added token, `special` or not)
+    2. each remaining piece is NFC-normalized ("e\u0301" -> "\u00e9")
+    3. each piece is split with the pre-tokenizer regex (digits one by one, contractions, spaces ...)
+    4. each chunk's UTF-8 bytes are merged by byte-level BPE; tiktoken does 3-4 in Rust, with the
+       merge priority of a token being its id (we assert the merges list is in id order).
+Special-token strings inside text: `encode(text)` splits them out as single ids by default, as HF does.
+Pass tiktoken's own arguments for tiktoken's behaviour: `encode(text, allowed_special=set(),
+disallowed_special="all")` raises on them, `encode(text, allowed_special=set())` encodes them as plain
+text (HF's `split_special_tokens=True`). `encode_ordinary` also NFC-normalizes and never splits specials.
+encode_batch (same defaults as encode) and encode_ordinary_batch go through these; encode_to_numpy and
+encode_with_unstable are tiktoken's own and skip NFC.
+"""
+import base64
+import functools
+import json
+import os
+import re
+import unicodedata
+
+import tiktoken
+
+# Qwen2Tokenizer's pre-tokenizer regex, the "Split" pattern of Qwen's tokenizer.json.
+QWEN_PATTERN = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+                r"|\s*[\r\n]+|\s+(?!\S)|\s+")
+# The 26 added tokens of Qwen2/2.5/3 (ids 151643..151668), used for a bare .tiktoken file.
+QWEN_ADDED_TOKENS = [
+    "<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|object_ref_start|>", "<|object_ref_end|>",
+    "<|box_start|>", "<|box_end|>", "<|quad_start|>", "<|quad_end|>", "<|vision_start|>",
+    "<|vision_end|>", "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>", "<tool_call>", "</tool_call>",
+    "<|fim_prefix|>", "<|fim_middle|>", "<|fim_suffix|>", "<|fim_pad|>", "<|repo_name|>", "<|file_sep|>",
+    "<tool_response>", "</tool_response>", "<think>", "</think>"]
+
+
+def byte_to_unicode():
+    """GPT-2's byte-level alphabet: vocab files store each byte as a printable character.
+    The 188 bytes that are already printable Latin-1 (! .. ~, ¡ .. ¬, ® .. ÿ) stand for themselves;
+    the other 68 (control bytes, space, 0x7f-0xa0, soft hyphen) become chr(256), chr(257), ... in byte order."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    table = {b: chr(b) for b in printable}
+    others = [b for b in range(256) if b not in table]
+    table.update({b: chr(256 + i) for i, b in enumerate(others)})
+    return table
+
+
+class Tokenizer(tiktoken.Encoding):
+    def __init__(self, name, *, pat_str, mergeable_ranks, special_tokens, nfc=True, eos_token=None, pad_token=None):
+        super().__init__(name, pat_str=pat_str, mergeable_ranks=mergeable_ranks, special_tokens=special_tokens)
+        self.nfc, self.eos_token, self.pad_token = nfc, eos_token, pad_token
+        self.eos_token_id = self.encode_single_token(eos_token) if eos_token else None
+        self.pad_token_id = self.encode_single_token(pad_token) if pad_token else None
+
+    def encode_ordinary(self, text):
+        return super().encode_ordinary(unicodedata.normalize("NFC", text) if self.nfc else text)
+
+    def encode(self, text, *, allowed_special="all", disallowed_special=()):
+        allowed = frozenset(self.special_tokens_set if allowed_special == "all" else allowed_special)
+        disallowed = frozenset(self.special_tokens_set - allowed if disallowed_special == "all" else disallowed_special)
+        if disallowed and (m := _alternation(disallowed).search(text)):
+            raise ValueError(f"text contains the special token {m.group()!r}; pass allowed_special to encode it "
+                             "as one id, or disallowed_special=() to encode it as plain text")
+        ids, start = [], 0
+        for m in _alternation(allowed).finditer(text) if allowed else []:  # 1. cut out added tokens
+            ids += self.encode_ordinary(text[start:m.start()])              # 2.-4. NFC, regex, BPE
+            ids.append(self._special_tokens[m.group()])
+            start = m.end()
+        return ids + self.encode_ordinary(text[start:])
+
+    def encode_batch(self, text, *, num_threads=8, allowed_special="all", disallowed_special=()):  # encode's defaults
+        return super().encode_batch(text, num_threads=num_threads, allowed_special=allowed_special,
+                                    disallowed_special=disallowed_special)
+
+    def __getstate__(self):  # so a pickled copy (e.g. in DataLoader workers) keeps our extra settings
+        return {**super().__getstate__(), "nfc": self.nfc, "eos_token": self.eos_token, "pad_token": self.pad_token}
+
+
+@functools.lru_cache
+def _alternation(tokens):
+    # longest first, so a token that is a prefix of another cannot shadow it (HF matches longest)
+    return re.compile("|".join(re.escape(t) for t in sorted(tokens, key=len, reverse=True)))
+
+
+def _read_json(path):
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)
+
+
+def _vocab_to_ranks(vocab, merges, where):
+    """vocab {byte-level string: id} and merges [(a, b), ...] -> tiktoken's {bytes: rank}."""
+    char_to_byte = {c: b for b, c in byte_to_unicode().items()}
+    try:
+        ranks = {bytes(char_to_byte[c] for c in token): i for token, i in vocab.items()}
+    except KeyError as e:
+        raise ValueError(f"{where}: token with character {e} is not byte-level BPE (GPT-2 alphabet)") from None
+    # tiktoken merges the pair whose result has the lowest id, HF the pair listed first in merges:
+    # the same thing only if the merged tokens' ids grow along the merges list. Qwen's do (256, 257, ...).
+    merged_ids = [vocab.get(a + b, -1) for a, b in merges]
+    if any(x >= y for x, y in zip([-1] + merged_ids, merged_ids)):
+        raise ValueError(f"{where}: merges are not in vocab-id order, tiktoken's rank-based BPE would differ")
+    return ranks
+
+
+def _from_tokenizer_json(path):
+    tj = _read_json(path)
+    model = tj.get("model", {})
+    if model.get("type") != "BPE":
+        raise ValueError(f"{path}: tokenizer model type is {model.get('type')!r}, only byte-level 'BPE' "
+                         "(Qwen, GPT-2 style) is supported")
+    if model.get("dropout") or model.get("byte_fallback") or model.get("continuing_subword_prefix") \
+            or model.get("end_of_word_suffix"):
+        raise ValueError(f"{path}: BPE options dropout/byte_fallback/subword prefix or suffix are not supported")
+    normalizer = (tj.get("normalizer") or {}).get("type")
+    if normalizer not in (None, "NFC"):
+        raise ValueError(f"{path}: normalizer {normalizer!r} is not supported (only NFC or none)")
+    steps = (tj.get("pre_tokenizer") or {}).get("pretokenizers", [])
+    if [s["type"] for s in steps] != ["Split", "ByteLevel"] or "Regex" not in steps[0]["pattern"] \
+            or steps[0].get("invert") or steps[0].get("behavior") != "Isolated" or steps[1].get("use_regex"):
+        raise ValueError(f"{path}: pre_tokenizer must be Split(Regex, Isolated) then ByteLevel(use_regex=false), "
+                         "as in Qwen's tokenizer.json")
+    merges = [m.split(" ") if isinstance(m, str) else m for m in model["merges"]]
+    added = {t["content"]: t for t in tj.get("added_tokens", [])}
+    return _vocab_to_ranks(model["vocab"], merges, path), steps[0]["pattern"]["Regex"], normalizer == "NFC", added
+
+
+def _from_vocab_merges(folder):
+    vocab = _read_json(os.path.join(folder, "vocab.json"))
+    with open(os.path.join(folder, "merges.txt"), encoding="utf-8") as f:
+        merges = [line.split() for line in f.read().split("\n") if line and not line.startswith("#version")]
+    return _vocab_to_ranks(vocab, merges, folder), QWEN_PATTERN, True, {}
+
+
+def _from_tiktoken(path):
+    ranks = {}
+    with open(path, "rb") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                token, rank = line.split()
+                ranks[base64.b64decode(token, validate=True)] = int(rank)
+            except ValueError:  # wrong field count, bad base64 (binascii.Error) or a non-integer rank
+                raise ValueError(f"{path}, line {n}: expected 'base64_token rank', got {line[:60]!r}; "
+                                 "the rank file is corrupt, fetch it again") from None
+    return ranks, QWEN_PATTERN, True, {}
+
+
+def load_tokenizer(path):
+    """A Tokenizer (a tiktoken.Encoding) from a checkpoint folder or a .tiktoken rank file, see above."""
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{path!r} does not exist: pass a local checkpoint folder (with tokenizer.json, "
+                                "or vocab.json + merges.txt) or a .tiktoken file")
+    folder = path if os.path.isdir(path) else os.path.dirname(path)
+    if os.path.isfile(path):
+        ranks, pattern, nfc, added = _from_tiktoken(path)
+    elif os.path.isfile(os.path.join(path, "tokenizer.json")):
+        ranks, pattern, nfc, added = _from_tokenizer_json(os.path.join(path, "tokenizer.json"))
+    elif os.path.isfile(os.path.join(path, "vocab.json")) and os.path.isfile(os.path.join(path, "merges.txt")):
+        ranks, pattern, nfc, added = _from_vocab_merges(path)
+    else:
+        raise FileNotFoundError(f"{path} has no tokenizer files: expected tokenizer.json, or vocab.json and "
+                                "merges.txt (the tokenizer part of a Hugging Face checkpoint)")
+    config_path = os.path.join(folder, "tokenizer_config.json")
+    config = _read_json(config_path) if os.path.isfile(config_path) else {}
+    from_config = {t["content"]: {**t, "id": int(i)} for i, t in config.get("added_tokens_decoder", {}).items()}
+    if added and from_config and {t: a["id"] for t, a in added.items()} != {t: a["id"] for t, a in from_config.items()}:
+        raise ValueError(f"{folder}: tokenizer.json and tokenizer_config.json disagree on the added tokens")
+    added = from_config or added or {t: {"id": len(ranks) + i} for i, t in enumerate(QWEN_ADDED_TOKENS)}
+    flagged = [t for t, a in added.items() if any(a.get(k) for k in ("lstrip", "rstrip", "single_word", "normalized"))]
+    if flagged:
+        raise ValueError(f"{folder}: added tokens {flagged} use lstrip/rstrip/single_word/normalized, not supported")
+    special_tokens = {t: a["id"] for t, a in added.items()}
+    # Every id 0..n-1 exactly once: catches truncated rank files and clashing added-token ids.
+    if sorted([*ranks.values(), *special_tokens.values()]) != list(range(len(ranks) + len(special_tokens))):
+        raise ValueError(f"{path}: token ids are not exactly 0..{len(ranks) + len(special_tokens) - 1} "
+                         f"({len(ranks)} ranks + {len(special_tokens)} added tokens); the rank file may be truncated "
+                         "or the added tokens may not belong to it")
+    if any(bytes([b]) not in ranks for b in range(256)):
+        raise ValueError(f"{path}: not all 256 single bytes have a rank, this is not a byte-level BPE vocab")
+    content = lambda t: t["content"] if isinstance(t, dict) else t  # configs store "<|x|>" or {"content": ...}
+    return Tokenizer(os.path.basename(os.path.normpath(path)), pat_str=pattern, mergeable_ranks=ranks,
+                     special_tokens=special_tokens, nfc=nfc,
+                     eos_token=content(config.get("eos_token")), pad_token=content(config.get("pad_token")))
