@@ -6,10 +6,11 @@ its attention) and that subln.py turns into a 1.58-bit BitNet (Eq. 1-5). Module 
 Hugging Face checkpoint keys (model.layers.0.self_attn.q_proj.weight, ...), so loading is one
 explicit key-by-key copy with every key and shape asserted.
 
-    from model import Qwen3
+    from model import Qwen3, resolve_checkpoint_dir
     from tokenizer import load_tokenizer
-    model = Qwen3.from_pretrained("Qwen/Qwen3-0.6B")          # or a local checkpoint folder
-    tok = load_tokenizer("Qwen/Qwen3-0.6B")
+    path = resolve_checkpoint_dir("Qwen/Qwen3-0.6B")   # a local folder as is; a hub id is downloaded
+    model = Qwen3.from_pretrained(path)
+    tok = load_tokenizer(path)
     out = model.generate(torch.tensor([tok.encode("Hello")]), max_new_tokens=20)
 
 Differences between the two families, all read from config.json:

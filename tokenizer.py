@@ -10,7 +10,7 @@ Qwen2 / Qwen2.5 / Qwen3 tokenizer as a tiktoken.Encoding, built from a checkpoin
                                                  # when no tokenizer_config.json names them
 
 Accepted layouts (checked in this order):
-    folder/tokenizer.json                 BPE vocab, NFC normalizer and split regex are read from it
+    folder/tokenizer.json (or its path)   BPE vocab, NFC normalizer and split regex are read from it
     folder/vocab.json + folder/merges.txt the slow-tokenizer layout; Qwen's regex and NFC are assumed
     file.tiktoken                         `base64(token_bytes) rank` lines (Qwen's own format)
 Added tokens (<|endoftext|>, <|im_start|>, ..., </think>) come from tokenizer_config.json's
@@ -24,18 +24,22 @@ How Hugging Face tokenizes, and what this file mirrors step by step:
        merge priority of a token being its id (we assert the merges list is in id order).
 Special-token strings inside text: `encode(text)` splits them out as single ids by default, as HF does.
 Pass tiktoken's own arguments for tiktoken's behaviour: `encode(text, allowed_special=set(),
-disallowed_special="all")` raises on them, `encode(text, allowed_special=set())` encodes them as plain
-text (HF's `split_special_tokens=True`). `encode_ordinary` also NFC-normalizes and never splits specials.
+disallowed_special="all")` raises on them, `encode(text, allowed_special=set())` encodes them all as plain
+text (safe for untrusted text). HF's `split_special_tokens=True` is in between: only `"special": true`
+tokens become plain text, <think>, <tool_call>, ... are still cut out. `encode_ordinary` = NFC, no splitting.
 encode_batch (same defaults as encode) and encode_ordinary_batch go through these; encode_to_numpy and
 encode_with_unstable are tiktoken's own and skip NFC.
 """
 import base64
+import collections
 import functools
+import heapq
 import json
 import os
 import re
 import unicodedata
 
+import regex  # tiktoken's own dependency; the same regex dialect as its Rust engine
 import tiktoken
 
 # Qwen2Tokenizer's pre-tokenizer regex, the "Split" pattern of Qwen's tokenizer.json.
@@ -163,15 +167,16 @@ def _from_tiktoken(path):
 
 
 def load_tokenizer(path):
-    """A Tokenizer (a tiktoken.Encoding) from a checkpoint folder or a .tiktoken rank file, see above."""
+    """A Tokenizer (a tiktoken.Encoding) from a local checkpoint folder, tokenizer.json or .tiktoken file."""
     if not os.path.exists(path):
         raise FileNotFoundError(f"{path!r} does not exist: pass a local checkpoint folder (with tokenizer.json, "
                                 "or vocab.json + merges.txt) or a .tiktoken file")
     folder = path if os.path.isdir(path) else os.path.dirname(path)
-    if os.path.isfile(path):
+    tokenizer_json = path if path.endswith(".json") else os.path.join(path, "tokenizer.json")
+    if os.path.isfile(tokenizer_json):
+        ranks, pattern, nfc, added = _from_tokenizer_json(tokenizer_json)
+    elif os.path.isfile(path):
         ranks, pattern, nfc, added = _from_tiktoken(path)
-    elif os.path.isfile(os.path.join(path, "tokenizer.json")):
-        ranks, pattern, nfc, added = _from_tokenizer_json(os.path.join(path, "tokenizer.json"))
     elif os.path.isfile(os.path.join(path, "vocab.json")) and os.path.isfile(os.path.join(path, "merges.txt")):
         ranks, pattern, nfc, added = _from_vocab_merges(path)
     else:
@@ -182,7 +187,7 @@ def load_tokenizer(path):
     from_config = {t["content"]: {**t, "id": int(i)} for i, t in config.get("added_tokens_decoder", {}).items()}
     if added and from_config and {t: a["id"] for t, a in added.items()} != {t: a["id"] for t, a in from_config.items()}:
         raise ValueError(f"{folder}: tokenizer.json and tokenizer_config.json disagree on the added tokens")
-    added = from_config or added or {t: {"id": len(ranks) + i} for i, t in enumerate(QWEN_ADDED_TOKENS)}
+    added = from_config or added or {t: {"id": 151643 + i} for i, t in enumerate(QWEN_ADDED_TOKENS)}
     flagged = [t for t, a in added.items() if any(a.get(k) for k in ("lstrip", "rstrip", "single_word", "normalized"))]
     if flagged:
         raise ValueError(f"{folder}: added tokens {flagged} use lstrip/rstrip/single_word/normalized, not supported")
@@ -198,3 +203,70 @@ def load_tokenizer(path):
     return Tokenizer(os.path.basename(os.path.normpath(path)), pat_str=pattern, mergeable_ranks=ranks,
                      special_tokens=special_tokens, nfc=nfc,
                      eos_token=content(config.get("eos_token")), pad_token=content(config.get("pad_token")))
+
+
+# ----------------------------------------------------------------------------- a small vocabulary
+# The toy pipeline (toy.py) trains its own small vocabulary: with Qwen's 151,936 rows, the lm_head
+# alone would cost a tiny model more than all its layers. Same byte-level BPE, same Qwen regex.
+
+def train_bpe(text, vocab_size, pat_str=QWEN_PATTERN):
+    """Byte-level BPE training: tiktoken._educational.bpe_train's algorithm (merge the most frequent
+    adjacent pair, again and again), run on the unique regex chunks weighted by their count, and
+    re-counting pairs only in the chunks that hold the merged pair. Returns {token bytes: rank}."""
+    if vocab_size < 256:
+        raise ValueError("vocab_size must be at least 256 (one token per byte)")
+    chunks = collections.Counter(regex.findall(pat_str, text))
+    words = [[bytes([b]) for b in c.encode("utf-8")] for c in chunks]  # each chunk as a list of tokens
+    freq = list(chunks.values())
+    ranks = {bytes([i]): i for i in range(256)}
+    pair_count, pair_words = collections.Counter(), collections.defaultdict(set)
+    for i, w in enumerate(words):
+        for p in zip(w, w[1:]):
+            pair_count[p] += freq[i]
+            pair_words[p].add(i)
+    heap = [(-n, p) for p, n in pair_count.items()]  # most frequent first, ties broken by the bytes
+    heapq.heapify(heap)
+    while len(ranks) < vocab_size and heap:
+        n, best = heapq.heappop(heap)
+        if -n != pair_count.get(best, 0):  # stale entry: the count changed after it was pushed
+            continue
+        merged = best[0] + best[1]
+        ranks[merged] = len(ranks)
+        changed = set()
+        for i in pair_words.pop(best):
+            w, f = words[i], freq[i]
+            for p in zip(w, w[1:]):  # take this chunk's pairs out ...
+                pair_count[p] -= f
+                changed.add(p)
+            out, j = [], 0
+            while j < len(w):  # ... merge every occurrence of best ...
+                if j + 1 < len(w) and (w[j], w[j + 1]) == best:
+                    out.append(merged)
+                    j += 2
+                else:
+                    out.append(w[j])
+                    j += 1
+            words[i] = out
+            for p in zip(out, out[1:]):  # ... and count its new pairs
+                pair_count[p] += f
+                pair_words[p].add(i)
+                changed.add(p)
+        pair_count.pop(best, None)
+        for p in changed - {best}:
+            if pair_count[p] > 0:
+                heapq.heappush(heap, (-pair_count[p], p))
+    return ranks
+
+
+def save_tiktoken(ranks, folder, added_tokens=("<|endoftext|>", "<|im_start|>", "<|im_end|>"),
+                  eos_token="<|endoftext|>", pad_token="<|endoftext|>"):
+    """Writes folder/vocab.tiktoken (Qwen's rank-file format) and a tokenizer_config.json naming the
+    added tokens (ids right after the ranks), so that load_tokenizer(folder/vocab.tiktoken) reads it back."""
+    os.makedirs(folder, exist_ok=True)
+    with open(os.path.join(folder, "vocab.tiktoken"), "wb") as f:
+        for token, rank in sorted(ranks.items(), key=lambda kv: kv[1]):
+            f.write(base64.b64encode(token) + b" %d\n" % rank)
+    decoder = {str(len(ranks) + i): {"content": t, "special": True} for i, t in enumerate(added_tokens)}
+    with open(os.path.join(folder, "tokenizer_config.json"), "w") as f:
+        json.dump({"added_tokens_decoder": decoder, "eos_token": eos_token, "pad_token": pad_token}, f, indent=1)
+    return os.path.join(folder, "vocab.tiktoken")
