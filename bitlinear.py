@@ -35,8 +35,8 @@ def weight_quant_int(w):
 
 # Eq. (1): Q_w(W) = Δ · RoundClip(W / (Δ+ε), -1, 1)   (de-quantized float)
 def weight_quant(w):
-    codes, delta = weight_quant_int(w)
-    return (delta * codes.float()).to(w.dtype)
+    delta = w.abs().mean()
+    return delta * round_clip(w / (delta + EPS), -1, 1)  # same values as weight_quant_int, kept in float
 
 
 # Eq. (3), integer form: q = RoundClip(127/(γ+ε) · X, -128, 127), γ = max|X| per token
@@ -50,8 +50,8 @@ def activation_quant_int(x):
 
 # Eq. (3): Q_INT8(X) = γ/127 · RoundClip(127/(γ+ε) · X, -128, 127)   (de-quantized float)
 def activation_quant(x):
-    q, gamma = activation_quant_int(x)
-    return (q.float() * (gamma / 127.0)).to(x.dtype)
+    gamma = x.abs().amax(dim=-1, keepdim=True)  # (..., 1)
+    return gamma / 127.0 * round_clip(x * (127.0 / (gamma + EPS)), -128, 127)
 
 
 # Straight-through estimator: forward uses q, backward sees the identity d q / d x = 1.
