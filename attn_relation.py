@@ -13,6 +13,8 @@ distribution, and the student's rows are pulled to the teacher's by KL(teacher |
     R = Softmax(A·Aᵀ / √d_r)                     (Eq. 12, the option scaled_dot=True)
     R = Softmax(norm(A)·norm(A)ᵀ / temperature)  (Algorithm 1, the default)
 
+Relations span all L tokens in both directions (Algorithm 1 applies no causal mask; Q, K, V of a
+causal model already depend only on earlier tokens); only padding is masked.
 Used by distill.py on ONE layer (|Υ| = 1, as the paper recommends), with α = 1.
 
 Usage:
@@ -26,13 +28,21 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 
+def check_split_heads(split_heads, heads, head_dim, what):
+    """Algorithm 1 re-splits heads*head_dim into split_heads relation heads of size D."""
+    if not isinstance(split_heads, int) or split_heads < 1:
+        raise ValueError(f"split_heads must be a positive int, got {split_heads!r}")
+    if (heads * head_dim) % split_heads != 0:
+        raise ValueError(f"split_heads={split_heads} does not divide heads*head_dim = {heads}*{head_dim} "
+                         f"= {heads * head_dim} of the {what} states; pick a divisor of heads*head_dim "
+                         "for Q and K/V of both models")
+
+
 def _check_inputs(student_qkv, teacher_qkv, split_heads, attention_mask):
     """Clear errors for the mistakes a caller is likely to make; returns (B, L)."""
     if len(student_qkv) != 3 or len(teacher_qkv) != 3:
         raise ValueError(f"expected (Q, K, V) for student and teacher, got {len(student_qkv)} and "
                          f"{len(teacher_qkv)} tensors")
-    if not isinstance(split_heads, int) or split_heads < 1:
-        raise ValueError(f"split_heads must be a positive int, got {split_heads!r}")
     B, L = student_qkv[0].shape[0], student_qkv[0].shape[2]
     for who, qkv in (("student", student_qkv), ("teacher", teacher_qkv)):
         for name, x in zip("QKV", qkv):
@@ -42,10 +52,7 @@ def _check_inputs(student_qkv, teacher_qkv, split_heads, attention_mask):
             if (b, l) != (B, L):
                 raise ValueError(f"{who} {name} has (B, L) = {(b, l)} but student Q has {(B, L)}: "
                                  "teacher and student must see the same tokens")
-            if (h * d) % split_heads != 0:
-                raise ValueError(f"split_heads={split_heads} does not divide heads*head_dim = "
-                                 f"{h}*{d} = {h * d} of the {who} {name} states; pick a divisor of "
-                                 "heads*head_dim for Q and K/V of both models")
+            check_split_heads(split_heads, h, d, f"{who} {name}")
     if attention_mask is not None:
         if tuple(attention_mask.shape) != (B, L):
             raise ValueError(f"attention_mask must be (B, L) = {(B, L)}, got {tuple(attention_mask.shape)}")
@@ -95,10 +102,12 @@ def _chunk_kl_sum(s, t, key_valid, row_valid, r0, r1, scaled_dot, temperature):
 # That is exactly Eq. (11)'s 1/(A_r·|x|) averaged over the batch, so Algorithm 1 and Eq. (11) agree
 # when nothing is padded. With padding we follow Eq. (11) literally: |x| is each sample's number of
 # real tokens, the per-sample mean is taken over its A_r·|x| real rows, then averaged over the B
-# samples. Scale: a mean KL per row between softmaxes of cosine similarities / τ=1 is small (rows
-# are near-uniform over L keys; typically 1e-5..1e-3), which is why the paper's γ = 1e5 brings
-# γ·L_AD to the order of L_CE. A sum over rows divided by B would be A_r·L (~10^4) times larger and
-# would make γ = 1e5 absurd, so that reading of "batchmean" cannot be the paper's.
+# samples. Scale: because the reduction is the same as Algorithm 1's (a mean per row, not a sum),
+# L_AD here is on the same scale as the loss the paper's γ = 1e5 (classification) / 1e3 (CNN/DM)
+# was tuned for. The other reading, a sum over rows divided by B, would be A_r·L (~10^4) times
+# larger and would make γ = 1e5 absurd. Softmax rows of cosine similarities / τ=1 are close to
+# uniform, so the per-row KL is small once the student roughly follows the teacher; at the very
+# start (or for tiny random models) it can be ~0.1, where γ·L_AD dominates L_CE.
 def relation_kl(s, t, mask, scaled_dot, temperature, chunk_size):
     B, _, L, _ = s.shape
     key_valid = mask[:, None, None, :]                 # (B, 1, 1, L)

@@ -1,0 +1,395 @@
+"""
+Stage 3 of BitNet Distillation (arXiv 2510.13998, section 3.3 and 4): task fine-tuning of the
+1.58-bit student with logits and attention-relation distillation from a full-precision teacher,
+and the two baselines of Tables 1-2.
+
+    --method fp16-sft    full-precision model, L = L_CE                      (the teacher, upper baseline)
+    --method bitnet-sft  1.58-bit + SubLN (subln.py), L = L_CE               (lower baseline)
+    --method bitdistill  1.58-bit student, L = L_CE + λ·L_LD + γ·L_AD         Eq. (13)
+        L_CE  Eq. (14): -1/N Σ_i Σ_t log P(y_i^t | x_i), over the answer tokens
+        L_LD  Eq. (8)-(9): 1/N Σ_i KL(P_T(y_i|x_i) || P_S(y_i|x_i)) at temperature τ = 5
+        L_AD  Eq. (10)-(12), attn_relation.py, on ONE layer (--distill_layer)
+
+Each task is causal-LM fine-tuning: a prompt template, and the answer as text (the label word for
+SST-2/MNLI/QNLI, the highlights for CNN/DM) followed by <|endoftext|>. Evaluation is greedy
+generation (temperature 0, top-p 1): accuracy, or BLEU (sacrebleu) and ROUGE-1/2/L/Lsum (rouge-score).
+
+The paper's pipeline, one GPU (teacher first, then the two 1.58-bit runs; --model defaults to the
+hub id Qwen/Qwen3-0.6B, --student to stage 2's out/continue_train/ckpt.pt, --teacher to
+out/<task>-fp16-sft/ckpt.pt):
+    python distill.py --task mnli --method fp16-sft
+    python distill.py --task mnli --method bitnet-sft
+    python distill.py --task mnli --method bitdistill
+8 GPUs:   torchrun --standalone --nproc_per_node=8 distill.py --task mnli --method bitdistill
+CPU, offline (real data, BITDISTILL_DATA=../shared/data; the toy models of continue_train.py's
+docstring, which record their tokenizer; toy models want a larger --lr than the defaults):
+    python distill.py --task sst2 --method fp16-sft   --model out/tiny_teacher/ckpt.pt --max_steps 100 \\
+        --batch_size 16 --eval_limit 200 --lr 1e-3
+    python distill.py --task sst2 --method bitnet-sft --model out/tiny_teacher/ckpt.pt --max_steps 100 \\
+        --batch_size 16 --eval_limit 200 --lr 1e-3
+    python distill.py --task sst2 --method bitdistill --max_steps 100 --batch_size 16 --eval_limit 200 --lr 1e-3
+    torchrun --standalone --nproc_per_node=2 distill.py ...     # DDP on CPU (gloo)
+Ablations: --no_ld / --no_ad (Table 6); --student <HF model or fp checkpoint> (no continued
+pre-training, converted on the fly) and --no_subln (Table 5); --distill_layer N (Figure 3b);
+--teacher <a larger fp16-sft checkpoint> (Figure 3c). --eval_only re-evaluates <out_dir>/ckpt.pt,
+--resume continues it. One log line per step: loss = ce + λ·ld + γ·ad, the terms unweighted.
+Results print in the layout of Table 1 (classification) or Table 2 (CNN/DM), collected from every
+results.json next to --out_dir, and are saved as results.json beside ckpt.pt in --out_dir.
+"""
+import argparse
+import functools
+import json
+import math
+import os
+import time
+
+import torch
+import torch.nn.functional as F
+
+from attn_relation import attention_relation_loss, check_split_heads
+from continue_train import (autocast_context, check_finite, get_lr, get_rng_state, load_checkpoint,
+                            save_checkpoint, set_rng_state, setup_distributed)
+from model import resolve_checkpoint_dir
+from subln import convert_to_bitnet, load_model
+from tasks import (METHODS, TASKS, collate, encode_example, evaluate, get_task, load_examples, print_table,
+                   weight_memory_gb)
+from tokenizer import load_tokenizer
+
+load_tokenizer = functools.lru_cache(maxsize=4)(load_tokenizer)  # teacher and student share one
+
+# ----------------------------------------------------------------------------------------------
+# Losses
+
+# Eq. (14): L_CE = -1/N Σ_i Σ_{t=1}^{|y_i|} log P_θ(y_i^t | x_i)
+def ce_loss(logits, idx, answer_mask):
+    sel = answer_mask[:, 1:].bool()                    # (B, T-1): logit t predicts token t+1
+    logits = logits[:, :-1][sel].float()               # (n_answer_tokens, V)
+    return F.cross_entropy(logits, idx[:, 1:][sel], reduction="sum") / idx.shape[0]
+
+
+# Eq. (8)-(9): L_LD = 1/N Σ_i KL(P_T(y_i|x_i) || P_S(y_i|x_i)), P = softmax(z / τ).
+# The sequence KL is taken token by token (teacher forcing) over the positions that predict answer
+# tokens, or over every real position with all_tokens=True. No τ² factor: Eq. (8) has none, and
+# the paper's λ = 10 is tuned for the loss as written (Hinton's τ² would make it 25x larger).
+def logits_distill_loss(s_logits, t_logits, sel_mask, tau):
+    sel = sel_mask[:, 1:].bool()                       # (B, T-1), same positions as ce_loss
+    s_logp = F.log_softmax(s_logits[:, :-1][sel].float() / tau, dim=-1)  # (n, V)
+    t_logp = F.log_softmax(t_logits[:, :-1][sel].float() / tau, dim=-1)  # (n, V)
+    kl = (t_logp.exp() * (t_logp - s_logp)).sum()      # Σ over tokens and vocabulary
+    return kl / s_logits.shape[0]
+
+
+
+
+# ----------------------------------------------------------------------------------------------
+# Models
+
+def tokenizer_path_of(model_path):
+    """The tokenizer that belongs to a model: an HF folder (or hub id) holds it, our .pt checkpoints
+    record it in ckpt['args']['tokenizer'] as continue_train.py does (None if not recorded)."""
+    if os.path.isfile(model_path):
+        ckpt = torch.load(model_path, map_location="cpu", mmap=True, weights_only=False)
+        return ckpt.get("args", {}).get("tokenizer")
+    return os.path.abspath(resolve_checkpoint_dir(model_path))
+
+
+def check_same_tokenizer(student, teacher, s_tok, t_tok):
+    """Logits distillation compares distributions over the same vocabulary: the teacher must use
+    the student's tokenizer (Qwen3 0.6B/1.7B/4B all do)."""
+    sv, tv = student.config.vocab_size, teacher.config.vocab_size
+    if sv != tv:
+        raise ValueError(f"teacher vocab_size {tv} != student vocab_size {sv}: the teacher must use the "
+                         "student's tokenizer (logits distillation compares the same vocabulary)")
+    probe = "BitNet Distillation: 1.58-bit students, 你好, émigré!"
+    if t_tok is not None and t_tok.encode(probe) != s_tok.encode(probe):
+        raise ValueError("the teacher's tokenizer encodes text differently from the student's: "
+                         "logits distillation needs one shared tokenizer")
+
+
+def layer_index(i, n_layers, who):
+    if not -n_layers <= i < n_layers:
+        raise ValueError(f"distill layer {i} is out of range for the {who}'s {n_layers} layers "
+                         f"(valid: {-n_layers}..{n_layers - 1})")
+    return i % n_layers
+
+
+def teacher_layer_for(s_layer, n_student, n_teacher):
+    """Same relative depth: the student's last layer maps to the teacher's last layer."""
+    return round((s_layer + 1) * n_teacher / n_student) - 1
+
+
+def build_models(args, device):
+    """(student, teacher or None, tokenizer). The student is trained; the teacher is frozen."""
+    path = args.student if args.method == "bitdistill" else args.model
+    if not os.path.exists(path) and path.endswith(".pt"):
+        hint = (" to evaluate" if args.eval_only else ": run continue_train.py first (stage 2) or pass "
+                "--student" if args.method == "bitdistill" else "")
+        raise FileNotFoundError(f"no checkpoint at {path}{hint}")
+    args.tokenizer = args.tokenizer or tokenizer_path_of(path)   # recorded in our checkpoint's args
+    if args.tokenizer is None:
+        raise ValueError(f"{path} records no tokenizer: pass --tokenizer (e.g. the base model's folder)")
+    tok = load_tokenizer(args.tokenizer)
+    model = load_model(path)
+    args.continued = model.config.bitnet             # a stage-2 (continue_train.py) 1.58-bit checkpoint
+    if args.method != "fp16-sft" and not model.config.bitnet:
+        convert_to_bitnet(model, subln=args.subln)   # stage 1 on the fly (no continued pre-training)
+    if args.method == "fp16-sft" and model.config.bitnet:
+        raise ValueError(f"{path} is a 1.58-bit checkpoint; fp16-sft fine-tunes a full-precision model")
+    if model.config.vocab_size < tok.n_vocab:
+        raise ValueError(f"tokenizer has {tok.n_vocab} ids but the model only {model.config.vocab_size} rows")
+    teacher = None
+    if args.method == "bitdistill" and not (args.no_ld and args.no_ad) and not args.eval_only:
+        if args.teacher.endswith(".pt") and not os.path.exists(args.teacher):
+            raise FileNotFoundError(f"no teacher at {args.teacher}: run --method fp16-sft first "
+                                    "(or pass --teacher)")
+        teacher = load_model(args.teacher)
+        if teacher.config.bitnet:
+            raise ValueError(f"teacher {args.teacher} is a 1.58-bit model: the teacher is the fp16-sft model")
+        t_tok_path = tokenizer_path_of(args.teacher)
+        check_same_tokenizer(model, teacher, tok, load_tokenizer(t_tok_path) if t_tok_path else None)
+        teacher.to(device).eval()                  # frozen, eval mode, never wrapped in DDP
+        teacher.requires_grad_(False)
+    return model.to(device), teacher, tok
+
+
+def method_label(args, config):
+    """The row name in Tables 1-2, with the ablations of Tables 5-6 spelled out."""
+    label = {"fp16-sft": "FP16-SFT", "bitnet-sft": "BitNet-SFT", "bitdistill": "BitDistill"}[args.method]
+    if config.bitnet and not config.subln:
+        label += " w/o SubLN"
+    if args.method == "bitdistill":
+        label += " w/o CT" * (not args.continued) + " w/o LD" * args.no_ld + " w/o AD" * args.no_ad
+    return label
+
+
+# ----------------------------------------------------------------------------------------------
+# Training
+
+def get_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--task", required=True, choices=sorted(TASKS))
+    p.add_argument("--method", required=True, choices=METHODS)
+    p.add_argument("--model", default="Qwen/Qwen3-0.6B", help="full-precision base (fp16-sft, bitnet-sft)")
+    p.add_argument("--student", default="out/continue_train/ckpt.pt",
+                   help="bitdistill student: a continue_train.py checkpoint (default) or an HF model")
+    p.add_argument("--teacher", default=None, help="fp16-sft checkpoint (default: out/<task>-fp16-sft/ckpt.pt)")
+    p.add_argument("--tokenizer", default=None, help="default: the model's own (HF folder / recorded in ckpt)")
+    p.add_argument("--subln", action=argparse.BooleanOptionalAction, default=True, help="SubLN when converting")
+    p.add_argument("--no_ld", action="store_true", help="no logits distillation (Table 6)")
+    p.add_argument("--no_ad", action="store_true", help="no attention distillation (Table 6)")
+    p.add_argument("--ld_all_tokens", action="store_true", help="L_LD on every real token, not only the answer")
+    p.add_argument("--tau", type=float, default=5.0, help="logits distillation temperature, Eq. (9)")
+    p.add_argument("--lambda_ld", type=float, default=None, help="λ; default 10 (classification), 1 (CNN/DM)")
+    p.add_argument("--gamma_ad", type=float, default=None, help="γ; default 1e5 (classification), 1e3 (CNN/DM)")
+    p.add_argument("--distill_layer", type=int, default=-1, help="student layer for L_AD (Figure 3b)")
+    p.add_argument("--teacher_layer", type=int, default=None, help="default: same relative depth")
+    p.add_argument("--split_heads", type=int, default=None, help="A_r; default student num_attention_heads")
+    p.add_argument("--ad_temperature", type=float, default=1.0, help="Algorithm 1 relation temperature")
+    p.add_argument("--ad_scaled_dot", action="store_true", help="Eq. (12) A·Aᵀ/√d_r instead of Algorithm 1")
+    p.add_argument("--data_dir", default=os.environ.get("BITDISTILL_DATA"),
+                   help="offline data folder (env BITDISTILL_DATA); unset = Hugging Face hub")
+    p.add_argument("--train_limit", type=int, default=0, help="use only the first N training rows")
+    p.add_argument("--eval_limit", type=int, default=0, help="evaluate on the first N validation rows")
+    p.add_argument("--max_len", type=int, default=512)
+    p.add_argument("--batch_size", type=int, default=32, help="global batch (samples per optimizer step)")
+    p.add_argument("--micro_batch_size", type=int, default=4, help="samples per forward, per process")
+    p.add_argument("--epochs", type=float, default=1.0)
+    p.add_argument("--max_steps", type=int, default=0, help="overrides --epochs when > 0")
+    p.add_argument("--lr", type=float, default=None, help="default 2e-5 (fp16-sft), 1e-4 (1.58-bit)")
+    p.add_argument("--min_lr_ratio", type=float, default=0.1)
+    p.add_argument("--warmup_steps", type=int, default=None, help="default 3%% of the steps")
+    p.add_argument("--weight_decay", type=float, default=0.0)
+    p.add_argument("--grad_clip", type=float, default=1.0)
+    p.add_argument("--gen_len", type=int, default=128, help="CNN/DM generation length (paper: up to 4096)")
+    p.add_argument("--eval_batch_size", type=int, default=8)
+    p.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16"),
+                   help="autocast dtype; auto = bfloat16 on CUDA GPUs that support it, else float32")
+    p.add_argument("--out_dir", default=None, help="default out/<task>-<method>")
+    p.add_argument("--save_every", type=int, default=0, help="checkpoint every N steps (0: at the end)")
+    p.add_argument("--resume", action="store_true", help="continue from <out_dir>/ckpt.pt")
+    p.add_argument("--eval_only", action="store_true", help="evaluate <out_dir>/ckpt.pt, no training")
+    p.add_argument("--seed", type=int, default=1337)
+    args = p.parse_args(argv)
+    summ = get_task(args.task)["kind"] == "sum"
+    args.lambda_ld = args.lambda_ld if args.lambda_ld is not None else (1.0 if summ else 10.0)
+    args.gamma_ad = args.gamma_ad if args.gamma_ad is not None else (1e3 if summ else 1e5)
+    args.lr = args.lr if args.lr is not None else (2e-5 if args.method == "fp16-sft" else 1e-4)
+    args.out_dir = args.out_dir or os.path.join("out", f"{args.task}-{args.method}")
+    args.teacher = args.teacher or os.path.join(os.path.dirname(args.out_dir), f"{args.task}-fp16-sft", "ckpt.pt")
+    return args
+
+
+@functools.lru_cache(maxsize=2)
+def epoch_order(n, seed, epoch):
+    return torch.randperm(n, generator=torch.Generator().manual_seed(seed + epoch)).tolist()
+
+
+def micro_batch(data, step, micro, rank, args, grad_accum, world_size):
+    """The samples of one micro-batch, a pure function of (step, micro, rank): each epoch is a fixed
+    permutation (seeded by the epoch), so --resume sees exactly the batches it would have seen."""
+    start = (step * grad_accum * world_size + micro * world_size + rank) * args.micro_batch_size
+    out = []
+    for j in range(start, start + args.micro_batch_size):
+        epoch, pos = divmod(j, len(data))
+        out.append(data[epoch_order(len(data), args.seed, epoch)[pos]])
+    return out
+
+
+def loss_terms(model, student, teacher, batch, tok, args, device, ctx, layers):
+    """Eq. (13) on one micro-batch: returns (L, {'ce', 'ld', 'ad'} as floats)."""
+    seqs, n_prompts = zip(*[encode_example(tok, args.task, ex, args.max_len) for ex in batch])
+    idx, mask, answer = (t.to(device) for t in collate(seqs, tok.eot_token, n_prompts))  # (B, T) each
+    use_ld = teacher is not None and not args.no_ld
+    use_ad = teacher is not None and not args.no_ad
+    s_attn = student.model.layers[layers[0]].self_attn
+    s_attn.capture_qkv = use_ad                        # only the one distilled layer is captured
+    with ctx:
+        logits = model(idx, attention_mask=mask)       # (B, T, V)
+    loss = ce_loss(logits, idx, answer)
+    terms = {"ce": loss.item()}
+    if teacher is not None:
+        t_attn = teacher.model.layers[layers[1]].self_attn
+        t_attn.capture_qkv = use_ad
+        with torch.no_grad(), ctx:
+            t_logits = teacher(idx, attention_mask=mask)  # (B, T, V)
+    if use_ld:
+        ld = logits_distill_loss(logits, t_logits, mask if args.ld_all_tokens else answer, args.tau)
+        loss = loss + args.lambda_ld * ld
+        terms["ld"] = ld.item()
+    if use_ad:
+        ad = attention_relation_loss(s_attn.captured_qkv, t_attn.captured_qkv, args.split_heads,
+                                     temperature=args.ad_temperature, attention_mask=mask,
+                                     scaled_dot=args.ad_scaled_dot)
+        s_attn.captured_qkv = t_attn.captured_qkv = None  # free the captured states
+        s_attn.capture_qkv = t_attn.capture_qkv = False
+        loss = loss + args.gamma_ad * ad
+        terms["ad"] = ad.item()
+    return loss, terms
+
+
+def distill_layers(args, student, teacher):
+    """(student layer, teacher layer or None) for L_AD, and A_r, checked before any training."""
+    cfg = student.config
+    s_layer = layer_index(args.distill_layer, cfg.num_hidden_layers, "student")
+    if teacher is None:
+        return s_layer, None
+    t_n = teacher.config.num_hidden_layers
+    t_layer = layer_index(args.teacher_layer if args.teacher_layer is not None
+                          else teacher_layer_for(s_layer, cfg.num_hidden_layers, t_n), t_n, "teacher")
+    args.split_heads = args.split_heads or cfg.num_attention_heads  # A_r = the number of heads
+    for who, c in (("student", cfg), ("teacher", teacher.config)):
+        check_split_heads(args.split_heads, c.num_attention_heads, c.head_dim, who + " Q")
+        check_split_heads(args.split_heads, c.num_key_value_heads, c.head_dim, who + " K/V")
+    return s_layer, t_layer
+
+
+def train(args, model, student, teacher, tok, layers, ctx, device, dist):
+    """The flat loop: AdamW, warmup + cosine, gradient accumulation, clipping, one line per step."""
+    ddp, rank, world_size, master = dist
+    ckpt_path = os.path.join(args.out_dir, "ckpt.pt")
+    per_step = args.micro_batch_size * world_size
+    if args.batch_size % per_step:
+        raise ValueError(f"--batch_size {args.batch_size} must be a multiple of micro_batch_size x "
+                         f"processes = {per_step}")
+    grad_accum = args.batch_size // per_step
+    data = load_examples(args.task, "train", args.data_dir, args.train_limit)
+    max_steps = args.max_steps or math.ceil(args.epochs * len(data) / args.batch_size)
+    warmup = args.warmup_steps if args.warmup_steps is not None else int(0.03 * max_steps)
+    opt = torch.optim.AdamW(student.parameters(), lr=args.lr, weight_decay=args.weight_decay, betas=(0.9, 0.95))
+    step = 0
+    if args.resume:
+        ckpt = load_checkpoint(ckpt_path)
+        student.load_state_dict(ckpt["model"], strict=True)
+        opt.load_state_dict(ckpt["optimizer"])
+        step = ckpt["step"]
+        set_rng_state(ckpt["rng"])
+    if master:
+        cfg = student.config
+        print(f"{args.label} on {args.task}: {len(data)} train rows, steps {step}->{max_steps} of "
+              f"{args.batch_size} ({grad_accum} x {args.micro_batch_size} x {world_size} proc), "
+              f"{sum(p.numel() for p in student.parameters()) / 1e6:.1f}M params (bitnet={cfg.bitnet}, "
+              f"subln={cfg.subln}), lr {args.lr}" + (" (resumed)" if args.resume else "")
+              + (f"; teacher {args.teacher}, layer {layers[1]} <- student layer {layers[0]}, "
+                 f"λ={args.lambda_ld}, γ={args.gamma_ad}, τ={args.tau}, A_r={args.split_heads}" if teacher else ""))
+
+    def save(step):
+        save_checkpoint(ckpt_path, {"model": student.state_dict(), "optimizer": opt.state_dict(), "step": step,
+                                    "config": student.config.to_dict(), "args": vars(args), "rng": get_rng_state()})
+
+    student.train()
+    while step < max_steps:
+        t0 = time.time()
+        lr = get_lr(step, max_steps, warmup, args.lr, args.lr * args.min_lr_ratio)
+        for g in opt.param_groups:
+            g["lr"] = lr
+        logged = {}
+        for micro in range(grad_accum):
+            if ddp:  # all-reduce the gradients only on the last micro-step
+                model.require_backward_grad_sync = micro == grad_accum - 1
+            batch = micro_batch(data, step, micro, rank, args, grad_accum, world_size)
+            loss, terms = loss_terms(model, student, teacher, batch, tok, args, device, ctx, layers)
+            check_finite(loss, step, ckpt_path)    # NaN/inf: stop, keep the last good checkpoint
+            (loss / grad_accum).backward()
+            for k, v in terms.items():
+                logged[k] = logged.get(k, 0.0) + v / grad_accum
+        norm = torch.nn.utils.clip_grad_norm_(student.parameters(), args.grad_clip)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        step += 1
+        if master:  # rank 0's values; loss = ce + λ·ld + γ·ad, the terms printed unweighted
+            total = logged["ce"] + args.lambda_ld * logged.get("ld", 0.0) + args.gamma_ad * logged.get("ad", 0.0)
+            parts = " | ".join(f"{k} {v:.4g}" for k, v in logged.items())
+            print(f"step {step}/{max_steps} | loss {total:.4f} | {parts} | lr {lr:.2e} | "
+                  f"norm {norm.item():.3f} | {(time.time() - t0) * 1000:.0f} ms", flush=True)
+            if step == max_steps or (args.save_every and step % args.save_every == 0):
+                save(step)
+
+
+def report(args, student, tok, device, ctx):
+    """Greedy evaluation, results.json beside the checkpoint, and the Table 1/2 layout."""
+    evals = load_examples(args.task, "validation", args.data_dir, args.eval_limit)
+    metrics, speed, preds = evaluate(student, tok, args.task, evals, args.max_len, args.gen_len,
+                                     args.eval_batch_size, device, ctx)
+    res = {"task": args.task, "method": args.method, "label": args.label, "metrics": metrics,
+           "speed": speed, "memory_gb": weight_memory_gb(student), "n_eval": len(evals),
+           "checkpoint": os.path.abspath(os.path.join(args.out_dir, "ckpt.pt")), "args": vars(args),
+           "examples": preds[:5]}
+    os.makedirs(args.out_dir, exist_ok=True)
+    with open(os.path.join(args.out_dir, "results.json"), "w") as f:
+        json.dump(res, f, indent=1)
+    print(f"{args.label} {args.task} ({len(evals)} rows): " + ", ".join(f"{k} {v:.2f}" for k, v in metrics.items()))
+    print_table(args.out_dir)
+
+
+def main(argv=None):
+    args = get_args(argv)
+    ddp, rank, local_rank, world_size, device, master = setup_distributed()
+    device = torch.device(device)
+    torch.manual_seed(args.seed + rank)
+    if args.dtype == "auto":
+        args.dtype = "bfloat16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "float32"
+    ctx = autocast_context(device.type, args.dtype)
+    ckpt_path = os.path.join(args.out_dir, "ckpt.pt")
+    if args.eval_only:
+        args.student = args.model = ckpt_path          # no teacher needed to evaluate
+    student, teacher, tok = build_models(args, device)
+    if args.eval_only:  # the row name of the run that trained this checkpoint
+        args.label = torch.load(ckpt_path, map_location="cpu", mmap=True, weights_only=False)["args"]["label"]
+    else:
+        args.label = method_label(args, student.config)
+    layers = distill_layers(args, student, teacher)
+    model = student
+    if ddp:  # the student only; the teacher is never wrapped
+        model = torch.nn.parallel.DistributedDataParallel(
+            student, device_ids=[local_rank] if device.type == "cuda" else None)
+    if not args.eval_only:
+        train(args, model, student, teacher, tok, layers, ctx, device, (ddp, rank, world_size, master))
+    if master:  # evaluation on rank 0 only; the others wait at the barrier below
+        report(args, student, tok, device, ctx)
+    if ddp:
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,231 @@
+"""
+The downstream tasks of BitNet Distillation (paper section 4.1) as causal-LM fine-tuning: where
+each data set lives, its prompt template, its answer text, batching, greedy evaluation and the
+metrics of Tables 1-2 (accuracy; BLEU with sacrebleu, ROUGE-1/2/L/Lsum with rouge-score).
+distill.py trains on them; this file knows nothing about losses or models' internals.
+
+    from tasks import load_examples, evaluate
+    rows = load_examples("sst2", "validation", data_dir="../shared/data")
+"""
+import csv
+import glob
+import json
+import os
+import time
+
+import torch
+from tqdm import tqdm
+
+# ----------------------------------------------------------------------------------------------
+# Tasks: where the data lives, the prompt, the answer.
+TASKS = {
+    "sst2": dict(kind="cls", hf=("nyu-mll/glue", "sst2"), eval_split="validation",
+                 fields=("sentence",), labels=("negative", "positive"),
+                 template="Review: {sentence}\nSentiment:"),
+    "mnli": dict(kind="cls", hf=("nyu-mll/glue", "mnli"), eval_split="validation_matched",
+                 fields=("premise", "hypothesis"), labels=("entailment", "neutral", "contradiction"),
+                 template="Premise: {premise}\nHypothesis: {hypothesis}\nRelation:"),
+    "qnli": dict(kind="cls", hf=("nyu-mll/glue", "qnli"), eval_split="validation",
+                 fields=("question", "sentence"), labels=("yes", "no"),  # 0 entailment, 1 not_entailment
+                 template="Question: {question}\nSentence: {sentence}\nDoes the sentence answer the question?"),
+    "cnndm": dict(kind="sum", hf=("abisee/cnn_dailymail", "3.0.0"), eval_split="validation",
+                  fields=("article",), target="highlights", template="Article: {article}\nSummary:"),
+}
+METHODS = ("fp16-sft", "bitnet-sft", "bitdistill")
+
+
+def get_task(task):
+    if task not in TASKS:
+        raise ValueError(f"unknown task {task!r}: choose one of {sorted(TASKS)}")
+    return TASKS[task]
+
+
+def load_examples(task, split, data_dir=None, limit=None):
+    """A list of dicts with the task's fields (+ 'label' or 'highlights'). data_dir: a folder laid
+    out like ../shared/data (glue/<task>/<split>.tsv, cnndm/<split>.jsonl); None = Hugging Face hub."""
+    spec = get_task(task)
+    if data_dir is None:
+        rows = _load_hub(task, spec, split)
+    elif spec["kind"] == "cls":
+        path = os.path.join(data_dir, "glue", task, ("validation" if split != "train" else "train") + ".tsv")
+        if not os.path.exists(path):
+            raise FileNotFoundError(f"no {path}: --data_dir must be laid out like ../shared/data")
+        with open(path, encoding="utf-8", newline="") as f:  # GLUE TSVs: no quoting at all
+            r = csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE)
+            header = next(r)
+            rows = [dict(zip(header, line)) for line in r]
+    else:
+        path = os.path.join(data_dir, "cnndm", ("validation" if split != "train" else "train") + ".jsonl")
+        if not os.path.exists(path):
+            raise FileNotFoundError(f"no {path}: --data_dir must be laid out like ../shared/data")
+        with open(path, encoding="utf-8") as f:
+            rows = [json.loads(line) for line in f if line.strip()]
+    rows = rows[:limit] if limit else rows
+    out = []
+    for row in rows:
+        ex = {k: str(row[k]).strip() for k in spec["fields"]}
+        if spec["kind"] == "cls":
+            ex["label"] = int(row["label"])
+        else:
+            ex["highlights"] = str(row["highlights"]).strip()
+        out.append(ex)
+    return out
+
+
+def _load_hub(task, spec, split):
+    name, config = spec["hf"]
+    split = spec["eval_split"] if split != "train" else "train"
+    try:
+        import datasets
+        return list(datasets.load_dataset(name, config, split=split))
+    except Exception as e:
+        raise RuntimeError(f"could not load {name} ({config}, {split}) from the Hugging Face hub "
+                           f"({type(e).__name__}: {str(e)[:200]}). Offline, pass --data_dir (or set "
+                           "BITDISTILL_DATA) to a folder laid out like ../shared/data.") from None
+
+
+def prompt_and_answer(task, ex):
+    spec = get_task(task)
+    prompt = spec["template"].format(**{k: ex[k] for k in spec["fields"]})
+    answer = " " + (spec["labels"][ex["label"]] if spec["kind"] == "cls" else ex["highlights"])
+    return prompt, answer
+
+
+def encode_prompt(tok, task, ex, max_tokens):
+    """Prompt ids, at most max_tokens: the longest field is cut (at its end) until it fits."""
+    spec = get_task(task)
+    ex = dict(ex)
+    for _ in range(8):
+        ids = tok.encode(prompt_and_answer(task, ex)[0])
+        excess = len(ids) - max_tokens
+        if excess <= 0:
+            return ids
+        longest = max(spec["fields"], key=lambda k: len(ex[k]))
+        field_ids = tok.encode(ex[longest])
+        if len(field_ids) <= excess:
+            raise ValueError(f"max length {max_tokens} is too short for the {task} prompt template")
+        ex[longest] = tok.decode(field_ids[:len(field_ids) - excess])
+    raise RuntimeError("prompt truncation did not converge")
+
+
+def encode_example(tok, task, ex, max_len):
+    """Training ids: prompt + answer + <|endoftext|>; returns (ids, n_prompt). The answer keeps at
+    most max_len // 2 tokens (CNN/DM highlights); the prompt is cut to fit the rest."""
+    answer = tok.encode(prompt_and_answer(task, ex)[1])[:max_len // 2 - 1] + [tok.eot_token]
+    prompt = encode_prompt(tok, task, ex, max_len - len(answer))
+    return prompt + answer, len(prompt)
+
+
+def collate(seqs, pad_id, n_prompts=None, left=False):
+    """Pad a list of id lists. Returns idx (B, T), attention_mask (B, T) 1 = real, and (if
+    n_prompts is given) answer_mask (B, T), 1 on the answer tokens. Right padding for training,
+    left padding for generation."""
+    T = max(len(s) for s in seqs)
+    idx = torch.full((len(seqs), T), pad_id, dtype=torch.long)
+    mask = torch.zeros(len(seqs), T, dtype=torch.long)
+    answer = torch.zeros(len(seqs), T, dtype=torch.long)
+    for i, s in enumerate(seqs):
+        a = T - len(s) if left else 0
+        idx[i, a:a + len(s)] = torch.tensor(s)
+        mask[i, a:a + len(s)] = 1
+        if n_prompts is not None:
+            answer[i, a + n_prompts[i]:a + len(s)] = 1
+    return idx, mask, answer
+
+
+# ----------------------------------------------------------------------------------------------
+# Losses. Both are summed over a sample's answer tokens and averaged over the N samples of the
+# (micro-)batch, exactly as Eq. (14) and Eq. (8) are written.
+
+# ----------------------------------------------------------------------------------------------
+# Metrics (all in percent, as the paper's tables)
+
+def accuracy(preds, labels):
+    """Exact match of the generated label word (stripped, lower-cased, first word)."""
+    norm = lambda s: (s.strip().split() or [""])[0].strip(".,!").lower()
+    return 100.0 * sum(norm(p) == norm(l) for p, l in zip(preds, labels)) / max(len(labels), 1)
+
+
+def summarization_scores(preds, refs):
+    """BLEU (sacrebleu corpus BLEU, default 13a tokenisation) and ROUGE F1 (rouge-score, Porter
+    stemmer; rougeLsum splits sentences on newlines, which the CNN/DM highlights use)."""
+    import sacrebleu
+    from rouge_score import rouge_scorer
+    keys = ("rouge1", "rouge2", "rougeL", "rougeLsum")
+    scorer = rouge_scorer.RougeScorer(list(keys), use_stemmer=True)
+    sums = dict.fromkeys(keys, 0.0)
+    for p, r in zip(preds, refs):
+        s = scorer.score(r, p)                          # score(target, prediction)
+        for k in keys:
+            sums[k] += s[k].fmeasure
+    out = {"BLEU": sacrebleu.corpus_bleu(preds, [refs]).score}
+    names = {"rouge1": "ROUGE-1", "rouge2": "ROUGE-2", "rougeL": "ROUGE-L", "rougeLsum": "ROUGE-SUM"}
+    out.update({names[k]: 100.0 * sums[k] / max(len(preds), 1) for k in keys})
+    out["AVG"] = sum(out.values()) / 5                   # Table 2's AVG over the five scores
+    return out
+
+
+@torch.no_grad()
+def evaluate(model, tok, task, examples, max_len, gen_len, batch_size, device, ctx):
+    """Greedy generation on `examples`; returns (metrics dict, generated tokens/s)."""
+    spec = get_task(task)
+    if spec["kind"] == "cls":  # the longest label word + <|endoftext|>
+        gen_len = max(len(tok.encode(" " + w)) for w in spec["labels"]) + 1
+    model.eval()
+    preds, n_new, t0 = [], 0, time.time()
+    for b in tqdm(range(0, len(examples), batch_size), desc=f"eval {task}", leave=False):
+        batch = examples[b:b + batch_size]
+        prompts = [encode_prompt(tok, task, ex, max_len - gen_len) for ex in batch]
+        idx, mask, _ = collate(prompts, tok.eot_token, left=True)
+        with ctx:
+            out = model.generate(idx.to(device), gen_len, temperature=0.0, top_p=1.0,
+                                 attention_mask=mask.to(device), eos_token_id=tok.eot_token)
+        for row in out[:, idx.shape[1]:].tolist():
+            row = row[:row.index(tok.eot_token)] if tok.eot_token in row else row
+            n_new += len(row)
+            preds.append(tok.decode(row))
+    speed = n_new / max(time.time() - t0, 1e-9)
+    if spec["kind"] == "cls":
+        metrics = {"ACC": accuracy(preds, [spec["labels"][ex["label"]] for ex in examples])}
+    else:
+        metrics = summarization_scores([p.strip() for p in preds], [ex["highlights"] for ex in examples])
+    return metrics, speed, preds
+
+
+def weight_memory_gb(model):
+    """Weights as deployed: BitLinear weights at 2 bits (packed ternary), everything else
+    (embeddings, lm_head, norms; full precision, as subln.py keeps them) at 16 bits."""
+    from bitlinear import BitLinear
+    ternary = sum(m.weight.numel() for m in model.modules() if isinstance(m, BitLinear))
+    total = sum(p.numel() for p in model.parameters())
+    return (ternary * 2 / 8 + (total - ternary) * 2) / 1e9
+
+
+def print_table(out_dir):
+    """Tables 1-2 layout, from every results.json in out_dir's parent (the other methods' runs)."""
+    results = []
+    for p in sorted(glob.glob(os.path.join(os.path.dirname(os.path.abspath(out_dir)), "*", "results.json"))):
+        with open(p) as f:
+            results.append(json.load(f))
+    results.sort(key=lambda r: (METHODS.index(r["method"]), r["label"]))
+    rows = list(dict.fromkeys(r["label"] for r in results))
+    cls = [r for r in results if TASKS[r["task"]]["kind"] == "cls"]
+    if cls:
+        print("\nTable 1 layout (accuracy, %) | Speed = greedy eval tokens/s of this PyTorch run (fake-quantized"
+              " BitLinear, not the packed kernel) | Memory = weights, ternary at 2 bits, rest 16-bit")
+        print(f"{'Method':<28}{'MNLI':>8}{'QNLI':>8}{'SST2':>8}{'Speed (tokens/s)':>19}{'Memory (G)':>12}")
+        for label in rows:
+            got = {r["task"]: r for r in cls if r["label"] == label}
+            if got:
+                any_r = next(iter(got.values()))
+                accs = "".join(f"{got[t]['metrics']['ACC']:>8.2f}" if t in got else f"{'-':>8}"
+                               for t in ("mnli", "qnli", "sst2"))
+                print(f"{label:<28}{accs}{any_r['speed']:>19.1f}{any_r['memory_gb']:>12.4f}")
+    summ = [r for r in results if r["task"] == "cnndm"]
+    if summ:
+        cols = ("BLEU", "ROUGE-1", "ROUGE-2", "ROUGE-L", "ROUGE-SUM", "AVG")
+        print("\nTable 2 layout (CNN/DM)")
+        print(f"{'Method':<28}" + "".join(f"{c:>10}" for c in cols) + f"{'Speed':>10}{'Memory (G)':>12}")
+        for r in summ:
+            print(f"{r['label']:<28}" + "".join(f"{r['metrics'][c]:>10.2f}" for c in cols)
+                  + f"{r['speed']:>10.1f}{r['memory_gb']:>12.4f}")

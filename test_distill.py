@@ -1,0 +1,347 @@
+"""
+Stage-3 tests: the attention-relation loss (Eq. 10-12, Algorithm 1) against a literal
+transcription of Algorithm 1, the logits-distillation loss (Eq. 8-9) against a direct KL, a few
+steps of each method on real SST-2 rows, the metrics on fixed strings, the clear errors, and one
+end-to-end run of distill.py (train, checkpoint, resume, evaluate, results.json).
+
+    BITDISTILL_DATA=../shared/data python -m pytest -q test_distill.py
+"""
+import json
+import math
+import os
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import distill
+import tasks
+from attn_relation import attention_relation_loss
+from model import Qwen3, Qwen3Config
+from subln import convert_to_bitnet, load_model
+
+TOKENIZER = os.path.abspath(os.path.join(os.environ.get("BITDISTILL_DATA", ""), "tokenizers", "qwen3"))
+
+
+# ----------------------------------------------------------------------------- Algorithm 1, literally
+
+def algorithm1_reference(student_states, teacher_states, split_heads, temperature=1.0, scaled_dot=False):
+    """Algorithm 1 of the paper as printed (one sample at a time, no chunks, no mask), with
+    F.kl_div(..., reduction='batchmean') and the clamp(1e-8). scaled_dot: Eq. (12) instead."""
+    loss = 0.0
+    for i in range(3):
+        s_values, t_values = student_states[i], teacher_states[i]
+        B, L = s_values.shape[0], s_values.shape[2]
+        rel = []
+        for x in (s_values, t_values):
+            D = x.shape[1] * x.shape[3] // split_heads
+            x = x.transpose(1, 2).reshape(B, L, split_heads, D).transpose(1, 2)
+            if scaled_dot:
+                rel.append((x @ x.transpose(-2, -1) / math.sqrt(D)).reshape(-1, L))
+            else:
+                x = F.normalize(x, dim=-1)
+                rel.append((x @ x.transpose(-2, -1) / temperature).reshape(-1, L))
+        s_prob = F.softmax(rel[0], dim=-1).clamp(min=1e-8)
+        t_prob = F.softmax(rel[1], dim=-1).clamp(min=1e-8)
+        loss = loss + F.kl_div(torch.log(s_prob), t_prob, reduction="batchmean", log_target=False)
+    return loss
+
+
+def random_qkv(B, L, n_head, n_kv, head_dim, seed):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(B, n, L, head_dim, generator=g, dtype=torch.float64).float()
+            for n in (n_head, n_kv, n_kv)]
+
+
+@pytest.mark.parametrize("s_shape,t_shape,split", [
+    ((4, 4, 16), (4, 4, 16), 4),    # same shapes, no GQA
+    ((4, 2, 16), (8, 2, 16), 4),    # GQA student, teacher with more query heads
+    ((4, 2, 16), (8, 4, 32), 8),    # wider teacher: more heads and bigger head_dim
+])
+@pytest.mark.parametrize("scaled_dot,temperature", [(False, 1.0), (False, 0.5), (True, 1.0)])
+def test_relation_loss_equals_algorithm1(s_shape, t_shape, split, scaled_dot, temperature):
+    s = random_qkv(3, 11, *s_shape, seed=0)
+    t = random_qkv(3, 11, *t_shape, seed=1)
+    ours = attention_relation_loss(s, t, split, temperature=temperature, scaled_dot=scaled_dot, chunk_size=4)
+    ref = algorithm1_reference(s, t, split, temperature=temperature, scaled_dot=scaled_dot)
+    assert ours.dtype == torch.float32 and ours.dim() == 0
+    torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-6)
+    assert ours.item() > 1e-3
+
+
+def test_relation_loss_zero_for_identical_states():
+    s = random_qkv(2, 9, 4, 2, 16, seed=0)
+    assert attention_relation_loss(s, [x.clone() for x in s], 4).item() == pytest.approx(0.0, abs=1e-7)
+
+
+def test_relation_loss_ignores_padding():
+    B, L = 3, 10
+    s, t = random_qkv(B, L, 4, 2, 8, seed=0), random_qkv(B, L, 8, 2, 8, seed=1)
+    mask = torch.ones(B, L, dtype=torch.long)
+    mask[0, 7:] = 0     # right padding
+    mask[1, :4] = 0     # left padding
+    loss = attention_relation_loss(s, t, 4, attention_mask=mask, chunk_size=3)
+    # whatever sits under the mask does not matter ...
+    pad = ~mask.bool()[:, None, :, None]
+    s2 = [torch.where(pad, torch.randn_like(x) * 100, x) for x in s]
+    t2 = [torch.where(pad, torch.randn_like(x) * 100, x) for x in t]
+    torch.testing.assert_close(attention_relation_loss(s2, t2, 4, attention_mask=mask), loss)
+    # ... and the batch loss is the mean of each sample's loss on its real tokens only (Eq. 11)
+    per_sample = []
+    for b in range(B):
+        keep = mask[b].bool()
+        per_sample.append(algorithm1_reference([x[b:b + 1, :, keep] for x in s],
+                                               [x[b:b + 1, :, keep] for x in t], 4))
+    torch.testing.assert_close(loss, torch.stack(per_sample).mean(), rtol=1e-5, atol=1e-6)
+
+
+def test_relation_loss_chunked_equals_unchunked_with_grads():
+    s = [x.requires_grad_() for x in random_qkv(2, 13, 4, 2, 8, seed=0)]
+    t = random_qkv(2, 13, 4, 2, 8, seed=1)
+    mask = torch.ones(2, 13, dtype=torch.long)
+    mask[1, 10:] = 0
+    grads = []
+    for chunk in (1, 5, 13):
+        loss = attention_relation_loss(s, t, 4, attention_mask=mask, chunk_size=chunk)
+        grads.append(torch.autograd.grad(loss, s))
+        if chunk == 1:
+            first = loss.detach()
+        torch.testing.assert_close(loss.detach(), first)
+    for g in grads[1:]:
+        for a, b in zip(g, grads[0]):
+            torch.testing.assert_close(a, b)
+
+
+def test_relation_loss_fp32_under_autocast():
+    s, t = random_qkv(2, 8, 4, 2, 16, seed=0), random_qkv(2, 8, 4, 2, 16, seed=1)
+    ref = attention_relation_loss(s, t, 4)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = attention_relation_loss(s, t, 4)
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got, ref)
+
+
+def test_relation_loss_errors():
+    s, t = random_qkv(2, 8, 4, 2, 6, seed=0), random_qkv(2, 8, 4, 2, 6, seed=1)
+    with pytest.raises(ValueError, match="does not divide"):
+        attention_relation_loss(s, t, 5)                       # 4*6=24 and 2*6=12: 5 divides neither
+    with pytest.raises(ValueError, match="does not divide"):
+        attention_relation_loss(s, t, 24)                      # divides Q (24) but not K/V (12)
+    with pytest.raises(ValueError, match="same tokens"):
+        attention_relation_loss(s, random_qkv(2, 7, 4, 2, 6, seed=1), 4)
+    with pytest.raises(ValueError, match="attention_mask"):
+        attention_relation_loss(s, t, 4, attention_mask=torch.ones(2, 9))
+
+
+# ----------------------------------------------------------------------------- L_LD and L_CE
+
+def test_logits_distill_and_ce_against_direct_computation():
+    torch.manual_seed(0)
+    B, T, V, tau = 3, 6, 11, 5.0
+    s_logits, t_logits = torch.randn(B, T, V) * 3, torch.randn(B, T, V) * 3
+    idx = torch.randint(0, V, (B, T))
+    answer = torch.tensor([[0, 0, 0, 1, 1, 1], [0, 0, 0, 0, 1, 1], [0, 1, 1, 1, 1, 0]])
+    kl, ce = 0.0, 0.0
+    for b in range(B):
+        for t in range(1, T):
+            if answer[b, t]:   # logits at t-1 predict token t
+                p = F.softmax(t_logits[b, t - 1] / tau, -1)
+                q = F.softmax(s_logits[b, t - 1] / tau, -1)
+                kl += sum(p[v] * math.log(p[v] / q[v]) for v in range(V))
+                ce -= F.log_softmax(s_logits[b, t - 1], -1)[idx[b, t]]
+    torch.testing.assert_close(distill.logits_distill_loss(s_logits, t_logits, answer, tau),
+                               kl / B, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(distill.ce_loss(s_logits, idx, answer), ce / B, rtol=1e-5, atol=1e-6)
+    assert distill.logits_distill_loss(t_logits, t_logits, answer, tau).abs().item() < 1e-6
+
+
+# ----------------------------------------------------------------------------- data and prompts
+
+def test_sst2_offline_rows_and_encoding(data_dir):
+    from tokenizer import load_tokenizer
+    tok = load_tokenizer(os.path.join(data_dir, "tokenizers", "qwen3"))
+    train = tasks.load_examples("sst2", "train", data_dir)
+    val = tasks.load_examples("sst2", "validation", data_dir)
+    assert len(train) == 67349 and len(val) == 872
+    assert val[0] == {"sentence": "it 's a charming and often affecting journey .", "label": 1}
+    ids, n_prompt = tasks.encode_example(tok, "sst2", val[0], 512)
+    assert tok.decode(ids[:n_prompt]) == "Review: it 's a charming and often affecting journey .\nSentiment:"
+    assert tok.decode(ids[n_prompt:]) == " positive<|endoftext|>"
+    _, mask, answer = tasks.collate([ids, ids[:5] + ids[-2:]], tok.eot_token, [n_prompt, 5])
+    assert answer[0].sum() == 2 and answer[1, 5:7].tolist() == [1, 1] and mask[1].sum() == 7
+    art = tasks.load_examples("cnndm", "train", data_dir, limit=1)[0]   # ~700-word article, cut to fit
+    ids, n_prompt = tasks.encode_example(tok, "cnndm", art, 128)
+    assert len(ids) <= 128 and tok.decode(ids[:n_prompt]).endswith("\nSummary:")
+    assert tok.decode(ids[n_prompt:]).startswith(" " + art["highlights"][:20])
+
+
+def test_unknown_task_and_missing_data(tmp_path, monkeypatch):
+    with pytest.raises(ValueError, match="unknown task"):
+        tasks.load_examples("cola", "train", str(tmp_path))
+    with pytest.raises(FileNotFoundError, match="laid out like"):
+        tasks.load_examples("sst2", "train", str(tmp_path))
+    datasets = pytest.importorskip("datasets")
+
+    def offline(*a, **k):   # what load_dataset does without network, minus its 30 s of retries
+        raise ConnectionError("Couldn't reach 'nyu-mll/glue' on the Hub")
+    monkeypatch.setattr(datasets, "load_dataset", offline)
+    with pytest.raises(RuntimeError, match="BITDISTILL_DATA"):
+        tasks.load_examples("mnli", "validation", None)
+
+
+# ----------------------------------------------------------------------------- metrics
+
+def test_accuracy():
+    assert tasks.accuracy([" positive", "negative.", " Positive and more", ""],
+                            ["positive", "negative", "positive", "negative"]) == 75.0
+
+
+def test_summarization_scores_hand_computed():
+    # rouge-score's README example, by hand: 6 shared unigrams of 8 (prediction) / 9 (reference);
+    # 2 shared bigrams of 7 / 8; LCS "the quick brown jumps the" = 5 tokens.
+    ref, pred = "The quick brown fox jumps over the lazy dog", "The quick brown dog jumps on the log."
+    s = tasks.summarization_scores([pred], [ref])
+    f = lambda p, r: 200 * p * r / (p + r)
+    assert s["ROUGE-1"] == pytest.approx(f(6 / 8, 6 / 9))
+    assert s["ROUGE-2"] == pytest.approx(f(2 / 7, 2 / 8))
+    assert s["ROUGE-L"] == pytest.approx(f(5 / 8, 5 / 9)) == pytest.approx(s["ROUGE-SUM"])
+    # BLEU: every n-gram precision is 1, brevity penalty exp(1 - 5/4)
+    assert tasks.summarization_scores(["a b c d"], ["a b c d e"])["BLEU"] == pytest.approx(100 * math.exp(-0.25))
+    s = tasks.summarization_scores(["same text here ."], ["same text here ."])
+    assert all(v == pytest.approx(100.0) for v in s.values())
+
+
+# ----------------------------------------------------------------------------- models and training
+
+def tiny_config(**kw):
+    c = dict(vocab_size=151936, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+             num_attention_heads=4, num_key_value_heads=2, head_dim=16, tie_word_embeddings=True)
+    c.update(kw)
+    return Qwen3Config(**c)
+
+
+def tiny_model(seed=0, **kw):
+    torch.manual_seed(seed)
+    m = Qwen3(tiny_config(**kw))
+    with torch.no_grad():
+        for n, p in m.named_parameters():
+            if not n.endswith("norm.weight"):
+                p.normal_(0.0, 0.02)
+    return m
+
+
+def save_tiny(path, model):
+    torch.save({"model": model.state_dict(), "config": model.config.to_dict(),
+                "args": {"tokenizer": TOKENIZER}}, path)
+    return str(path)
+
+
+class SmallVocab:
+    """The real Qwen3 tokenizer with its ids mapped onto the few ids that `texts` use, so a tiny
+    model needs a 100-row embedding instead of 151,936 (the lm_head would dominate the test)."""
+
+    def __init__(self, tok, texts):
+        self.tok = tok
+        used = sorted({i for s in texts for i in tok.encode(s)} | {tok.eot_token})
+        self.to_small = {i: j for j, i in enumerate(used)}
+        self.to_big = used
+        self.eot_token, self.n_vocab = self.to_small[tok.eot_token], len(used)
+
+    def encode(self, s):
+        return [self.to_small[i] for i in self.tok.encode(s)]
+
+    def decode(self, ids):
+        return self.tok.decode([self.to_big[i] for i in ids])
+
+
+def train_steps(method, student, teacher, rows, tok, steps=8, lr=3e-3):
+    """A few optimizer steps of distill.loss_terms on the same rows; returns the per-step terms."""
+    args = distill.get_args(["--task", "sst2", "--method", method])
+    args.split_heads = 4
+    opt = torch.optim.AdamW(student.parameters(), lr=lr)
+    ctx = torch.autocast("cpu", enabled=False)
+    log = []
+    for _ in range(steps):
+        loss, terms = distill.loss_terms(student, student, teacher, rows, tok, args, "cpu", ctx, (1, 1))
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        log.append(dict(terms, total=loss.item()))
+    return log
+
+
+@pytest.mark.parametrize("method", tasks.METHODS)
+def test_few_steps_lower_the_loss(method, data_dir):
+    from tokenizer import load_tokenizer
+    rows = tasks.load_examples("sst2", "train", data_dir, limit=8)
+    tok = SmallVocab(load_tokenizer(os.path.join(data_dir, "tokenizers", "qwen3")),
+                     ["".join(tasks.prompt_and_answer("sst2", ex)) for ex in rows])
+    teacher = None
+    if method == "bitdistill":  # as in the pipeline: an fp16-sft teacher from the same base model
+        teacher = tiny_model(seed=0, vocab_size=tok.n_vocab)
+        train_steps("fp16-sft", teacher, None, rows, tok)
+        teacher.eval().requires_grad_(False)
+    student = tiny_model(seed=0, vocab_size=tok.n_vocab)
+    if method != "fp16-sft":
+        convert_to_bitnet(student, subln=True)
+    log = train_steps(method, student, teacher, rows, tok)
+    assert log[-1]["total"] < log[0]["total"], (method, log)
+    assert set(log[0]) == ({"ce", "ld", "ad", "total"} if method == "bitdistill" else {"ce", "total"})
+    if method == "bitdistill":  # each distillation term goes down on its own too
+        assert log[-1]["ld"] < log[0]["ld"] and log[-1]["ad"] < log[0]["ad"], log
+    assert student.model.layers[1].self_attn.captured_qkv is None   # captured states are released
+
+
+def test_clear_errors_teacher_vocab_and_layer():
+    student = tiny_model(vocab_size=1000)
+    with pytest.raises(ValueError, match="tokenizer"):
+        distill.check_same_tokenizer(student, tiny_model(vocab_size=1200), None, None)
+    with pytest.raises(ValueError, match="out of range"):
+        distill.layer_index(2, 2, "student")
+    with pytest.raises(ValueError, match="out of range"):
+        distill.layer_index(-3, 2, "teacher")
+    assert distill.layer_index(-1, 2, "student") == 1
+    assert distill.teacher_layer_for(1, 2, 4) == 3 and distill.teacher_layer_for(0, 28, 36) == 0
+
+
+def test_distill_end_to_end(tmp_path, data_dir, capsys):
+    """fp16-sft (the teacher) -> bitdistill with the default teacher path -> resume -> results."""
+    base = save_tiny(tmp_path / "tiny.pt", tiny_model())
+    out = tmp_path / "out"
+    common = ["--task", "sst2", "--batch_size", "4", "--micro_batch_size", "2", "--eval_limit", "4", "--train_limit", "64",
+              "--data_dir", data_dir, "--lr", "1e-3"]
+    distill.main(common + ["--method", "fp16-sft", "--model", base, "--max_steps", "2",
+                           "--out_dir", str(out / "sst2-fp16-sft")])
+    with pytest.raises(ValueError, match="out of range"):
+        distill.main(common + ["--method", "bitdistill", "--student", base, "--max_steps", "2",
+                               "--out_dir", str(out / "sst2-bitdistill"), "--distill_layer", "2"])
+    with pytest.raises(ValueError, match="does not divide"):
+        distill.main(common + ["--method", "bitdistill", "--student", base, "--max_steps", "2",
+                               "--out_dir", str(out / "sst2-bitdistill"), "--split_heads", "3"])
+    bd = common + ["--method", "bitdistill", "--student", base, "--max_steps", "3"]
+    distill.main(bd + ["--out_dir", str(out / "uninterrupted")])
+    straight = capsys.readouterr().out
+
+    def stop_at_step_2(loss, step, ckpt_path):   # an interruption right after step 2's checkpoint
+        if step == 2:
+            raise KeyboardInterrupt
+    real_check = distill.check_finite
+    distill.check_finite = stop_at_step_2
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            distill.main(bd + ["--out_dir", str(out / "sst2-bitdistill"), "--save_every", "2"])
+    finally:
+        distill.check_finite = real_check
+    capsys.readouterr()
+    distill.main(bd + ["--out_dir", str(out / "sst2-bitdistill"), "--resume"])
+    log = capsys.readouterr().out
+    assert "steps 2->3" in log and "(resumed)" in log and "step 2/3" not in log
+    step3 = lambda text: next(line for line in text.splitlines() if line.startswith("step 3/3")).split(" | ")[1:5]
+    assert step3(log) == step3(straight)             # loss, ce, ld, ad identical after resume
+    assert "| ld " in log and "| ad " in log
+    res = json.load(open(out / "sst2-bitdistill" / "results.json"))
+    assert res["n_eval"] == 4 and 0.0 <= res["metrics"]["ACC"] <= 100.0
+    student = load_model(str(out / "sst2-bitdistill" / "ckpt.pt"))   # strict load of a 1.58-bit student
+    assert student.config.bitnet and student.config.subln
+    distill.main(bd + ["--out_dir", str(out / "sst2-bitdistill"), "--eval_only"])                                # same checkpoint, same greedy result
+    assert json.load(open(out / "sst2-bitdistill" / "results.json"))["metrics"] == res["metrics"]
