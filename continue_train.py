@@ -79,6 +79,9 @@ def setup_distributed():
     else:
         rank, local_rank, world_size = 0, 0, 1
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    # On x86 CPUs, denormal floats (which BitLinear's backward produces in numbers) made a tiny
+    # 1.58-bit model's backward pass 3.6x slower here (13.9 s -> 3.8 s per step); flush them to zero.
+    torch.set_flush_denormal(True)
     return ddp, rank, local_rank, world_size, device, rank == 0
 
 

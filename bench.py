@@ -1,0 +1,401 @@
+"""
+CPU inference benchmark on Qwen3-0.6B's geometry: PyTorch fp32 and bf16 against the packed
+1.58-bit model (ternary_cpu.c), with its lm_head in bf16 and in int8. Random weights: speed and
+memory depend on the shapes only (hidden 1024, intermediate 3072, 28 layers, 16 q / 8 kv heads,
+head_dim 128, vocab 151936, tied embeddings).
+
+    python bench.py                 # everything: ~5 minutes on 2 cores; bench.json + bench.png
+    python bench.py --quick         # fewer repeats and tokens, a smoke run
+    python bench.py --threads 1
+
+Backends: torch-fp32 / torch-bf16 = model.py's Qwen3 in that dtype; ternary = packed.PackedQwen3
+(2-bit linears in C) with the embedding table / tied lm_head in bf16 (C bf16 kernel);
+ternary-int8-head = the same with that table in int8 (C int8 kernel), like llama.cpp's Q8_0 output.
+Each backend runs in its own subprocess, so its peak RSS is its own. Timings: warm-up first, then
+repeats; medians with the 10-90% spread. Decode is timed token by token over 128 new tokens
+(tok/s = 1 / median token time). GB/s = weight bytes read per token x tokens/s, next to a read
+bandwidth measured here (summing a 1 GiB buffer, and a 128 MiB one that may sit in L3).
+Run it on a quiet machine: other processes on the same cores distort every number.
+"""
+import argparse
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+from model import KVCache, Qwen3, Qwen3Config  # noqa: E402
+
+BACKENDS = ("torch-fp32", "torch-bf16", "ternary", "ternary-int8-head")
+# The peer to beat (issue 5): llama.cpp 0c1e570, TQ2_0 linears + Q8_0 embedding/output, same
+# geometry, `llama-bench -t 2 -r 5` on this 2-core machine.
+LLAMA_CPP_TQ2_0 = {"prefill": {128: 179.6, 512: 168.8}, "decode": 41.3}
+
+
+def qwen3_06b():
+    return Qwen3Config(vocab_size=151936, hidden_size=1024, intermediate_size=3072, num_hidden_layers=28,
+                       num_attention_heads=16, num_key_value_heads=8, head_dim=128, tie_word_embeddings=True)
+
+
+def stats(ts):
+    """Median and 10%/90% of a list of seconds."""
+    s = sorted(ts)
+    pick = lambda f: s[min(len(s) - 1, int(f * len(s)))]
+    return dict(median=pick(0.5), p10=pick(0.1), p90=pick(0.9), n=len(s))
+
+
+def timeit(fn, warmup, repeat):
+    for _ in range(warmup):
+        fn()
+    ts = []
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        fn()
+        ts.append(time.perf_counter() - t0)
+    return stats(ts)
+
+
+def read_bandwidth(nbytes, repeat=7):
+    """GB/s of summing an fp32 buffer (a pure streaming read) with all torch threads."""
+    buf = torch.ones(nbytes // 4)
+    st = timeit(lambda: buf.sum(), 2, repeat)
+    return nbytes / st["median"] / 1e9
+
+
+def cpu_flags():
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    have = set(line.split(":")[1].split())
+                    return [fl for fl in ("avx2", "fma", "avx512f", "avx512bw", "avx512_vnni", "avx_vnni",
+                                          "avx512_bf16", "amx_int8") if fl in have]
+    except OSError:
+        pass
+    return []
+
+
+def cpu_name():
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":")[1].strip()
+    except OSError:
+        pass
+    return platform.processor()
+
+
+# ---------------------------------------------------------------------------------------------
+# Models with random weights
+
+def random_packed(config, head):
+    """A PackedQwen3 of `config` filled with random ternary codes (no float model needed, so the
+    process's peak RSS is the packed model's)."""
+    import packed as P
+    config.bitnet, config.subln = True, True
+    pm = P.PackedQwen3(config, head)
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for m in pm.modules():
+            if isinstance(m, P.PackedLinear):
+                N, K = m.out_features, m.in_features
+                for i in range(0, N, 1024):  # in slices, to keep the int8 codes small
+                    codes = torch.randint(-1, 2, (min(1024, N - i), K), dtype=torch.int8, generator=g)
+                    m.packed[i:i + 1024] = P.pack_ternary(codes)
+                m.scale.fill_(0.02)
+        if head == "int8":  # filled in place: no fp32 table in the peak RSS
+            e = pm.embed
+            e.w8[:, :config.hidden_size] = torch.randint(-127, 128, (config.vocab_size, config.hidden_size),
+                                                         dtype=torch.int8, generator=g)
+            for i in range(0, config.vocab_size, 8192):  # in slices: no int32 copy of the table
+                e.wsum[i:i + 8192] = e.w8[i:i + 8192].sum(dim=1, dtype=torch.int32)
+            e.scale.fill_(0.02 / 127)
+        else:
+            pm.embed_weight.normal_(0.0, 0.02, generator=g)
+    return pm
+
+
+def random_torch(config, dtype):
+    torch.manual_seed(0)
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)  # build in the target dtype: no fp32 copy in the peak RSS
+    try:
+        model = Qwen3(config).eval()
+    finally:
+        torch.set_default_dtype(old)
+    return model
+
+
+def linear_weight_bytes_torch(model):
+    return sum(p.numel() * p.element_size() for n, p in model.named_parameters()
+               if n.endswith("proj.weight"))
+
+
+# ---------------------------------------------------------------------------------------------
+# One backend, in its own process
+
+@torch.no_grad()
+def run_backend(name, prompt_lens, new_tokens, repeat):
+    config = qwen3_06b()
+    t0 = time.perf_counter()
+    if name.startswith("torch"):
+        model = random_torch(config, torch.float32 if name == "torch-fp32" else torch.bfloat16)
+        dtype = next(model.parameters()).dtype
+        new_cache = lambda n: KVCache(config, 1, n, "cpu", dtype)
+        fwd = lambda idx, cache, last: model(idx, cache=cache, last_only=last)
+        lin = linear_weight_bytes_torch(model)
+        total = sum(p.numel() * p.element_size() for p in model.parameters())  # tied: counted once
+        head_bytes = model.lm_head.weight.numel() * model.lm_head.weight.element_size()
+    else:
+        pm = random_packed(config, "int8" if name == "ternary-int8-head" else "bf16")
+        new_cache = lambda n: pm.new_cache(1, n)
+        fwd = lambda idx, cache, last: pm(idx, cache, last_only=last)
+        mem = pm.memory()
+        lin, total, head_bytes = mem["linears"], mem["total"], mem["embed_and_head"]
+    build_s = time.perf_counter() - t0
+    log = lambda msg: print(f"  [{name}] {msg}", file=sys.stderr, flush=True)
+    log(f"model built in {build_s:.1f} s")
+    res = dict(backend=name, threads=torch.get_num_threads(), build_s=build_s, prefill={}, weight_bytes=dict(
+        linears=lin, total=total, head=head_bytes, per_token=lin + head_bytes))
+    g = torch.Generator().manual_seed(0)
+    for T in prompt_lens:
+        idx = torch.randint(0, config.vocab_size, (1, T), generator=g)
+        st = timeit(lambda: fwd(idx, new_cache(T), True), 1, repeat)
+        res["prefill"][T] = dict(tok_s=T / st["median"], tok_s_p10=T / st["p90"], tok_s_p90=T / st["p10"], **st)
+        log(f"prefill {T}: {res['prefill'][T]['tok_s']:.1f} tok/s")
+    # decode: a 16-token prompt, 8 warm-up tokens, then new_tokens timed one by one
+    cache = new_cache(16 + 8 + new_tokens)
+    logits = fwd(torch.randint(0, config.vocab_size, (1, 16), generator=g), cache, True)
+    ts = []
+    for i in range(8 + new_tokens):
+        nxt = logits[:, -1].argmax(-1, keepdim=True)                              # (1, 1)
+        t1 = time.perf_counter()
+        logits = fwd(nxt, cache, True)
+        if i >= 8:
+            ts.append(time.perf_counter() - t1)
+    st = stats(ts)
+    res["decode"] = dict(tok_s=1 / st["median"], tok_s_p10=1 / st["p90"], tok_s_p90=1 / st["p10"],
+                         tok_s_mean=len(ts) / sum(ts), **st)
+    res["peak_rss"] = peak_rss()
+    return res
+
+
+def peak_rss():
+    """This process's peak resident set, bytes. VmHWM, not ru_maxrss: on Linux ru_maxrss carries
+    the parent's high-water mark across fork+exec (here: bench.py's 1 GiB bandwidth buffer)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)
+
+
+# ---------------------------------------------------------------------------------------------
+# Per-kernel table: each projection shape of one layer, and the lm_head
+
+@torch.no_grad()
+def kernel_table(repeat, quick):
+    import packed as P
+    c = qwen3_06b()
+    H, I, qd, kvd = c.hidden_size, c.intermediate_size, c.num_attention_heads * c.head_dim, c.num_key_value_heads * c.head_dim
+    shapes = [("qkv (fused)", H, qd + 2 * kvd), ("o_proj", qd, H), ("gate_up (fused)", H, 2 * I),
+              ("down_proj", I, H), ("lm_head int8", H, c.vocab_size), ("lm_head bf16", H, c.vocab_size)]
+    best = P.lib()[0].tl_cpu_path()
+    rows = []
+    for name, K, N in shapes:
+        g = torch.Generator().manual_seed(0)
+        W = torch.randn(N, K, generator=g) * 0.02
+        Wb = W.bfloat16()
+        head = name.startswith("lm_head")
+        if name == "lm_head int8":
+            lin = P.Int8Linear.from_weight(W)
+            wbytes = lin.w8.numel()
+            run = lambda x, path: P.int8_linear(x, lin.w8, lin.wsum, lin.scale, K, path)
+        elif name == "lm_head bf16":
+            wbytes = Wb.numel() * 2
+            run = lambda x, path: P.bf16_linear(x, Wb, path)
+        else:
+            packed = P.pack_ternary(torch.randint(-1, 2, (N, K), dtype=torch.int8, generator=g))
+            scale = torch.full((N,), 0.02)
+            wbytes = packed.numel()
+            run = lambda x, path: P.ternary_linear(x, packed, scale, K, path)
+        for M in ((1,) if head else (1, 128)):
+            x = torch.randn(M, K, generator=g)
+            xb = x.bfloat16()
+            rep_slow = 2 if quick or (M > 1 or head) else 5
+            t = timeit(lambda: run(x, best), 2, repeat * 4)
+            t_c = timeit(lambda: run(x, 0), 1, rep_slow)
+            t_fp32 = timeit(lambda: F.linear(x, W), 1, rep_slow * 2)
+            t_bf16 = timeit(lambda: F.linear(xb, Wb), 1, rep_slow * 2)
+            med = t["median"]
+            rows.append(dict(kernel=name, K=K, N=N, M=M, us=med * 1e6, us_p10=t["p10"] * 1e6, us_p90=t["p90"] * 1e6,
+                             gmac_s=M * N * K / med / 1e9, weight_gb_s=wbytes / med / 1e9,
+                             vs_torch_fp32=t_fp32["median"] / med, vs_torch_bf16=t_bf16["median"] / med,
+                             vs_plain_c=t_c["median"] / med, plain_c_us=t_c["median"] * 1e6))
+    return rows
+
+
+# ---------------------------------------------------------------------------------------------
+# Report
+
+def fmt_mb(b):
+    return f"{b / 1e6:8.1f} MB"
+
+
+def print_report(R):
+    print(f"\nCPU: {R['cpu']} | flags: {' '.join(R['cpu_flags'])} | threads: {R['threads']} | "
+          f"kernels: {R['simd']}")
+    print(f"measured read bandwidth: {R['bandwidth_gb_s']['dram_1GiB']:.1f} GB/s (1 GiB buffer), "
+          f"{R['bandwidth_gb_s']['l3_128MiB']:.1f} GB/s (128 MiB buffer)")
+    bw = R["bandwidth_gb_s"]["dram_1GiB"]
+    lens = R["prompt_lens"]
+    print("\n| backend | " + " | ".join(f"prefill {T} tok/s [p10-p90]" for T in lens) +
+          " | decode tok/s [p10-p90] | weight MB read/token | decode GB/s (x of measured) | "
+          "linear weights | whole model | peak RSS |")
+    print("|" + "---|" * (7 + len(lens)))
+    for b in R["backends"]:
+        wb = b["weight_bytes"]
+        d = b["decode"]
+        gbs = wb["per_token"] * d["tok_s"] / 1e9
+        pre = " | ".join(f"{b['prefill'][T]['tok_s']:7.1f} [{b['prefill'][T]['tok_s_p10']:.0f}-"
+                         f"{b['prefill'][T]['tok_s_p90']:.0f}]" for T in lens)
+        print(f"| {b['backend']:17s} | {pre} | {d['tok_s']:6.1f} [{d['tok_s_p10']:.1f}-{d['tok_s_p90']:.1f}] | "
+              f"{wb['per_token'] / 1e6:7.1f} | {gbs:5.1f} ({gbs / bw:.2f}x) | {fmt_mb(wb['linears'])} | "
+              f"{fmt_mb(wb['total'])} | {fmt_mb(b['peak_rss'])} |")
+    ll = LLAMA_CPP_TQ2_0
+    print(f"| llama.cpp TQ2_0 (issue 5) | " + " | ".join(f"{ll['prefill'].get(T, float('nan')):7.1f}" for T in lens) +
+          f" | {ll['decode']:6.1f} | | | | | |")
+    print("linear weights = the 196 q/k/v/o/gate/up/down matrices (ternary: 2-bit codes + fp32 scales); "
+          "whole model = every tensor held (tied embedding counted once; ternary: + embedding/lm_head in "
+          "bf16 or int8 and the fp32 norms). weight MB read/token = linear weights + lm_head.")
+    if R.get("kernels"):
+        print("\nper-kernel (best SIMD path; ratios are speed-ups: their time / ours)")
+        print("| kernel | K x N | tokens | µs [p10-p90] | GMAC/s | weight GB/s | vs torch fp32 | vs torch bf16 | vs our plain C |")
+        print("|---|---|---|---|---|---|---|---|---|")
+        for k in R["kernels"]:
+            print(f"| {k['kernel']} | {k['K']}x{k['N']} | {k['M']} | {k['us']:.1f} [{k['us_p10']:.1f}-{k['us_p90']:.1f}] | "
+                  f"{k['gmac_s']:.1f} | {k['weight_gb_s']:.1f} | {k['vs_torch_fp32']:.2f}x | "
+                  f"{k['vs_torch_bf16']:.2f}x | {k['vs_plain_c']:.2f}x |")
+    print_goals(R)
+
+
+def print_goals(R):
+    by = {b["backend"]: b for b in R["backends"]}
+    need = ("torch-fp32", "torch-bf16", "ternary-int8-head")
+    if not all(n in by for n in need):
+        return
+    fp32, bf16, t8 = (by[n] for n in need)
+    ll = LLAMA_CPP_TQ2_0
+    lens = R["prompt_lens"]
+    goals = [(f"decode (int8 head) >= {ll['decode']:.0f} tok/s (llama.cpp TQ2_0)", t8["decode"]["tok_s"], 41.0),
+             ("decode (int8 head) >= 4x torch fp32", t8["decode"]["tok_s"] / fp32["decode"]["tok_s"], 4.0)]
+    if 128 in lens:
+        best = max(fp32["prefill"][128]["tok_s"], bf16["prefill"][128]["tok_s"])
+        goals += [("prefill 128 >= 180 tok/s", t8["prefill"][128]["tok_s"], 180.0),
+                  ("prefill 128 >= 2.65x the faster torch", t8["prefill"][128]["tok_s"] / best, 2.65)]
+    goals += [("linear weights >= 10x smaller than bf16 (linears vs linears)",
+               bf16["weight_bytes"]["linears"] / t8["weight_bytes"]["linears"], 10.0),
+              ("  ... paper's comparison: whole bf16 model vs packed linears",
+               bf16["weight_bytes"]["total"] / t8["weight_bytes"]["linears"], 10.0)]
+    gemv = [k for k in R.get("kernels", []) if k["M"] == 1 and not k["kernel"].startswith("lm_head")]
+    if gemv:
+        goals.append(("SIMD GEMV >= 3x our plain C (worst projection)", min(k["vs_plain_c"] for k in gemv), 3.0))
+    print("\ngoals (issue 5; reported, not asserted)")
+    for text, val, target in goals:
+        print(f"  [{'met' if val >= target else 'NOT met'}] {text}: {val:.2f} (target {target})")
+
+
+def plot(R, path):
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib not installed: no plot")
+        return
+    names = [b["backend"] for b in R["backends"]] + ["llama.cpp TQ2_0"]
+    metrics = [f"prefill {T}" for T in R["prompt_lens"]] + ["decode"]
+    vals = [[b["prefill"][T]["tok_s"] for T in R["prompt_lens"]] + [b["decode"]["tok_s"]] for b in R["backends"]]
+    vals.append([LLAMA_CPP_TQ2_0["prefill"].get(T, 0) for T in R["prompt_lens"]] + [LLAMA_CPP_TQ2_0["decode"]])
+    fig, axes = plt.subplots(1, len(metrics), figsize=(4 * len(metrics), 4))
+    for j, (ax, m) in enumerate(zip(axes, metrics)):
+        ax.bar(range(len(names)), [v[j] for v in vals], color=["C0", "C1", "C2", "C3", "0.6"][:len(names)])
+        ax.set_xticks(range(len(names)), names, rotation=35, ha="right", fontsize=8)
+        ax.set_title(f"{m} (tok/s)")
+    fig.suptitle(f"Qwen3-0.6B geometry, random weights, {R['threads']} threads, {R['cpu']}", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    print(f"wrote {path}")
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[1])
+    ap.add_argument("--threads", type=int, default=os.cpu_count())
+    ap.add_argument("--backends", default=",".join(BACKENDS))
+    ap.add_argument("--prompt_lens", default="128,512")
+    ap.add_argument("--new_tokens", type=int, default=128)
+    ap.add_argument("--repeat", type=int, default=5)
+    ap.add_argument("--quick", action="store_true", help="repeat 2, 32 new tokens")
+    ap.add_argument("--no_kernels", action="store_true", help="skip the per-kernel table")
+    ap.add_argument("--json", default=os.path.join(HERE, "bench.json"))
+    ap.add_argument("--plot", default=os.path.join(HERE, "bench.png"))
+    ap.add_argument("--worker", help=argparse.SUPPRESS)  # internal: run one backend, print JSON
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    if args.quick:
+        args.repeat, args.new_tokens = 2, 32
+    lens = [int(t) for t in args.prompt_lens.split(",")]
+    if args.worker:
+        print("RESULT " + json.dumps(run_backend(args.worker, lens, args.new_tokens, args.repeat)))
+        return
+    import build_ffi
+    import packed as P
+    simd = build_ffi.describe(P.lib()[0])
+    print(f"bench.py: {simd}; torch {torch.__version__}, {args.threads} threads")
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
+    if load > 0.5:
+        print(f"WARNING: load average {load:.1f}: other processes are running, every number below is "
+              "noisy (a 2-thread C call waits for a scheduler slice whenever a core is taken)")
+    R = dict(cpu=cpu_name(), cpu_flags=cpu_flags(), threads=args.threads, simd=simd, torch=torch.__version__,
+             load_average_at_start=load,
+             prompt_lens=lens, new_tokens=args.new_tokens, repeat=args.repeat, backends=[],
+             bandwidth_gb_s=dict(dram_1GiB=read_bandwidth(1 << 30), l3_128MiB=read_bandwidth(128 << 20, 15)))
+    print(f"read bandwidth: {R['bandwidth_gb_s']['dram_1GiB']:.1f} GB/s (1 GiB), "
+          f"{R['bandwidth_gb_s']['l3_128MiB']:.1f} GB/s (128 MiB)")
+    for name in [b for b in args.backends.split(",") if b]:
+        if name not in BACKENDS:
+            sys.exit(f"unknown backend {name!r}; choose from {BACKENDS}")
+        cmd = [sys.executable, os.path.abspath(__file__), "--worker", name, "--threads", str(args.threads),
+               "--prompt_lens", args.prompt_lens, "--new_tokens", str(args.new_tokens), "--repeat", str(args.repeat)]
+        t0 = time.perf_counter()
+        out = subprocess.run(cmd, stdout=subprocess.PIPE, text=True)  # the worker's progress: stderr
+        lines = [l for l in out.stdout.splitlines() if l.startswith("RESULT ")]
+        if out.returncode or not lines:
+            sys.exit(f"backend {name} failed (exit {out.returncode}):\n{out.stdout[-2000:]}")
+        res = json.loads(lines[-1][7:])
+        res["prefill"] = {int(k): v for k, v in res["prefill"].items()}
+        R["backends"].append(res)
+        print(f"{name}: prefill " + ", ".join(f"{T}: {res['prefill'][T]['tok_s']:.1f}" for T in lens) +
+              f" tok/s, decode {res['decode']['tok_s']:.1f} tok/s ({time.perf_counter() - t0:.0f} s)")
+    if not args.no_kernels:
+        R["kernels"] = kernel_table(args.repeat, args.quick)
+    print_report(R)
+    with open(args.json, "w") as f:
+        json.dump(R, f, indent=1)
+    print(f"wrote {args.json}")
+    plot(R, args.plot)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,128 @@
+"""
+Compiles ternary_cpu.c into the Python extension module _ternary_cpu with cffi (out-of-line API
+mode: a real C extension, and cffi releases the GIL around every call into it).
+
+    python build_ffi.py        # builds ./_ternary_cpu*.so, prints the flags and the SIMD path
+
+packed.py runs the same build on first use when the module is missing or older than
+ternary_cpu.c, so this step is optional. Needs a C compiler (gcc or clang); OpenMP is used when
+the compiler supports -fopenmp, otherwise the kernels run on one thread (said loudly;
+BITDISTILL_NO_OPENMP=1 python build_ffi.py builds that way on purpose).
+No -march=native: the SIMD path (plain C / AVX2 / AVX-512 VNNI) is picked at run time.
+"""
+import glob
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+MODULE = "_ternary_cpu"
+SOURCE = os.path.join(HERE, "ternary_cpu.c")
+PATH_NAMES = {0: "plain C", 1: "AVX2", 2: "AVX-512 VNNI"}
+
+# The C functions Python may call (ternary_cpu.c documents each one).
+CDEF = """
+int tl_padded_k(int K);
+int tl_cpu_path(void);
+int tl_max_threads(void);
+int tl_has_openmp(void);
+int tl_pack_ternary(const int8_t *codes, int N, int K, uint8_t *packed);
+void tl_unpack_ternary(const uint8_t *packed, int N, int K, int8_t *codes);
+int tl_quantize(const float *x, int M, int K, int8_t *q, float *srow, int32_t *qsum,
+                int path, int nthreads);
+int tl_ternary_gemm(const int8_t *q, const int32_t *qsum, int M, int Kp, const uint8_t *w, int N,
+                    int32_t *acc, float *y, const float *srow, const float *scale,
+                    int path, int nthreads);
+int tl_int8_gemm(const int8_t *q, int M, int Kp, const int8_t *w, const int32_t *wsum, int N,
+                 int32_t *acc, float *y, const float *srow, const float *scale,
+                 int path, int nthreads);
+int tl_ternary_linear(const float *x, int M, int K, int pre, const float *normw, float eps,
+                      const uint8_t *w, const float *scale, int N, float *y, int path, int nthreads);
+int tl_int8_linear(const float *x, int M, int K, int pre, const float *normw, float eps,
+                   const int8_t *w, const int32_t *wsum, const float *scale, int N, float *y,
+                   int path, int nthreads);
+int tl_bf16_linear(const float *x, int M, int K, int pre, const float *normw, float eps,
+                   const uint16_t *w, int N, float *y, int path, int nthreads);
+int tl_qk_norm_rope(float *qkv, int M, int row_stride, int n_q, int n_kv, int hd, const float *q_w,
+                    const float *k_w, float eps, const float *cos, const float *sin, int nthreads);
+"""
+
+BASE_FLAGS = ["-O3", "-std=gnu11", "-ffp-contract=off"]  # no FMA contraction: exact fp32 scales
+
+
+def find_compiler():
+    cc = os.environ.get("CC", "cc")
+    path = shutil.which(cc.split()[0]) or shutil.which("gcc") or shutil.which("clang")
+    if path is None:
+        raise RuntimeError(
+            "no C compiler found (tried $CC, cc, gcc, clang). The packed ternary kernels are C: "
+            "install one (Debian/Ubuntu: `apt-get install build-essential`; macOS: "
+            "`xcode-select --install`), then run `python build_ffi.py`.")
+    return path
+
+
+def openmp_works(cc):
+    """True if `cc -fopenmp` compiles and links a tiny OpenMP program."""
+    with tempfile.TemporaryDirectory() as d:
+        src = os.path.join(d, "t.c")
+        with open(src, "w") as f:
+            f.write("#include <omp.h>\nint main(void){return omp_get_max_threads() < 1;}\n")
+        r = subprocess.run([cc, "-fopenmp", src, "-o", os.path.join(d, "t")], capture_output=True)
+        return r.returncode == 0
+
+
+def build(verbose=True):
+    """Compile ternary_cpu.c -> HERE/_ternary_cpu*.so. Returns the path of the built module."""
+    from cffi import FFI
+    cc = find_compiler()
+    omp = openmp_works(cc) and not os.environ.get("BITDISTILL_NO_OPENMP")  # the env var: try the fallback
+    cflags = BASE_FLAGS + (["-fopenmp"] if omp else ["-Wno-unknown-pragmas"])
+    ldflags = ["-fopenmp"] if omp else []
+    if verbose:
+        print(f"build_ffi: compiler {cc}, flags {' '.join(cflags)}, link {' '.join(ldflags) or '-'}")
+        if not omp:
+            print("build_ffi: WARNING: building without OpenMP (-fopenmp failed, or BITDISTILL_NO_OPENMP is set); "
+                  "the kernels will run on ONE thread.")
+    ffi = FFI()
+    ffi.cdef(CDEF)
+    # the generated wrapper #includes ternary_cpu.c, so compiler messages point into that file
+    ffi.set_source(MODULE, '#include "ternary_cpu.c"', include_dirs=[HERE], libraries=["m"],
+                   extra_compile_args=cflags, extra_link_args=ldflags)
+    tmp = os.path.join(HERE, "build")
+    os.makedirs(tmp, exist_ok=True)
+    built = ffi.compile(tmpdir=tmp, verbose=False)
+    # move into place atomically (another process may be importing the old one)
+    dst = os.path.join(HERE, os.path.basename(built))
+    os.replace(built, dst)
+    if verbose:
+        print(f"build_ffi: built {dst}")
+    return dst
+
+
+def needs_build():
+    """True if no built module exists or ternary_cpu.c / this file is newer than it."""
+    built = glob.glob(os.path.join(HERE, MODULE + "*.so")) + glob.glob(os.path.join(HERE, MODULE + "*.pyd"))
+    if not built:
+        return True
+    t = min(os.path.getmtime(p) for p in built)
+    return max(os.path.getmtime(SOURCE), os.path.getmtime(__file__)) > t
+
+
+def describe(lib):
+    """One line: the SIMD path chosen at run time, OpenMP and threads."""
+    p = lib.tl_cpu_path()
+    omp = "OpenMP" if lib.tl_has_openmp() else "no OpenMP"
+    return f"SIMD path: {PATH_NAMES[p]} (path {p}); {omp}, {lib.tl_max_threads()} threads"
+
+
+if __name__ == "__main__":
+    try:
+        build()
+    except RuntimeError as e:
+        sys.exit(f"build_ffi: {e}")
+    sys.path.insert(0, HERE)
+    import importlib
+    lib = importlib.import_module(MODULE).lib
+    print(f"build_ffi: {describe(lib)}")

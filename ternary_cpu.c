@@ -1,0 +1,705 @@
+/*
+ternary_cpu.c -- 1.58-bit (ternary) x int8 matrix kernels for packed CPU inference of a
+BitNet Distillation model (arXiv 2510.13998, section 2, Eq. 1-3). Built by build_ffi.py (cffi),
+called from packed.py.
+
+THE MATH (what every kernel here computes)
+    weights      W ~ scale[n] * C,   C in {-1, 0, +1}^(N x K)          (Eq. 1-2; scale = Delta)
+    activations  x ~ gamma/127 * q,  q in int8^K, gamma = max|x|        (Eq. 3, one per token)
+    acc[m][n]  = sum_k q[m][k] * C[n][k]                                 int32, exact
+    y[m][n]    = ((float)acc[m][n] * (gamma[m] / 127.0f)) * scale[n]     fp32, in this order
+  One scale per output row (not per tensor) so that fused q/k/v and gate/up keep their own Delta;
+  the same order of the two fp32 multiplies as bitlinear.bitlinear_int_reference, so the results
+  are equal bit for bit.
+
+PACKED TERNARY LAYOUT (2 bits per weight, 4 weights per byte)
+  K is padded to Kp = a multiple of QK = 256. The packed matrix is (N, Kp/4) bytes, row-major.
+  Row n, block b (weights k = 256b .. 256b+255) is 64 bytes; byte j (0..63) of the block holds
+      bits 0-1: k = 256b       + j
+      bits 2-3: k = 256b +  64 + j
+      bits 4-5: k = 256b + 128 + j
+      bits 6-7: k = 256b + 192 + j
+  each weight stored as u = C + 1 in {0, 1, 2} (3 is never used). Padding weights are u = 1 (C = 0).
+  Why this order: one 64-byte load, shifted right by 0/2/4/6 and masked with 3, gives 64
+  consecutive weights that line up with 64 consecutive activation bytes (AVX-512); the AVX2 path
+  reads each block as two 32-byte halves the same way.
+
+ACTIVATIONS
+  q is (M, Kp) int8 row-major, zero padded past K; qsum[m] = sum_k q[m][k].
+  SIMD paths multiply the unsigned u = C + 1 with the signed q (exactly what vpdpbusd and
+  vpmaddubsw do) and correct afterwards:  sum_k u*q = acc + qsum  =>  acc = sum_k u*q - qsum.
+
+INT8 HEAD (optional lm_head, not part of the paper's quantization)
+  W8 is (N, Kp) int8 row-major, zero padded; scale[n] = max|W[n]|/127; wsum[n] = sum_k W8[n][k].
+  AVX-512 VNNI needs unsigned x signed, so it uses q + 128 (unsigned):  acc = sum (q+128)*w - 128*wsum.
+  AVX2 uses |w| x sign(q, w), which needs q != -128: the quantizer below never produces -128
+  (|x| <= gamma, so |x * 127/(gamma+eps)| < 127.5).
+
+BF16 HEAD (optional lm_head kept in bf16; no int8 anywhere)
+  W16 is (N, K) bf16 (as uint16 bits) row-major; y[m][n] = sum_k x[m][k] * W16[n][k] in fp32. To
+  be the same float on every path the order is fixed: 16 lanes, lane l sums k = l (mod 16) in
+  increasing k (product rounded, then added: no FMA), the tail k >= K - K%16 goes to lanes
+  0.. in scalar, then lanes fold l += l+8, l += l+4, l += l+2, l += l+1.
+
+ENTRY POINTS (declared for Python in build_ffi.py)
+  tl_pack_ternary / tl_unpack_ternary      codes (N, K) int8 <-> packed (N, Kp/4)
+  tl_quantize                              Eq. (3): x fp32 -> q, gamma/127, qsum
+  tl_ternary_gemm / tl_int8_gemm           the integer core: acc int32, or y fp32 when y != NULL
+  tl_ternary_linear / tl_int8_linear       a whole layer: [silu(gate)*up] -> [RMSNorm] -> Eq. (3)
+                                           -> core -> y; one call per linear per token
+  tl_bf16_linear                           [RMSNorm] -> fp32 x bf16 matrix-vector (the bf16 head)
+  tl_qk_norm_rope                          Qwen3's per-head q/k RMSNorm + RoPE, in place
+  The core runs a 4-row x 4-token register tile for prefill (many tokens per pass over the
+  weights) and a 4-row x 1-token tile for decode (matrix-vector), which also prefetches the rows
+  PF_ROWS ahead: decode streams ~110 MB of packed weights per token, mostly from DRAM or L3.
+
+PATHS, chosen at run time (tl_cpu_path), all equal to the plain-C path bit for bit:
+  0 = plain C (the reference, written to be read), 1 = AVX2, 2 = AVX-512 VNNI.
+  OpenMP splits the output rows across threads; every row is computed by one thread in the same
+  order whatever the thread count, so results do not depend on the number of threads either.
+*/
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+#include <math.h>
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#include <immintrin.h>
+#define TL_X86 1
+#endif
+
+#define QK 256   /* weights per packed block: 64 bytes */
+#ifndef PF_ROWS
+#define PF_ROWS 8  /* decode: prefetch the weights this many rows ahead (prefetches never fault) */
+#endif
+
+enum { TL_PATH_C = 0, TL_PATH_AVX2 = 1, TL_PATH_AVX512VNNI = 2 };
+
+int tl_padded_k(int K) { return (K + QK - 1) / QK * QK; }
+
+/* The best path this CPU (and OS) supports. */
+int tl_cpu_path(void) {
+#ifdef TL_X86
+    __builtin_cpu_init();
+    if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+        __builtin_cpu_supports("avx512vnni"))
+        return TL_PATH_AVX512VNNI;
+    if (__builtin_cpu_supports("avx2")) return TL_PATH_AVX2;
+#endif
+    return TL_PATH_C;
+}
+
+/* Threads used when a call passes nthreads <= 0; 1 without OpenMP. */
+int tl_max_threads(void) {
+#ifdef _OPENMP
+    return omp_get_max_threads();
+#else
+    return 1;
+#endif
+}
+
+int tl_has_openmp(void) {
+#ifdef _OPENMP
+    return 1;
+#else
+    return 0;
+#endif
+}
+
+static int threads_or_default(int nthreads) { return nthreads > 0 ? nthreads : tl_max_threads(); }
+#ifdef _OPENMP
+static int thread_count(void) { return omp_get_num_threads(); }
+static int thread_id(void) { return omp_get_thread_num(); }
+#else
+static int thread_count(void) { return 1; }
+static int thread_id(void) { return 0; }
+#endif
+
+/* ------------------------------------------------------------------------------------------ */
+/* Packing                                                                                      */
+
+/* codes (N, K) int8 in {-1,0,1} -> packed (N, Kp/4). Returns 0, or -1 if a code is not ternary. */
+int tl_pack_ternary(const int8_t *codes, int N, int K, uint8_t *packed) {
+    int Kp = tl_padded_k(K), rb = Kp / 4;
+    for (int n = 0; n < N; n++) {
+        uint8_t *row = packed + (size_t)n * rb;
+        memset(row, 0x55, rb);  /* 0b01010101: u = 1 (C = 0) in all four slots */
+        for (int k = 0; k < K; k++) {
+            int c = codes[(size_t)n * K + k];
+            if (c < -1 || c > 1) return -1;
+            int b = k / QK, r = k % QK, j = r % 64, s = 2 * (r / 64);
+            row[b * 64 + j] = (uint8_t)((row[b * 64 + j] & ~(3 << s)) | ((c + 1) << s));
+        }
+    }
+    return 0;
+}
+
+/* packed (N, Kp/4) -> codes (N, K). */
+void tl_unpack_ternary(const uint8_t *packed, int N, int K, int8_t *codes) {
+    int rb = tl_padded_k(K) / 4;
+    for (int n = 0; n < N; n++)
+        for (int k = 0; k < K; k++) {
+            int r = k % QK;
+            int u = (packed[(size_t)n * rb + (k / QK) * 64 + r % 64] >> (2 * (r / 64))) & 3;
+            codes[(size_t)n * K + k] = (int8_t)(u - 1);
+        }
+}
+
+/* ------------------------------------------------------------------------------------------ */
+/* Eq. (3): q = RoundClip(127/(gamma+eps) * x, -128, 127), gamma = max|x|, per token.           */
+/* Same fp32 operations as bitlinear.activation_quant_int: torch evaluates 127.0/(g+eps) as     */
+/* reciprocal(g+eps) * 127, and rounds half to even. srow = gamma/127 is the token's scale.     */
+
+#define TL_EPS 1e-5f
+#define ROUND_MAGIC 12582912.0f  /* 1.5 * 2^23: (v + M) - M rounds |v| < 2^22 half to even */
+
+/* One token. Written so the compiler vectorizes it; compiled once per path (below) and equal on
+   all of them: every step is one IEEE fp32 operation or exact integer arithmetic. */
+static inline __attribute__((always_inline))
+void quantize_row(const float *xm, int K, int Kp, int8_t *qm, float *srow, int32_t *qsum) {
+    /* gamma = max|x|: for non-negative floats the order of the bit patterns is the order of
+       the values, so an integer max (which vectorizes) gives the same result */
+    int32_t gbits = 0;
+    for (int k = 0; k < K; k++) {
+        int32_t b;
+        float a = xm[k];
+        memcpy(&b, &a, 4);
+        b &= 0x7fffffff;                                 /* |x| */
+        gbits = b > gbits ? b : gbits;
+    }
+    float g;
+    memcpy(&g, &gbits, 4);
+    float inv = (1.0f / (g + TL_EPS)) * 127.0f;
+    int32_t s = 0;
+    for (int k = 0; k < K; k++) {
+        float v = (xm[k] * inv + ROUND_MAGIC) - ROUND_MAGIC;
+        v = v < -128.0f ? -128.0f : v;
+        v = v > 127.0f ? 127.0f : v;
+        int32_t qi = (int32_t)v;
+        qm[k] = (int8_t)qi;
+        s += qi;
+    }
+    memset(qm + K, 0, Kp - K);
+    *srow = g / 127.0f;
+    *qsum = s;
+}
+
+#define QUANTIZE_ROWS                                                                     \
+    int Kp = tl_padded_k(K);                                                              \
+    _Pragma("omp parallel for schedule(static) num_threads(nthreads) if(M > 1)")          \
+    for (int m = 0; m < M; m++)                                                           \
+        quantize_row(x + (size_t)m * K, K, Kp, q + (size_t)m * Kp, srow + m, qsum + m);
+
+static void quantize_c(const float *x, int M, int K, int8_t *q, float *srow, int32_t *qsum,
+                       int nthreads) { QUANTIZE_ROWS }
+#ifdef TL_X86
+__attribute__((target("avx512f,avx512bw")))
+static void quantize_512(const float *x, int M, int K, int8_t *q, float *srow, int32_t *qsum,
+                         int nthreads) { QUANTIZE_ROWS }
+__attribute__((target("avx2")))
+static void quantize_avx2(const float *x, int M, int K, int8_t *q, float *srow, int32_t *qsum,
+                          int nthreads) { QUANTIZE_ROWS }
+#endif
+
+static int check_path(int *path);
+
+/* x (M, K) fp32 -> q (M, Kp) int8 zero padded, srow[m] = gamma/127, qsum[m] = sum_k q[m][k]. */
+int tl_quantize(const float *x, int M, int K, int8_t *q, float *srow, int32_t *qsum,
+                int path, int nthreads) {
+    int err = check_path(&path);
+    if (err) return err;
+    if (M < 0 || K <= 0) return -1;
+    nthreads = threads_or_default(nthreads);
+#ifdef TL_X86
+    if (path == TL_PATH_AVX512VNNI) { quantize_512(x, M, K, q, srow, qsum, nthreads); return 0; }
+    if (path == TL_PATH_AVX2) { quantize_avx2(x, M, K, q, srow, qsum, nthreads); return 0; }
+#endif
+    quantize_c(x, M, K, q, srow, qsum, nthreads);
+    return 0;
+}
+
+/* y = ((float)acc * srow[m]) * scale[n]: the one float scale per output, written by every path. */
+static inline void store(int32_t a, int m, int n, int N, int32_t *acc, float *y,
+                         const float *srow, const float *scale) {
+    if (y) y[(size_t)m * N + n] = ((float)a * srow[m]) * scale[n];
+    else acc[(size_t)m * N + n] = a;
+}
+
+/* ------------------------------------------------------------------------------------------ */
+/* Plain C: the reference every SIMD path must equal. One output at a time, straight from the   */
+/* layout above.                                                                                */
+
+static void ternary_c(const int8_t *q, int M, int Kp, const uint8_t *w, int N, int32_t *acc,
+                      float *y, const float *srow, const float *scale, int nthreads) {
+    int rb = Kp / 4;
+    #pragma omp parallel for schedule(static) num_threads(nthreads)
+    for (int n = 0; n < N; n++) {
+        const uint8_t *wn = w + (size_t)n * rb;
+        for (int m = 0; m < M; m++) {
+            const int8_t *qm = q + (size_t)m * Kp;
+            int32_t a = 0;
+            for (int b = 0; b < Kp / QK; b++)
+                for (int i = 0; i < 4; i++)
+                    for (int j = 0; j < 64; j++) {
+                        int c = ((wn[b * 64 + j] >> (2 * i)) & 3) - 1;     /* C in {-1,0,1} */
+                        a += c * qm[b * QK + 64 * i + j];
+                    }
+            store(a, m, n, N, acc, y, srow, scale);
+        }
+    }
+}
+
+static void int8_c(const int8_t *q, int M, int Kp, const int8_t *w, int N, int32_t *acc,
+                   float *y, const float *srow, const float *scale, int nthreads) {
+    #pragma omp parallel for schedule(static) num_threads(nthreads)
+    for (int n = 0; n < N; n++) {
+        const int8_t *wn = w + (size_t)n * Kp;
+        for (int m = 0; m < M; m++) {
+            const int8_t *qm = q + (size_t)m * Kp;
+            int32_t a = 0;
+            for (int k = 0; k < Kp; k++) a += wn[k] * qm[k];
+            store(a, m, n, N, acc, y, srow, scale);
+        }
+    }
+}
+
+#ifdef TL_X86
+/* ------------------------------------------------------------------------------------------ */
+/* SIMD tiles: R output rows x T tokens per tile, R and T compile-time constants after inlining, */
+/* so the R*T accumulators live in registers. out[r][t] receives the exact int32 acc.           */
+
+#define T_512 __attribute__((target("avx512f,avx512bw,avx512vnni")))
+#define T_AVX2 __attribute__((target("avx2")))
+#define INLINE static inline __attribute__((always_inline))
+
+T_512 INLINE void tile_ternary_512(const uint8_t *w, int rb, const int8_t *q, int Kp,
+                                   const int32_t *qsum, int R, int T, int32_t out[4][4]) {
+    __m512i acc[4][4];
+    const __m512i m3 = _mm512_set1_epi8(3);
+    for (int r = 0; r < R; r++)
+        for (int t = 0; t < T; t++) acc[r][t] = _mm512_setzero_si512();
+    for (int b = 0; b < Kp / QK; b++) {
+        __m512i wv[4];
+        for (int r = 0; r < R; r++) wv[r] = _mm512_loadu_si512(w + (size_t)r * rb + b * 64);
+        for (int i = 0; i < 4; i++) {
+            __m512i u[4];  /* 64 weights k = 256b + 64i + (0..63) of each row, as u = C+1 */
+            for (int r = 0; r < R; r++) u[r] = _mm512_and_si512(_mm512_srli_epi16(wv[r], 2 * i), m3);
+            for (int t = 0; t < T; t++) {
+                __m512i a = _mm512_loadu_si512(q + (size_t)t * Kp + b * QK + 64 * i);
+                for (int r = 0; r < R; r++) acc[r][t] = _mm512_dpbusd_epi32(acc[r][t], u[r], a);
+            }
+        }
+    }
+    for (int r = 0; r < R; r++)
+        for (int t = 0; t < T; t++) out[r][t] = _mm512_reduce_add_epi32(acc[r][t]) - qsum[t];
+}
+
+/* The decode case (one token): memory-bound, so the unpacking must be cheap. Instead of shift +
+   mask, mask only: (byte & 0x03, 0x0C, 0x30, 0xC0) are u*1, u*4, u*16, u*64 (still <= 128, a
+   valid unsigned byte) and go into four accumulators, which are exact multiples of 1, 4, 16, 64;
+   shifting them back right and adding gives the same int32 sum. One AND per 64 weights. */
+T_512 INLINE void tile_ternary_512_gemv(const uint8_t *w, int rb, const int8_t *q, int Kp,
+                                        const int32_t *qsum, int R, int32_t out[4][4]) {
+    __m512i acc[4][4];
+    __m512i mask[4];
+    for (int i = 0; i < 4; i++) mask[i] = _mm512_set1_epi8((char)(3 << (2 * i)));
+    for (int r = 0; r < R; r++)
+        for (int i = 0; i < 4; i++) acc[r][i] = _mm512_setzero_si512();
+    for (int b = 0; b < Kp / QK; b++) {
+        __m512i wv[4];
+        for (int r = 0; r < R; r++) {
+            wv[r] = _mm512_loadu_si512(w + (size_t)r * rb + b * 64);
+            _mm_prefetch((const char *)(w + (size_t)(r + PF_ROWS) * rb + b * 64), _MM_HINT_T0);
+        }
+        for (int i = 0; i < 4; i++) {
+            __m512i a = _mm512_loadu_si512(q + b * QK + 64 * i);
+            for (int r = 0; r < R; r++)
+                acc[r][i] = _mm512_dpbusd_epi32(acc[r][i], _mm512_and_si512(wv[r], mask[i]), a);
+        }
+    }
+    for (int r = 0; r < R; r++) {
+        __m512i s = _mm512_add_epi32(_mm512_add_epi32(acc[r][0], _mm512_srai_epi32(acc[r][1], 2)),
+                                     _mm512_add_epi32(_mm512_srai_epi32(acc[r][2], 4), _mm512_srai_epi32(acc[r][3], 6)));
+        out[r][0] = _mm512_reduce_add_epi32(s) - qsum[0];
+    }
+}
+
+T_512 INLINE void tile_int8_512(const int8_t *w, const uint8_t *qu, int Kp, const int32_t *wsum,
+                                int R, int T, int32_t out[4][4]) {
+    __m512i acc[4][4];
+    for (int r = 0; r < R; r++)
+        for (int t = 0; t < T; t++) acc[r][t] = _mm512_setzero_si512();
+    for (int k = 0; k < Kp; k += 64) {
+        __m512i wv[4];
+        for (int r = 0; r < R; r++) wv[r] = _mm512_loadu_si512(w + (size_t)r * Kp + k);
+        for (int t = 0; t < T; t++) {
+            __m512i a = _mm512_loadu_si512(qu + (size_t)t * Kp + k);   /* q + 128, unsigned */
+            for (int r = 0; r < R; r++) acc[r][t] = _mm512_dpbusd_epi32(acc[r][t], a, wv[r]);
+        }
+    }
+    for (int r = 0; r < R; r++)
+        for (int t = 0; t < T; t++) out[r][t] = _mm512_reduce_add_epi32(acc[r][t]) - 128 * wsum[r];
+}
+
+T_AVX2 INLINE int32_t hsum_256(__m256i v) {
+    __m128i s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
+    s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0x4e));
+    s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0xb1));
+    return _mm_cvtsi128_si32(s);
+}
+
+/* vpmaddubsw gives u0*q0 + u1*q1 in int16 (|.| <= 2*2*128 = 512); the 8 products of one block
+   per lane are summed in int16 (<= 4096, no saturation) and widened to int32 once per block. */
+T_AVX2 INLINE void tile_ternary_avx2(const uint8_t *w, int rb, const int8_t *q, int Kp,
+                                     const int32_t *qsum, int R, int T, int32_t out[4][4]) {
+    __m256i acc[4][4];
+    const __m256i m3 = _mm256_set1_epi8(3), ones = _mm256_set1_epi16(1);
+    for (int r = 0; r < R; r++)
+        for (int t = 0; t < T; t++) acc[r][t] = _mm256_setzero_si256();
+    for (int b = 0; b < Kp / QK; b++) {
+        __m256i s16[4][4];
+        for (int r = 0; r < R; r++)
+            for (int t = 0; t < T; t++) s16[r][t] = _mm256_setzero_si256();
+        for (int h = 0; h < 2; h++) {
+            __m256i wv[4];
+            for (int r = 0; r < R; r++) {
+                wv[r] = _mm256_loadu_si256((const __m256i *)(w + (size_t)r * rb + b * 64 + 32 * h));
+                if (T == 1 && h == 0) _mm_prefetch((const char *)(w + (size_t)(r + PF_ROWS) * rb + b * 64), _MM_HINT_T0);
+            }
+            for (int i = 0; i < 4; i++) {
+                __m256i u[4];
+                for (int r = 0; r < R; r++) u[r] = _mm256_and_si256(_mm256_srli_epi16(wv[r], 2 * i), m3);
+                for (int t = 0; t < T; t++) {
+                    __m256i a = _mm256_loadu_si256((const __m256i *)(q + (size_t)t * Kp + b * QK + 64 * i + 32 * h));
+                    for (int r = 0; r < R; r++)
+                        s16[r][t] = _mm256_add_epi16(s16[r][t], _mm256_maddubs_epi16(u[r], a));
+                }
+            }
+        }
+        for (int r = 0; r < R; r++)
+            for (int t = 0; t < T; t++) acc[r][t] = _mm256_add_epi32(acc[r][t], _mm256_madd_epi16(s16[r][t], ones));
+    }
+    for (int r = 0; r < R; r++)
+        for (int t = 0; t < T; t++) out[r][t] = hsum_256(acc[r][t]) - qsum[t];
+}
+
+/* |w| x sign(q, w): |.| <= 2*128*127 = 32512 fits int16 (q is never -128, see top of file). */
+T_AVX2 INLINE void tile_int8_avx2(const int8_t *w, const int8_t *q, int Kp, int R, int T,
+                                  int32_t out[4][4]) {
+    __m256i acc[4][4];
+    const __m256i ones = _mm256_set1_epi16(1);
+    for (int r = 0; r < R; r++)
+        for (int t = 0; t < T; t++) acc[r][t] = _mm256_setzero_si256();
+    for (int k = 0; k < Kp; k += 32) {
+        __m256i wv[4], wa[4];
+        for (int r = 0; r < R; r++) {
+            wv[r] = _mm256_loadu_si256((const __m256i *)(w + (size_t)r * Kp + k));
+            wa[r] = _mm256_abs_epi8(wv[r]);
+        }
+        for (int t = 0; t < T; t++) {
+            __m256i a = _mm256_loadu_si256((const __m256i *)(q + (size_t)t * Kp + k));
+            for (int r = 0; r < R; r++) {
+                __m256i p = _mm256_maddubs_epi16(wa[r], _mm256_sign_epi8(a, wv[r]));
+                acc[r][t] = _mm256_add_epi32(acc[r][t], _mm256_madd_epi16(p, ones));
+            }
+        }
+    }
+    for (int r = 0; r < R; r++)
+        for (int t = 0; t < T; t++) out[r][t] = hsum_256(acc[r][t]);
+}
+
+/* One tile with run-time R, T (1..4) -> a call with constant R, T (so the loops unroll). */
+#define DISPATCH_RT(R, T, CALL)                                                          \
+    switch ((R) * 8 + (T)) {                                                             \
+    case 33: CALL(4, 1); break; case 34: CALL(4, 2); break;                              \
+    case 35: CALL(4, 3); break; case 36: CALL(4, 4); break;                              \
+    case 25: CALL(3, 1); break; case 26: CALL(3, 2); break;                              \
+    case 27: CALL(3, 3); break; case 28: CALL(3, 4); break;                              \
+    case 17: CALL(2, 1); break; case 18: CALL(2, 2); break;                              \
+    case 19: CALL(2, 3); break; case 20: CALL(2, 4); break;                              \
+    case 9:  CALL(1, 1); break; case 10: CALL(1, 2); break;                              \
+    case 11: CALL(1, 3); break; case 12: CALL(1, 4); break;                              \
+    }
+
+/* OpenMP over output rows: thread i owns one contiguous range of row tiles (4 rows each). Inside
+   it, tokens go in groups of 4 (outer) and row tiles inner, so the group's activations stay in L1
+   while the thread's packed rows (4x smaller than int8 activations) stream from L2. */
+#define TILE_LOOP(BODY)                                                                  \
+    _Pragma("omp parallel num_threads(nthreads)")                                        \
+    {                                                                                    \
+        int nt = thread_count(), id = thread_id(), tiles = (N + 3) / 4;                  \
+        int per = (tiles + nt - 1) / nt, lo = id * per * 4;                              \
+        int hi = (id + 1) * per * 4 < N ? (id + 1) * per * 4 : N;                        \
+        for (int m0 = 0; m0 < M; m0 += 4) {                                              \
+            int T = M - m0 < 4 ? M - m0 : 4;                                             \
+            for (int n0 = lo; n0 < hi; n0 += 4) {                                        \
+                int R = hi - n0 < 4 ? hi - n0 : 4;                                       \
+                int32_t out[4][4];                                                       \
+                BODY                                                                     \
+                for (int r = 0; r < R; r++)                                              \
+                    for (int t = 0; t < T; t++)                                          \
+                        store(out[r][t], m0 + t, n0 + r, N, acc, y, srow, scale);        \
+            }                                                                            \
+        }                                                                                \
+    }
+
+T_512 static void ternary_512(const int8_t *q, const int32_t *qsum, int M, int Kp,
+                              const uint8_t *w, int N, int32_t *acc, float *y,
+                              const float *srow, const float *scale, int nthreads) {
+    int rb = Kp / 4;
+#define CALL(RR, TT) if (TT == 1) tile_ternary_512_gemv(w + (size_t)n0 * rb, rb, q + (size_t)m0 * Kp, Kp, qsum + m0, RR, out); \
+                     else tile_ternary_512(w + (size_t)n0 * rb, rb, q + (size_t)m0 * Kp, Kp, qsum + m0, RR, TT, out)
+    TILE_LOOP(DISPATCH_RT(R, T, CALL))
+#undef CALL
+}
+
+T_AVX2 static void ternary_avx2(const int8_t *q, const int32_t *qsum, int M, int Kp,
+                                const uint8_t *w, int N, int32_t *acc, float *y,
+                                const float *srow, const float *scale, int nthreads) {
+    int rb = Kp / 4;
+#define CALL(RR, TT) tile_ternary_avx2(w + (size_t)n0 * rb, rb, q + (size_t)m0 * Kp, Kp, qsum + m0, RR, TT, out)
+    TILE_LOOP(DISPATCH_RT(R, T, CALL))
+#undef CALL
+}
+
+T_512 static void int8_512(const uint8_t *qu, int M, int Kp, const int8_t *w, const int32_t *wsum,
+                           int N, int32_t *acc, float *y, const float *srow, const float *scale,
+                           int nthreads) {
+#define CALL(RR, TT) tile_int8_512(w + (size_t)n0 * Kp, qu + (size_t)m0 * Kp, Kp, wsum + n0, RR, TT, out)
+    TILE_LOOP(DISPATCH_RT(R, T, CALL))
+#undef CALL
+}
+
+T_AVX2 static void int8_avx2(const int8_t *q, int M, int Kp, const int8_t *w, int N, int32_t *acc,
+                             float *y, const float *srow, const float *scale, int nthreads) {
+#define CALL(RR, TT) tile_int8_avx2(w + (size_t)n0 * Kp, q + (size_t)m0 * Kp, Kp, RR, TT, out)
+    TILE_LOOP(DISPATCH_RT(R, T, CALL))
+#undef CALL
+}
+#endif /* TL_X86 */
+
+/* ------------------------------------------------------------------------------------------ */
+/* bf16 head: the 16 lanes of one row (order at the top of the file), then tail and fold.      */
+
+static inline float bf16_to_f32(uint16_t h) {
+    uint32_t u = (uint32_t)h << 16;
+    float f;
+    memcpy(&f, &u, 4);
+    return f;
+}
+
+static float bf16_finish(float a[16], const float *x, const uint16_t *w, int K) {
+    for (int k = K / 16 * 16, l = 0; k < K; k++, l++) a[l] = a[l] + x[k] * bf16_to_f32(w[k]);
+    for (int s = 8; s >= 1; s /= 2)
+        for (int l = 0; l < s; l++) a[l] = a[l] + a[l + s];
+    return a[0];
+}
+
+static float bf16_dot_c(const float *x, const uint16_t *w, int K) {
+    float a[16] = {0};
+    for (int k = 0; k + 16 <= K; k += 16)
+        for (int l = 0; l < 16; l++) a[l] = a[l] + x[k + l] * bf16_to_f32(w[k + l]);
+    return bf16_finish(a, x, w, K);
+}
+
+#ifdef TL_X86
+__attribute__((target("avx512f")))
+static float bf16_dot_512(const float *x, const uint16_t *w, int K) {
+    __m512 acc = _mm512_setzero_ps();
+    for (int k = 0; k + 16 <= K; k += 16) {
+        __m512i wi = _mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)(w + k))), 16);
+        acc = _mm512_add_ps(acc, _mm512_mul_ps(_mm512_loadu_ps(x + k), _mm512_castsi512_ps(wi)));
+    }
+    float a[16];
+    _mm512_storeu_ps(a, acc);
+    return bf16_finish(a, x, w, K);
+}
+
+T_AVX2 static float bf16_dot_avx2(const float *x, const uint16_t *w, int K) {
+    __m256 lo = _mm256_setzero_ps(), hi = _mm256_setzero_ps();  /* lanes 0-7 and 8-15 */
+    for (int k = 0; k + 16 <= K; k += 16) {
+        __m256i w0 = _mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)(w + k))), 16);
+        __m256i w1 = _mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)(w + k + 8))), 16);
+        lo = _mm256_add_ps(lo, _mm256_mul_ps(_mm256_loadu_ps(x + k), _mm256_castsi256_ps(w0)));
+        hi = _mm256_add_ps(hi, _mm256_mul_ps(_mm256_loadu_ps(x + k + 8), _mm256_castsi256_ps(w1)));
+    }
+    float a[16];
+    _mm256_storeu_ps(a, lo);
+    _mm256_storeu_ps(a + 8, hi);
+    return bf16_finish(a, x, w, K);
+}
+#endif
+
+/* ------------------------------------------------------------------------------------------ */
+/* Entry points. Return 0 on success, -1 for a bad argument, -2 for a path this CPU lacks,      */
+/* -3 when out of memory. nthreads <= 0 means all OpenMP threads; path < 0 means tl_cpu_path(). */
+
+static int check_path(int *path) {
+    if (*path < 0) *path = tl_cpu_path();
+    if (*path > TL_PATH_AVX512VNNI) return -1;
+    if (*path > tl_cpu_path()) return -2;
+    return 0;
+}
+
+/* Integer core: q (M, Kp) int8 with qsum (M,), packed w (N, Kp/4). Writes acc (M, N) int32 when
+   y is NULL, else y (M, N) fp32 = ((float)acc * srow[m]) * scale[n]. */
+int tl_ternary_gemm(const int8_t *q, const int32_t *qsum, int M, int Kp, const uint8_t *w, int N,
+                    int32_t *acc, float *y, const float *srow, const float *scale,
+                    int path, int nthreads) {
+    int err = check_path(&path);
+    if (err) return err;
+    if (M < 0 || N < 0 || Kp <= 0 || Kp % QK) return -1;
+    nthreads = threads_or_default(nthreads);
+#ifdef TL_X86
+    if (path == TL_PATH_AVX512VNNI) { ternary_512(q, qsum, M, Kp, w, N, acc, y, srow, scale, nthreads); return 0; }
+    if (path == TL_PATH_AVX2) { ternary_avx2(q, qsum, M, Kp, w, N, acc, y, srow, scale, nthreads); return 0; }
+#endif
+    ternary_c(q, M, Kp, w, N, acc, y, srow, scale, nthreads);
+    return 0;
+}
+
+/* Same for an int8 weight matrix w (N, Kp) with wsum (N,) = its row sums. */
+int tl_int8_gemm(const int8_t *q, int M, int Kp, const int8_t *w, const int32_t *wsum, int N,
+                 int32_t *acc, float *y, const float *srow, const float *scale,
+                 int path, int nthreads) {
+    int err = check_path(&path);
+    if (err) return err;
+    if (M < 0 || N < 0 || Kp <= 0 || Kp % QK) return -1;
+    nthreads = threads_or_default(nthreads);
+#ifdef TL_X86
+    if (path == TL_PATH_AVX512VNNI) {
+        uint8_t *qu = aligned_alloc(64, (size_t)M * Kp + 64);
+        if (!qu) return -3;
+        for (size_t i = 0; i < (size_t)M * Kp; i++) qu[i] = (uint8_t)(q[i] + 128);
+        int8_512(qu, M, Kp, w, wsum, N, acc, y, srow, scale, nthreads);
+        free(qu);
+        return 0;
+    }
+    if (path == TL_PATH_AVX2) { int8_avx2(q, M, Kp, w, N, acc, y, srow, scale, nthreads); return 0; }
+#endif
+    (void)wsum;
+    int8_c(q, M, Kp, w, N, acc, y, srow, scale, nthreads);
+    return 0;
+}
+
+/* ------------------------------------------------------------------------------------------ */
+/* Pre-ops fused in front of a linear, so that packed.py makes one C call per linear:            */
+/*   TL_PRE_RMSNORM  y = x * (1/sqrt(mean(x^2) + eps)) * w   (model.RMSNorm / SubLN; w NULL = 1) */
+/*   TL_PRE_SWIGLU   x rows hold (gate | up), 2K wide: h = silu(gate) * up  (applied first)      */
+/* Not bit-equal to PyTorch (sum order, expf): the int8 rounding right after may rarely differ.  */
+
+enum { TL_PRE_RMSNORM = 1, TL_PRE_SWIGLU = 2 };
+
+static void rmsnorm_row(const float *x, int K, const float *w, float eps, float *y) {
+    double ss = 0.0;
+    for (int k = 0; k < K; k++) ss += (double)x[k] * x[k];
+    float r = 1.0f / sqrtf((float)(ss / K) + eps);
+    for (int k = 0; k < K; k++) y[k] = w ? (x[k] * r) * w[k] : x[k] * r;
+}
+
+static void pre_op(const float *x, int M, int K, int pre, const float *normw, float eps,
+                   float *out, int nthreads) {
+    #pragma omp parallel for schedule(static) num_threads(nthreads) if(M > 1)
+    for (int m = 0; m < M; m++) {
+        float *o = out + (size_t)m * K;
+        const float *xm = x + (size_t)m * K * (pre & TL_PRE_SWIGLU ? 2 : 1);
+        if (pre & TL_PRE_SWIGLU) {
+            for (int k = 0; k < K; k++) o[k] = (xm[k] / (1.0f + expf(-xm[k]))) * xm[K + k];
+            xm = o;
+        }
+        if (pre & TL_PRE_RMSNORM) rmsnorm_row(xm, K, normw, eps, o);
+        else if (xm != o) memcpy(o, xm, (size_t)K * 4);
+    }
+}
+
+/* In place on the (M, row_stride) output of the fused q/k/v projection: for each of the first
+   n_q + n_kv heads (q then k; v is left alone) RMSNorm over head_dim with q_w / k_w (skipped when
+   q_w is NULL: Qwen2), then rotary embedding in the "rotate half" layout of model.apply_rope:
+   x1' = x1*cos - x2*sin, x2' = x2*cos + x1*sin, with cos/sin (M, hd) for each row's position. */
+int tl_qk_norm_rope(float *qkv, int M, int row_stride, int n_q, int n_kv, int hd, const float *q_w,
+                    const float *k_w, float eps, const float *cos, const float *sin, int nthreads) {
+    if (M < 0 || hd <= 0 || hd % 2 || (n_q + n_kv) * hd > row_stride) return -1;
+    int half = hd / 2;
+    nthreads = threads_or_default(nthreads);
+    #pragma omp parallel for schedule(static) num_threads(nthreads) if(M > 1)
+    for (int m = 0; m < M; m++) {
+        const float *c = cos + (size_t)m * hd, *s = sin + (size_t)m * hd;
+        for (int h = 0; h < n_q + n_kv; h++) {
+            float *x = qkv + (size_t)m * row_stride + (size_t)h * hd;
+            if (q_w) rmsnorm_row(x, hd, h < n_q ? q_w : k_w, eps, x);
+            for (int i = 0; i < half; i++) {
+                float x1 = x[i], x2 = x[i + half];
+                x[i] = x1 * c[i] + (-x2) * s[i];
+                x[i + half] = x2 * c[i + half] + x1 * s[i + half];
+            }
+        }
+    }
+    return 0;
+}
+
+/* The whole linear layer: x (M, K) fp32 -> y (M, N) fp32 (x is (M, 2K) with TL_PRE_SWIGLU).
+   Runs the pre-op, quantizes (Eq. 3) into a scratch buffer, then one pass over the weights.
+   wsum may be NULL for the ternary kind. */
+static int linear(int kind, const float *x, int M, int K, int pre, const float *normw, float eps,
+                  const void *w, const int32_t *wsum, const float *scale, int N, float *y,
+                  int path, int nthreads) {
+    if (M < 0 || K <= 0 || N < 0 || pre < 0 || pre > 3) return -1;
+    int Kp = tl_padded_k(K);
+    nthreads = threads_or_default(nthreads);
+    /* one allocation: q (M*Kp bytes, 64-aligned), srow (M floats), qsum (M ints), pre-op rows */
+    size_t qbytes = ((size_t)M * Kp + 63) / 64 * 64, fbytes = pre ? (size_t)M * K * 4 : 0;
+    char *buf = aligned_alloc(64, (qbytes + (size_t)M * 8 + fbytes + 127) / 64 * 64);
+    if (!buf) return -3;
+    int8_t *q = (int8_t *)buf;
+    float *srow = (float *)(buf + qbytes);
+    int32_t *qsum = (int32_t *)(srow + M);
+    if (pre) {
+        float *xp = (float *)(qsum + M);
+        pre_op(x, M, K, pre, normw, eps, xp, nthreads);
+        x = xp;
+    }
+    int err = tl_quantize(x, M, K, q, srow, qsum, path, nthreads);
+    if (!err) err = kind == 0 ? tl_ternary_gemm(q, qsum, M, Kp, w, N, NULL, y, srow, scale, path, nthreads)
+                              : tl_int8_gemm(q, M, Kp, w, wsum, N, NULL, y, srow, scale, path, nthreads);
+    free(buf);
+    return err;
+}
+
+int tl_ternary_linear(const float *x, int M, int K, int pre, const float *normw, float eps,
+                      const uint8_t *w, const float *scale, int N, float *y, int path, int nthreads) {
+    return linear(0, x, M, K, pre, normw, eps, w, NULL, scale, N, y, path, nthreads);
+}
+
+int tl_int8_linear(const float *x, int M, int K, int pre, const float *normw, float eps,
+                   const int8_t *w, const int32_t *wsum, const float *scale, int N, float *y,
+                   int path, int nthreads) {
+    return linear(1, x, M, K, pre, normw, eps, w, wsum, scale, N, y, path, nthreads);
+}
+
+/* y (M, N) fp32 = [RMSNorm](x) (M, K) times the bf16 matrix w (N, K), fp32 sums in the fixed order. */
+int tl_bf16_linear(const float *x, int M, int K, int pre, const float *normw, float eps,
+                   const uint16_t *w, int N, float *y, int path, int nthreads) {
+    int err = check_path(&path);
+    if (err) return err;
+    if (M < 0 || K <= 0 || N < 0 || (pre != 0 && pre != TL_PRE_RMSNORM)) return -1;
+    nthreads = threads_or_default(nthreads);
+    float *xn = NULL;
+    if (pre) {
+        if (!(xn = malloc((size_t)M * K * 4 + 4))) return -3;
+        pre_op(x, M, K, pre, normw, eps, xn, nthreads);
+        x = xn;
+    }
+    float (*dot)(const float *, const uint16_t *, int) = bf16_dot_c;
+#ifdef TL_X86
+    if (path == TL_PATH_AVX512VNNI) dot = bf16_dot_512;
+    if (path == TL_PATH_AVX2) dot = bf16_dot_avx2;
+#endif
+    #pragma omp parallel for schedule(static) num_threads(nthreads)
+    for (int n = 0; n < N; n++)
+        for (int m = 0; m < M; m++)
+            y[(size_t)m * N + n] = dot(x + (size_t)m * K, w + (size_t)n * K, K);
+    free(xn);
+    return 0;
+}

@@ -1,0 +1,34 @@
+"""The toy pipeline (toy.py, the README's quick start) in its smoke preset: a few steps per stage,
+checking that every stage hands a loadable checkpoint to the next and that the report is written."""
+import json
+import os
+
+import torch
+
+import toy
+from subln import load_model
+
+
+def test_toy_pipeline_smoke(tmp_path, data_dir):
+    out = tmp_path / "toy"
+    toy.main(["--preset", "smoke", "--out", str(out), "--data_dir", data_dir, "--ablations"])
+    teacher = load_model(str(out / "pretrain" / "ckpt.pt"))
+    assert not teacher.config.bitnet and teacher.config.vocab_size == 512
+    for name, subln in (("ct", True), ("ct_nosubln", False)):
+        student = load_model(str(out / name / "ckpt.pt"))  # strict load
+        assert student.config.bitnet and student.config.subln == subln
+    rows = json.load(open(out / "results.json"))
+    assert [r["row"] for r in rows] == [r[0] for r in toy.sft_runs(True)]
+    for row, _, method, *_ in toy.sft_runs(True):
+        d = toy.run_dir(str(out), "sst2", 1, row)
+        res = json.load(open(os.path.join(d, "results.json")))
+        assert res["method"] == method and res["n_eval"] == 8 and 0 <= res["metrics"]["ACC"] <= 100
+        m = load_model(os.path.join(d, "ckpt.pt"))
+        assert m.config.bitnet == (method != "fp16-sft")
+        with torch.no_grad():
+            assert torch.isfinite(m(torch.tensor([[1, 2, 3]]))).all()
+    assert (out / "toy.png").stat().st_size > 10_000 and (out / "results.csv").exists()
+    # a finished stage is not run again: a second call only re-reads the results
+    before = os.path.getmtime(out / "ct" / "ckpt.pt")
+    toy.main(["--preset", "smoke", "--out", str(out), "--data_dir", data_dir, "--ablations"])
+    assert os.path.getmtime(out / "ct" / "ckpt.pt") == before

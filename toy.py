@@ -1,0 +1,225 @@
+"""
+The whole BitNet Distillation pipeline at toy scale, on a CPU, offline: the README's quick start.
+
+No Qwen3 weights can be downloaded here, so a tiny Qwen3-architecture teacher is pretrained from
+scratch by the project's own loop, and then the paper's pipeline runs on it, on SST-2:
+
+    0. a 4,096-token byte-level BPE vocabulary trained on the corpus (tokenizer.train_bpe)
+    1. continue_train.py --from_scratch --quant none          the tiny full-precision "LLM"
+    2. distill.py --method fp16-sft                            FP16-SFT, the teacher     (Table 1)
+    3. distill.py --method bitnet-sft --no_subln               BitNet-SFT                (Table 1)
+    4. continue_train.py --init teacher (SubLN, 1.58-bit)     stage 1 + stage 2
+    5. distill.py --method bitdistill                          BitDistill                (Table 1)
+    with --ablations, also the rows of Table 5 and 6 and the no-SubLN stage-2 run (Figure 3a).
+
+Every stage is one of the repo's own commands, printed before it runs; a finished stage is not
+run again, so an interrupted pipeline continues where it stopped. Results: <out>/results.json,
+<out>/results.csv and <out>/toy.png (accuracy per method; stage-2 loss with and without SubLN).
+
+    export BITDISTILL_DATA=../shared/data
+    python toy.py                                  # the quick start: one seed
+    python toy.py --ablations --seeds 1 2 3        # Tables 1, 5, 6 over three seeds
+    python toy.py --preset smoke --out out/smoke   # a few steps per stage (the CI test)
+
+Why a small vocabulary: with Qwen's 151,936-row embedding the lm_head alone would cost a model
+this small more than all its layers together on a CPU. The vocabulary is trained with the same
+byte-level BPE and Qwen's pre-tokenizer regex, and read back through tokenizer.load_tokenizer.
+"""
+import argparse
+import csv
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+
+from tokenizer import save_tiktoken, train_bpe
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+PRESETS = {
+    "quick": dict(
+        vocab=4096, model=dict(hidden_size=256, intermediate_size=768, num_hidden_layers=4,
+                               num_attention_heads=4, num_key_value_heads=2, head_dim=64),
+        pretrain=["--tokens", "1.5e6", "--block_size", "128", "--batch_size", "16", "--lr", "2e-3",
+                  "--eval_interval", "100", "--eval_iters", "10"],
+        ct=["--tokens", "5e5", "--block_size", "128", "--batch_size", "16", "--lr", "1e-3",
+            "--eval_interval", "50", "--eval_iters", "10"],
+        sft=["--max_steps", "300", "--batch_size", "32", "--micro_batch_size", "32", "--max_len", "128"],
+        lr_fp="1e-3", lr_bit="2e-3", eval=[]),
+    "smoke": dict(
+        vocab=512, model=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                              num_attention_heads=2, num_key_value_heads=1, head_dim=16),
+        pretrain=["--tokens", "2048", "--block_size", "32", "--batch_size", "8", "--lr", "1e-3",
+                  "--eval_interval", "4", "--eval_iters", "1"],
+        ct=["--tokens", "1024", "--block_size", "32", "--batch_size", "8", "--lr", "1e-3",
+            "--eval_interval", "2", "--eval_iters", "1"],
+        sft=["--max_steps", "2", "--batch_size", "4", "--micro_batch_size", "4", "--max_len", "64"],
+        lr_fp="1e-3", lr_bit="1e-3", eval=["--eval_limit", "8"]),
+}
+CORPUS = ("c4_sample.jsonl", "wikitext2_test.raw", "tinyshakespeare.txt")
+
+
+def run(cmd, done_file, log):
+    """Runs one stage (a repo command) unless done_file already exists; logs to log."""
+    if os.path.exists(done_file):
+        print(f"[skip] {done_file} exists")
+        return
+    print("$ python " + " ".join(cmd), flush=True)
+    os.makedirs(os.path.dirname(log), exist_ok=True)
+    t0 = time.time()
+    with open(log, "w") as f:
+        r = subprocess.run([sys.executable] + cmd, cwd=HERE, stdout=f, stderr=subprocess.STDOUT)
+    if r.returncode != 0:
+        tail = open(log).read()[-3000:]
+        sys.exit(f"stage failed (exit {r.returncode}); last lines of {log}:\n{tail}")
+    print(f"  done in {time.time() - t0:.0f} s (log: {log})", flush=True)
+
+
+def make_tokenizer(data_dir, vocab, out):
+    path = os.path.join(out, "tokenizer", "vocab.tiktoken")
+    if not os.path.exists(path):
+        texts = []
+        for name in CORPUS:
+            with open(os.path.join(data_dir, "corpus", name), encoding="utf-8") as f:
+                texts.append("".join(json.loads(l)["text"] + "\n" for l in f) if name.endswith(".jsonl") else f.read())
+        t0 = time.time()
+        save_tiktoken(train_bpe("\n".join(texts), vocab - 3), os.path.dirname(path))  # + 3 added tokens
+        print(f"trained a {vocab}-token BPE vocabulary in {time.time() - t0:.0f} s -> {path}")
+    return path
+
+
+def sft_runs(ablations):
+    """(row name, table(s), distill.py method and flags, which pretrained model it starts from)."""
+    rows = [("FP16-SFT", "1", "fp16-sft", [], "teacher"),
+            ("BitNet-SFT", "1,5", "bitnet-sft", ["--no_subln"], "teacher"),
+            ("BitNet-SFT + SubLN", "5", "bitnet-sft", [], "teacher"),
+            ("BitNet-SFT + SubLN + CT", "5,6", "bitnet-sft", [], "ct"),
+            ("BitDistill w/o CT", "5", "bitdistill", [], "teacher"),
+            ("BitDistill w/o AD (LD only)", "6", "bitdistill", ["--no_ad"], "ct"),
+            ("BitDistill w/o LD (AD only)", "6", "bitdistill", ["--no_ld"], "ct"),
+            ("BitDistill", "1,5,6", "bitdistill", [], "ct")]   # table order: Tables 1, 5, 6 read top-down
+    return [r for r in rows if ablations or r[0] in ("FP16-SFT", "BitNet-SFT", "BitDistill")]
+
+
+def run_dir(out, task, seed, row):  # "BitDistill w/o AD (LD only)" -> <out>/sst2/seed1/bitdistill-wo-ad-ld-only
+    slug = "-".join("".join(c for c in row.lower() if c.isalnum() or c == " ").split())
+    return os.path.join(out, task, f"seed{seed}", slug)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--preset", default="quick", choices=sorted(PRESETS))
+    p.add_argument("--out", default="out/toy", help="everything goes here")
+    p.add_argument("--data_dir", default=os.environ.get("BITDISTILL_DATA"),
+                   help="offline data folder (default: $BITDISTILL_DATA)")
+    p.add_argument("--task", default="sst2", choices=("sst2", "mnli", "qnli"))
+    p.add_argument("--seeds", type=int, nargs="+", default=[1], help="fine-tuning seeds")
+    p.add_argument("--ablations", action="store_true", help="also Table 5 / Table 6 rows and Figure 3a")
+    p.add_argument("--gamma_ad", default=None, help="γ for BitDistill (default: the paper's 1e5)")
+    p.add_argument("--lambda_ld", default=None, help="λ for BitDistill (default: the paper's 10)")
+    p.add_argument("--distill_layer", default=None, help="student layer for L_AD (default: distill.py's)")
+    args = p.parse_args(argv)
+    if not args.data_dir or not os.path.isdir(args.data_dir):
+        sys.exit("no data folder: set BITDISTILL_DATA (e.g. export BITDISTILL_DATA=../shared/data) or pass --data_dir")
+    pre, out = PRESETS[args.preset], os.path.abspath(args.out)
+    os.makedirs(out, exist_ok=True)
+    data = ["--data_dir", os.path.abspath(args.data_dir)]
+    t_start = time.time()
+
+    # 0. vocabulary and model config
+    tok = make_tokenizer(args.data_dir, pre["vocab"], out)
+    cfg = os.path.join(out, "tiny.json")
+    with open(cfg, "w") as f:
+        json.dump(dict(pre["model"], vocab_size=pre["vocab"], tie_word_embeddings=True,
+                       rope_theta=10000.0, max_position_embeddings=1024), f)
+    # 1. the full-precision "LLM", pretrained from scratch
+    teacher = os.path.join(out, "pretrain", "ckpt.pt")
+    run(["continue_train.py", "--from_scratch", "--model_config", cfg, "--quant", "none", "--tokenizer", tok,
+         "--out_dir", os.path.dirname(teacher), "--seed", "0"] + pre["pretrain"] + data,
+        os.path.join(out, "pretrain", "DONE"), os.path.join(out, "pretrain.log"))
+    open(os.path.join(out, "pretrain", "DONE"), "w").close()
+    # 4. stages 1 + 2: SubLN + BitLinear, continued pre-training (and without SubLN for Figure 3a)
+    cts = {"ct": ["--subln"]} | ({"ct_nosubln": ["--no_subln"]} if args.ablations else {})
+    for name, flags in cts.items():
+        d = os.path.join(out, name)
+        run(["continue_train.py", "--init", teacher, "--quant", "bitnet", "--out_dir", d, "--seed", "1"]
+            + flags + pre["ct"] + data, os.path.join(d, "DONE"), os.path.join(out, name + ".log"))
+        open(os.path.join(d, "DONE"), "w").close()
+    start = {"teacher": teacher, "ct": os.path.join(out, "ct", "ckpt.pt")}
+    # 2, 3, 5 (and the ablations) for each seed
+    extra = []
+    for flag in ("gamma_ad", "lambda_ld", "distill_layer"):
+        if getattr(args, flag) is not None:
+            extra += [f"--{flag}", str(getattr(args, flag))]
+    for seed in args.seeds:
+        for row, _, method, flags, init in sft_runs(args.ablations):
+            d = run_dir(out, args.task, seed, row)
+            src = ["--student", start[init]] if method == "bitdistill" else ["--model", start[init]]
+            teach = ["--teacher", os.path.join(run_dir(out, args.task, seed, "FP16-SFT"), "ckpt.pt")]
+            lr = pre["lr_fp"] if method == "fp16-sft" else pre["lr_bit"]
+            run(["distill.py", "--task", args.task, "--method", method, "--out_dir", d, "--seed", str(seed),
+                 "--lr", lr] + src + (teach + extra if method == "bitdistill" else []) + flags
+                + pre["sft"] + pre["eval"] + data, os.path.join(d, "results.json"), d + ".log")
+    print(f"pipeline finished in {(time.time() - t_start) / 60:.1f} min")
+    report(args, out)
+
+
+def report(args, out):
+    """Mean and spread over seeds per row; Tables 1, 5, 6; results.json/.csv; toy.png."""
+    rows = []
+    for row, tables, *_ in sft_runs(args.ablations):
+        accs = []
+        for seed in args.seeds:
+            d = run_dir(out, args.task, seed, row)
+            with open(os.path.join(d, "results.json")) as f:
+                accs.append(json.load(f)["metrics"]["ACC"])
+        sd = statistics.stdev(accs) if len(accs) > 1 else float("nan")
+        rows.append(dict(row=row, tables=tables, task=args.task, n_seeds=len(accs), mean=statistics.mean(accs),
+                         std=sd, accs=accs))
+    for t, title in (("1", "Table 1"), ("5", "Table 5 (stages)"), ("6", "Table 6 (LD / AD)")):
+        sel = [r for r in rows if t in r["tables"].split(",")]
+        if len(sel) < 2:
+            continue
+        print(f"\n{title}: {args.task.upper()} validation accuracy (%), mean ± std over {len(args.seeds)} seed(s)")
+        for r in sel:
+            print(f"  {r['row']:<30}{r['mean']:7.2f} ± {r['std']:.2f}   {r['accs']}")
+    with open(os.path.join(out, "results.json"), "w") as f:
+        json.dump(rows, f, indent=1)
+    with open(os.path.join(out, "results.csv"), "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["row", "tables", "task", "n_seeds", "mean_acc", "std_acc", "accs"])
+        for r in rows:
+            w.writerow([r["row"], r["tables"], r["task"], r["n_seeds"], f"{r['mean']:.2f}", f"{r['std']:.2f}",
+                        " ".join(f"{a:.2f}" for a in r["accs"])])
+    plot(rows, out)
+    print(f"wrote {out}/results.json, results.csv, toy.png")
+
+
+def plot(rows, out):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, (a, b) = plt.subplots(1, 2, figsize=(13, 4.5))
+    a.barh([r["row"] for r in rows], [r["mean"] for r in rows],
+           xerr=[0 if r["n_seeds"] < 2 else r["std"] for r in rows], color="tab:blue")
+    a.set_xlabel("validation accuracy (%)")
+    a.set_xlim(min(r["mean"] for r in rows) - 5, max(r["mean"] for r in rows) + 3)
+    a.invert_yaxis()
+    for name, label in (("ct", "with SubLN"), ("ct_nosubln", "without SubLN")):
+        m = os.path.join(out, name, "metrics.json")
+        if os.path.exists(m):
+            with open(m) as f:
+                log = json.load(f)["train"]
+            b.plot([e["step"] for e in log], [e["loss"] for e in log], label=label, lw=1)
+    b.set_xlabel("stage-2 step")
+    b.set_ylabel("training loss")
+    b.set_title("continued pre-training of the 1.58-bit student (Figure 3a)")
+    b.legend()
+    fig.tight_layout()
+    fig.savefig(os.path.join(out, "toy.png"), dpi=110)
+
+
+if __name__ == "__main__":
+    main()
