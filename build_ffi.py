@@ -118,6 +118,9 @@ def describe(lib):
 
 
 if __name__ == "__main__":
+    import argparse
+    argparse.ArgumentParser(description="Compile ternary_cpu.c into the _ternary_cpu module with cffi "
+                            "(API mode); print the flags and the SIMD path. Env: CC, BITDISTILL_NO_OPENMP=1.").parse_args()
     try:
         build()
     except RuntimeError as e:

@@ -602,4 +602,7 @@ def train(args, ddp, rank, local_rank, world_size, device, master):
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except (FileNotFoundError, ValueError, NonFiniteLossError) as e:  # bad input: say what and how to fix it, no traceback
+        raise SystemExit(f"continue_train.py: error: {e}")

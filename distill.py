@@ -47,8 +47,8 @@ import torch
 import torch.nn.functional as F
 
 from attn_relation import attention_relation_loss, check_split_heads
-from continue_train import (autocast_context, check_finite, get_lr, get_rng_state, load_checkpoint,
-                            save_checkpoint, set_rng_state, setup_distributed)
+from continue_train import (NonFiniteLossError, autocast_context, check_finite, get_lr, get_rng_state,
+                            load_checkpoint, save_checkpoint, set_rng_state, setup_distributed)
 from model import resolve_checkpoint_dir
 from subln import convert_to_bitnet, load_model
 from tasks import (METHODS, TASKS, collate, encode_example, evaluate, get_task, load_examples, print_table,
@@ -168,7 +168,8 @@ def method_label(args, config):
 def get_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--task", required=True, choices=sorted(TASKS))
-    p.add_argument("--method", required=True, choices=METHODS)
+    p.add_argument("--method", default="bitdistill", choices=METHODS,
+                   help="bitdistill (default) needs the fp16-sft teacher and a stage-2 student first")
     p.add_argument("--model", default="Qwen/Qwen3-0.6B", help="full-precision base (fp16-sft, bitnet-sft)")
     p.add_argument("--student", default="out/continue_train/ckpt.pt",
                    help="bitdistill student: a continue_train.py checkpoint (default) or an HF model")
@@ -393,4 +394,7 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except (FileNotFoundError, ValueError, NonFiniteLossError) as e:  # bad input: say what and how to fix it, no traceback
+        raise SystemExit(f"distill.py: error: {e}")

@@ -555,4 +555,7 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except (FileNotFoundError, ValueError, TypeError) as e:  # bad input: say what and how to fix it, no traceback
+        raise SystemExit(f"packed.py: error: {e}")
