@@ -4,7 +4,7 @@ CPU inference benchmark on Qwen3-0.6B's geometry: PyTorch fp32 and bf16 against 
 memory depend on the shapes only (hidden 1024, intermediate 3072, 28 layers, 16 q / 8 kv heads,
 head_dim 128, vocab 151936, tied embeddings).
 
-    python bench.py                 # everything: ~5 minutes on 2 cores; bench.json + bench.png
+    python bench.py                 # everything: ~3 minutes on 2 cores; results/bench.json + .png
     python bench.py --quick         # fewer repeats and tokens, a smoke run
     python bench.py --threads 1
 
@@ -348,8 +348,8 @@ def main():
     ap.add_argument("--repeat", type=int, default=5)
     ap.add_argument("--quick", action="store_true", help="repeat 2, 32 new tokens")
     ap.add_argument("--no_kernels", action="store_true", help="skip the per-kernel table")
-    ap.add_argument("--json", default=os.path.join(HERE, "bench.json"))
-    ap.add_argument("--plot", default=os.path.join(HERE, "bench.png"))
+    ap.add_argument("--json", default=os.path.join(HERE, "results", "bench.json"))
+    ap.add_argument("--plot", default=os.path.join(HERE, "results", "bench.png"))
     ap.add_argument("--worker", help=argparse.SUPPRESS)  # internal: run one backend, print JSON
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -391,6 +391,7 @@ def main():
     if not args.no_kernels:
         R["kernels"] = kernel_table(args.repeat, args.quick)
     print_report(R)
+    os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
     with open(args.json, "w") as f:
         json.dump(R, f, indent=1)
     print(f"wrote {args.json}")
