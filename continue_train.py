@@ -27,6 +27,7 @@ Offline on CPU, the toy pipeline (corpus: $BITDISTILL_DATA/corpus, i.e. ../share
         --lr 1e-3 --eval_interval 10 --eval_iters 4 --seed 2 --out_dir out/subln   # its 1.58-bit student
         # (another --seed: another data order; with the teacher's, the student re-reads its blocks)
     torchrun --standalone --nproc_per_node=2 continue_train.py ...         # DDP on CPU (gloo)
+    torchrun --standalone --nproc_per_node=2 continue_train.py --fsdp ...  # FSDP (sharded model + optimizer)
 Figure 3a (with / without SubLN): the student again with --no_subln --out_dir out/no_subln, then
     python continue_train.py --plot out/subln/metrics.json out/no_subln/metrics.json --plot_out fig3a.png
 Written to --out_dir: ckpt.pt (model, optimizer, step, RNG, config, args; loads with
@@ -49,6 +50,9 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
+                                                     get_optimizer_state_dict, set_optimizer_state_dict)
+from torch.distributed.fsdp import fully_shard
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
@@ -440,6 +444,8 @@ def parse_args(argv=None):
     p.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16"),
                    help="autocast dtype; auto: bfloat16 on GPUs that support it, else float32")
     p.add_argument("--compile", action="store_true", help="torch.compile the model")
+    p.add_argument("--fsdp", action="store_true",
+                   help="torchrun only: shard model, gradients and optimizer over the processes (FSDP2) instead of DDP")
     p.add_argument("--eval_interval", type=int, default=500, help="validate and checkpoint every N steps")
     p.add_argument("--eval_iters", type=int, default=20, help="validation batches of --batch_size blocks")
     p.add_argument("--out_dir", default="out/continue_train", help="ckpt.pt, metrics.json, train_log.csv, loss.png")
@@ -471,6 +477,9 @@ def train(args, ddp, rank, local_rank, world_size, device, master):
     # ---- the budget: one optimizer step sees batch_size * block_size * grad_accum tokens
     if args.grad_accum % world_size:
         raise ValueError(f"--grad_accum {args.grad_accum} must be a multiple of the world size {world_size}")
+    if args.fsdp and not ddp:
+        raise ValueError("--fsdp shards the model over processes: run it under torchrun "
+                         "(torchrun --standalone --nproc_per_node=N continue_train.py --fsdp ...)")
     accum = args.grad_accum // world_size                       # forward passes per step, per process
     T, G = args.block_size, args.batch_size * args.grad_accum   # G: sequences per step, all processes
     tokens_per_step = G * T
@@ -502,16 +511,30 @@ def train(args, ddp, rank, local_rank, world_size, device, master):
     if tok.n_vocab > model.config.vocab_size:
         raise ValueError(f"tokenizer {args.tokenizer} has {tok.n_vocab} tokens but the model only "
                          f"{model.config.vocab_size} embeddings: pick the model's own tokenizer")
+    weights_before = latent_weights_over_delta(model) if args.plot_weights and master else None
+    # DDP keeps a full copy of the model, its gradients and AdamW's two moments (~16 bytes per parameter
+    # in fp32) on every device: the default while that fits one GPU. FSDP (--fsdp) shards all three over
+    # the N processes (~16/N bytes per parameter, plus one block's full weights while it computes), at the
+    # cost of all-gathering the weights in every forward and backward: for a student + optimizer too big
+    # for one GPU. FSDP2: one unit per transformer block, then the root (embeddings, tied lm_head, norm).
+    if args.fsdp:
+        for block in model.model.layers:
+            fully_shard(block)
+        fully_shard(model)                                     # also moves the shards to `device`
     raw_model = model.to(device)
     optimizer = configure_optimizer(raw_model, args, device)
+    full = StateDictOptions(full_state_dict=True, cpu_offload=True)  # FSDP: unsharded, on rank 0's CPU
     if args.resume:
-        optimizer.load_state_dict(ckpt["optimizer"])
+        if args.fsdp:   # every rank read the full checkpoint: each keeps its own shard of the moments
+            if ckpt["optimizer"]["state"]:                      # (empty in a step-0 checkpoint)
+                set_optimizer_state_dict(raw_model, optimizer, ckpt["optimizer"], options=full)
+        else:
+            optimizer.load_state_dict(ckpt["optimizer"])
         set_rng_state(ckpt["rng"])
         del ckpt
-    weights_before = latent_weights_over_delta(raw_model) if args.plot_weights and master else None
     if args.compile:
         model = torch.compile(model)
-    if ddp:
+    if ddp and not args.fsdp:
         model = DDP(model, device_ids=[local_rank] if device.type == "cuda" else None)
     dtype = args.dtype if args.dtype != "auto" else (
         "bfloat16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "float32")
@@ -546,11 +569,19 @@ def train(args, ddp, rank, local_rank, world_size, device, master):
             docs_all = [docs_read] * world_size                 # --dataset: where each rank's stream is
             if ddp and args.dataset:
                 dist.all_gather_object(docs_all, docs_read)
+            if args.fsdp:   # collectives: every rank takes part, rank 0 gets the full (unsharded) dicts
+                model_sd = get_model_state_dict(raw_model, options=full)
+                # before the first step there is no state; asked for it, get_optimizer_state_dict would
+                # create it with a dummy optimizer.step(), which advances AdamW's step count
+                optim_sd = (get_optimizer_state_dict(raw_model, optimizer, options=full) if optimizer.state
+                            else optimizer.state_dict())
+            else:
+                model_sd, optim_sd = raw_model.state_dict(), optimizer.state_dict()
             if master:
                 log["val"].append({"step": step, "tokens": step * tokens_per_step, "loss": val_loss,
                                    "ppl": math.exp(min(val_loss, 50))})
                 save_checkpoint(ckpt_path, {
-                    "model": raw_model.state_dict(), "optimizer": optimizer.state_dict(), "step": step,
+                    "model": model_sd, "optimizer": optim_sd, "step": step,
                     "config": c.to_dict(), "args": vars(args), "rng": get_rng_state(),
                     "tokens_seen": step * tokens_per_step, "log": log, "docs_read": docs_all})
                 save_metrics(args.out_dir, log, label)
@@ -571,8 +602,10 @@ def train(args, ddp, rank, local_rank, world_size, device, master):
             else:   # sequences of this step for micro-batch `micro` of rank `rank`
                 first = step * G + (micro * world_size + rank) * args.batch_size
                 x, y = get_batch(train_data, range(first, first + args.batch_size), T, args.seed, device)
-            if ddp:   # all-reduce the gradients only after the last micro-batch (nanoGPT)
+            if ddp and not args.fsdp:   # all-reduce the gradients only after the last micro-batch (nanoGPT)
                 model.require_backward_grad_sync = micro == accum - 1
+            # FSDP reduce-scatters every micro-batch's gradients (no set_requires_gradient_sync(False)):
+            # skipping it would keep full-size unsharded gradients between micro-batches, FSDP's saving lost
             with ctx:
                 logits = model(x)                                                    # (B, T, V)
                 loss = next_token_loss(logits, y) / accum                           # Eq. (7)
@@ -582,7 +615,7 @@ def train(args, ddp, rank, local_rank, world_size, device, master):
             dist.all_reduce(loss_sum)                           # gloo has no AVG: sum, then divide
             loss_sum /= world_size
         lossf = check_finite(loss_sum, step, ckpt_path)         # NaN/inf: stop, keep the last good ckpt
-        if args.grad_clip > 0:
+        if args.grad_clip > 0:   # FSDP: the grads are sharded DTensors, the norm is still the global one
             torch.nn.utils.clip_grad_norm_(raw_model.parameters(), args.grad_clip)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -597,7 +630,8 @@ def train(args, ddp, rank, local_rank, world_size, device, master):
     if master:
         plot_curves([os.path.join(args.out_dir, "metrics.json")], os.path.join(args.out_dir, "loss.png"))
         if weights_before is not None:
-            plot_weights(weights_before, latent_weights_over_delta(raw_model), os.path.join(args.out_dir, "weights.png"))
+            after = load_model(ckpt_path) if args.fsdp else raw_model   # FSDP: the final full weights
+            plot_weights(weights_before, latent_weights_over_delta(after), os.path.join(args.out_dir, "weights.png"))
         print(f"done: {ckpt_path}, metrics.json, train_log.csv, loss.png in {args.out_dir}")
 
 

@@ -92,25 +92,51 @@ def test_resume_gives_the_same_losses(tmp_path, data_dir, byte_tok, tiny_hf, mon
     assert [r["step"] for r in resumed["train"]] == list(range(10))
 
 
-def test_ddp_two_processes_match_one(tmp_path, data_dir, byte_tok, tiny_hf):
-    # same global batch: 1 process x 2 micro-batches == 2 processes (gloo) x 1 micro-batch
-    args = ["--tokens", str(4 * 2 * 32 * 2), "--grad_accum", "2", "--eval_interval", "2"]
-    _, single = run(tmp_path, data_dir, byte_tok, tiny_hf, *args, name="single")
-    out = tmp_path / "ddp"
+def run_torchrun(tmp_path, data_dir, tok, init, *extra, name="ddp"):
+    """run()'s settings in 2 processes (torchrun, gloo, one thread each); returns (out_dir, metrics dict)."""
+    out = tmp_path / name
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           os.path.join(HERE, "continue_train.py"), "--init", tiny_hf,
-           "--tokenizer", byte_tok,
+           os.path.join(HERE, "continue_train.py"), "--init", init,
+           "--tokenizer", tok,
            "--data", os.path.join(data_dir, "corpus", "tinyshakespeare.txt"), "--block_size", "32",
            "--batch_size", "2", "--lr", "3e-3", "--warmup_steps", "2", "--eval_iters", "2",
-           "--out_dir", str(out), *args]
+           "--out_dir", str(out), *extra]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     p = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=HERE, env=env)
     assert p.returncode == 0, p.stderr[-3000:]
     assert "cpu x 2" in p.stdout  # really two processes
     with open(out / "metrics.json") as f:
-        ddp = json.load(f)
+        return out, json.load(f)
+
+
+def test_ddp_two_processes_match_one(tmp_path, data_dir, byte_tok, tiny_hf):
+    # same global batch: 1 process x 2 micro-batches == 2 processes (gloo) x 1 micro-batch
+    args = ["--tokens", str(4 * 2 * 32 * 2), "--grad_accum", "2", "--eval_interval", "2"]
+    _, single = run(tmp_path, data_dir, byte_tok, tiny_hf, *args, name="single")
+    _, ddp = run_torchrun(tmp_path, data_dir, byte_tok, tiny_hf, *args)
     assert losses(ddp) == pytest.approx(losses(single), rel=1e-4)
     assert [r["loss"] for r in ddp["val"]] == pytest.approx([r["loss"] for r in single["val"]], rel=1e-4)
+
+
+def test_fsdp_two_processes_match_one_and_resume(tmp_path, data_dir, byte_tok, tiny_hf):
+    # 1 process x 4 micro-batches == 2 FSDP processes x 2 micro-batches (accumulation + clipping on
+    # shards). The FSDP run stops at step 2 and resumes to step 4: all 4 steps are warmup, whose lr does
+    # not depend on --tokens, so the two halves follow the same schedule as the uninterrupted run.
+    args = ["--grad_accum", "4", "--eval_interval", "2", "--warmup_steps", "4"]
+    _, single = run(tmp_path, data_dir, byte_tok, tiny_hf, "--tokens", str(4 * 2 * 32 * 4), *args, name="single")
+    out, _ = run_torchrun(tmp_path, data_dir, byte_tok, tiny_hf, "--fsdp", "--tokens", str(2 * 2 * 32 * 4), *args,
+                          name="fsdp")
+    assert ct.load_checkpoint(str(out / "ckpt.pt"))["step"] == 2
+    _, fsdp = run_torchrun(tmp_path, data_dir, byte_tok, tiny_hf, "--fsdp", "--tokens", str(4 * 2 * 32 * 4), *args,
+                           "--resume", name="fsdp")
+    assert losses(fsdp) == pytest.approx(losses(single), rel=1e-4)
+    assert [r["loss"] for r in fsdp["val"]] == pytest.approx([r["loss"] for r in single["val"]], rel=1e-4)
+    ckpt = ct.load_checkpoint(str(out / "ckpt.pt"))  # one file: the full (unsharded) model and optimizer
+    model = load_model(str(out / "ckpt.pt"))         # strict
+    assert all(torch.equal(v, ckpt["model"][k]) for k, v in model.state_dict().items())
+    assert ckpt["step"] == 4 and len(ckpt["optimizer"]["state"]) > 0
+    with pytest.raises(ValueError, match="--fsdp .* run it under torchrun"):
+        run(tmp_path, data_dir, byte_tok, tiny_hf, "--fsdp", "--tokens", "1e4")
 
 
 def test_bad_inputs_give_clear_errors(tmp_path, data_dir, byte_tok, tiny_hf, monkeypatch):
