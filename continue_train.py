@@ -638,5 +638,6 @@ def train(args, ddp, rank, local_rank, world_size, device, master):
 if __name__ == "__main__":
     try:
         main()
-    except (FileNotFoundError, ValueError, NonFiniteLossError) as e:  # bad input: say what and how to fix it, no traceback
+    except (FileNotFoundError, ValueError, NonFiniteLossError) as e:
+        # bad input: say what is wrong and how to fix it, without a traceback
         raise SystemExit(f"continue_train.py: error: {e}")

@@ -396,5 +396,6 @@ def main(argv=None):
 if __name__ == "__main__":
     try:
         main()
-    except (FileNotFoundError, ValueError, NonFiniteLossError) as e:  # bad input: say what and how to fix it, no traceback
+    except (FileNotFoundError, ValueError, NonFiniteLossError) as e:
+        # bad input: say what is wrong and how to fix it, without a traceback
         raise SystemExit(f"distill.py: error: {e}")

@@ -557,5 +557,6 @@ def main():
 if __name__ == "__main__":
     try:
         main()
-    except (FileNotFoundError, ValueError, TypeError) as e:  # bad input: say what and how to fix it, no traceback
+    except (FileNotFoundError, ValueError, TypeError) as e:
+        # bad input: say what is wrong and how to fix it, without a traceback
         raise SystemExit(f"packed.py: error: {e}")
