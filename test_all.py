@@ -17,7 +17,7 @@ from bitlinear import (BitLinear, activation_quant, activation_quant_int, bitlin
 from model import Qwen3, Qwen3Config
 from subln import SubLN, build_model, convert_to_bitnet, load_model
 
-transformers = pytest.importorskip("transformers")  # listed in requirements.txt: never skipped in CI
+import transformers  # noqa: E402  (tests-only oracle, in requirements.txt: a missing install fails, never skips)
 
 
 # ----------------------------------------------------------------------------- tiny HF checkpoints
