@@ -57,7 +57,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 from model import Qwen3Config, resolve_checkpoint_dir
-from subln import build_model, convert_to_bitnet, load_model
+from subln import build_model, convert_to_bitnet, load_checkpoint, load_model
 from tokenizer import load_tokenizer
 
 EOT = "<|endoftext|>"  # document separator (id 151643 in Qwen's vocab)
@@ -115,21 +115,6 @@ def save_checkpoint(path, ckpt):
     tmp = os.path.join(folder, f".{os.path.basename(path)}.tmp{os.getpid()}")
     torch.save(ckpt, tmp)
     os.replace(tmp, path)
-
-
-def load_checkpoint(path):
-    """One of our checkpoint dicts, on CPU. Clear errors for a missing or unreadable file."""
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"no checkpoint at {path!r}: check the path (or train first, "
-                                "e.g. with continue_train.py --out_dir ...)")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as e:
-        raise ValueError(f"{path} is not a readable checkpoint ({type(e).__name__}: {e}); it may be "
-                         "truncated or corrupt") from None
-    if not isinstance(ckpt, dict) or "model" not in ckpt or "config" not in ckpt:
-        raise ValueError(f"{path} is not a bitdistill checkpoint (needs 'model' and 'config' keys)")
-    return ckpt
 
 
 class NonFiniteLossError(RuntimeError):

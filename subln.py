@@ -59,16 +59,26 @@ def build_model(config):
     return model
 
 
+def load_checkpoint(path):
+    """One of our checkpoint dicts, on CPU. Clear errors for a missing or unreadable file."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"no checkpoint at {path!r}: check the path (or train first, "
+                                "e.g. with continue_train.py --out_dir ...)")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as e:
+        raise ValueError(f"{path} is not a readable checkpoint ({type(e).__name__}: {e}); it may be "
+                         "truncated or corrupt") from None
+    if not isinstance(ckpt, dict) or "model" not in ckpt or "config" not in ckpt:
+        raise ValueError(f"{path} is not a bitdistill checkpoint (needs 'model' and 'config' keys)")
+    return ckpt
+
+
 def load_model(path, dtype=torch.float32):
     """A Hugging Face checkpoint (folder or hub id) or one of our .pt checkpoints (a dict with
     'config' and 'model', as continue_train.py and distill.py write them), loaded strictly."""
     if os.path.isfile(path):
-        try:
-            ckpt = torch.load(path, map_location="cpu", weights_only=False)
-        except Exception as e:
-            raise ValueError(f"{path} is not a readable checkpoint ({type(e).__name__}: {e})") from None
-        if not isinstance(ckpt, dict) or "config" not in ckpt or "model" not in ckpt:
-            raise ValueError(f"{path} is not a bitdistill checkpoint (needs 'config' and 'model' keys)")
+        ckpt = load_checkpoint(path)
         model = build_model(Qwen3Config.from_dict(dict(ckpt["config"])))
         model.load_state_dict(ckpt["model"], strict=True)
         return model.to(dtype)
