@@ -4,9 +4,10 @@ CPU inference benchmark on Qwen3-0.6B's geometry: PyTorch fp32 and bf16 against 
 memory depend on the shapes only (hidden 1024, intermediate 3072, 28 layers, 16 q / 8 kv heads,
 head_dim 128, vocab 151936, tied embeddings).
 
-    python bench.py                 # everything: ~3 minutes on 2 cores; results/bench.json + .png
+    python bench.py                 # everything: ~10 minutes on 2 cores; out/bench.json + out/bench.png
     python bench.py --quick         # fewer repeats and tokens, a smoke run
     python bench.py --threads 1
+    python bench.py --json results/bench.json --plot results/bench.png   # the README's published figures
 
 Backends: torch-fp32 / torch-bf16 = model.py's Qwen3 in that dtype; ternary = packed.PackedQwen3
 (2-bit linears in C) with the embedding table / tied lm_head in bf16 (C bf16 kernel);
@@ -15,7 +16,8 @@ Each backend runs in its own subprocess, so its peak RSS is its own. Timings: wa
 repeats; medians with the 10-90% spread. Decode is timed token by token over 128 new tokens
 (tok/s = 1 / median token time). GB/s = weight bytes read per token x tokens/s, next to a read
 bandwidth measured here (summing a 1 GiB buffer, and a 128 MiB one that may sit in L3).
-Run it on a quiet machine: other processes on the same cores distort every number.
+Run it on a quiet machine: other processes on the same cores distort every number. The CPU peer
+(llama.cpp's TQ2_0 on the same geometry) is measured beside this script by ../shared/peer/run.sh.
 """
 import argparse
 import json
@@ -31,12 +33,11 @@ import torch.nn.functional as F
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
-from model import KVCache, Qwen3, Qwen3Config  # noqa: E402
+from figures import plot_bench  # noqa: E402
+from model import Qwen3, Qwen3Config  # noqa: E402
+from training import write_json  # noqa: E402
 
 BACKENDS = ("torch-fp32", "torch-bf16", "ternary", "ternary-int8-head")
-# The peer to beat (issue 5): llama.cpp 0c1e570, TQ2_0 linears + Q8_0 embedding/output, same
-# geometry, `llama-bench -t 2 -r 5` on this 2-core machine.
-LLAMA_CPP_TQ2_0 = {"prefill": {128: 179.6, 512: 168.8}, "decode": 41.3}
 
 
 def qwen3_06b():
@@ -99,6 +100,7 @@ def cpu_name():
 def random_packed(config, head):
     """A PackedQwen3 of `config` filled with random ternary codes (no float model needed, so the
     process's peak RSS is the packed model's)."""
+    import kernels
     import packed as P
     config.bitnet, config.subln = True, True
     pm = P.PackedQwen3(config, head)
@@ -109,7 +111,7 @@ def random_packed(config, head):
                 N, K = m.out_features, m.in_features
                 for i in range(0, N, 1024):  # in slices, to keep the int8 codes small
                     codes = torch.randint(-1, 2, (min(1024, N - i), K), dtype=torch.int8, generator=g)
-                    m.packed[i:i + 1024] = P.pack_ternary(codes)
+                    m.packed[i:i + 1024] = kernels.pack_ternary(codes)
                 m.scale.fill_(0.02)
         if head == "int8":  # filled in place: no fp32 table in the peak RSS
             e = pm.embed
@@ -148,8 +150,7 @@ def run_backend(name, prompt_lens, new_tokens, repeat):
     t0 = time.perf_counter()
     if name.startswith("torch"):
         model = random_torch(config, torch.float32 if name == "torch-fp32" else torch.bfloat16)
-        dtype = next(model.parameters()).dtype
-        new_cache = lambda n: KVCache(config, 1, n, "cpu", dtype)
+        new_cache = lambda n: model.new_cache(1, n)
         fwd = lambda idx, cache, last: model(idx, cache=cache, last_only=last)
         lin = linear_weight_bytes_torch(model)
         total = sum(p.numel() * p.element_size() for p in model.parameters())  # tied: counted once
@@ -206,12 +207,13 @@ def peak_rss():
 
 @torch.no_grad()
 def kernel_table(repeat, quick):
-    import packed as P
+    import kernels as K_
+    from packed import Int8Linear
     c = qwen3_06b()
     H, I, qd, kvd = c.hidden_size, c.intermediate_size, c.num_attention_heads * c.head_dim, c.num_key_value_heads * c.head_dim
     shapes = [("qkv (fused)", H, qd + 2 * kvd), ("o_proj", qd, H), ("gate_up (fused)", H, 2 * I),
               ("down_proj", I, H), ("lm_head int8", H, c.vocab_size), ("lm_head bf16", H, c.vocab_size)]
-    best = P.lib()[0].tl_cpu_path()
+    best = K_.lib()[0].tl_cpu_path()
     rows = []
     for name, K, N in shapes:
         g = torch.Generator().manual_seed(0)
@@ -219,17 +221,17 @@ def kernel_table(repeat, quick):
         Wb = W.bfloat16()
         head = name.startswith("lm_head")
         if name == "lm_head int8":
-            lin = P.Int8Linear.from_weight(W)
+            lin = Int8Linear.from_weight(W)
             wbytes = lin.w8.numel()
-            run = lambda x, path: P.int8_linear(x, lin.w8, lin.wsum, lin.scale, K, path)
+            run = lambda x, path: K_.int8_linear(x, lin.w8, lin.wsum, lin.scale, K, path)
         elif name == "lm_head bf16":
             wbytes = Wb.numel() * 2
-            run = lambda x, path: P.bf16_linear(x, Wb, path)
+            run = lambda x, path: K_.bf16_linear(x, Wb, path)
         else:
-            packed = P.pack_ternary(torch.randint(-1, 2, (N, K), dtype=torch.int8, generator=g))
+            packed = K_.pack_ternary(torch.randint(-1, 2, (N, K), dtype=torch.int8, generator=g))
             scale = torch.full((N,), 0.02)
             wbytes = packed.numel()
-            run = lambda x, path: P.ternary_linear(x, packed, scale, K, path)
+            run = lambda x, path: K_.ternary_linear(x, packed, scale, K, path)
         for M in ((1,) if head else (1, 128)):
             x = torch.randn(M, K, generator=g)
             xb = x.bfloat16()
@@ -273,9 +275,6 @@ def print_report(R):
         print(f"| {b['backend']:17s} | {pre} | {d['tok_s']:6.1f} [{d['tok_s_p10']:.1f}-{d['tok_s_p90']:.1f}] | "
               f"{wb['per_token'] / 1e6:7.1f} | {gbs:5.1f} ({gbs / bw:.2f}x) | {fmt_mb(wb['linears'])} | "
               f"{fmt_mb(wb['total'])} | {fmt_mb(b['peak_rss'])} |")
-    ll = LLAMA_CPP_TQ2_0
-    print(f"| llama.cpp TQ2_0 (issue 5) | " + " | ".join(f"{ll['prefill'].get(T, float('nan')):7.1f}" for T in lens) +
-          f" | {ll['decode']:6.1f} | | | | | |")
     print("linear weights = the 196 q/k/v/o/gate/up/down matrices (ternary: 2-bit codes + fp32 scales); "
           "whole model = every tensor held (tied embedding counted once; ternary: + embedding/lm_head in "
           "bf16 or int8 and the fp32 norms). weight MB read/token = linear weights + lm_head.")
@@ -287,69 +286,21 @@ def print_report(R):
             print(f"| {k['kernel']} | {k['K']}x{k['N']} | {k['M']} | {k['us']:.1f} [{k['us_p10']:.1f}-{k['us_p90']:.1f}] | "
                   f"{k['gmac_s']:.1f} | {k['weight_gb_s']:.1f} | {k['vs_torch_fp32']:.2f}x | "
                   f"{k['vs_torch_bf16']:.2f}x | {k['vs_plain_c']:.2f}x |")
-    print_goals(R)
-
-
-def print_goals(R):
-    by = {b["backend"]: b for b in R["backends"]}
-    need = ("torch-fp32", "torch-bf16", "ternary-int8-head")
-    if not all(n in by for n in need):
-        return
-    fp32, bf16, t8 = (by[n] for n in need)
-    ll = LLAMA_CPP_TQ2_0
-    lens = R["prompt_lens"]
-    goals = [(f"decode (int8 head) >= {ll['decode']:.0f} tok/s (llama.cpp TQ2_0)", t8["decode"]["tok_s"], 41.0),
-             ("decode (int8 head) >= 4x torch fp32", t8["decode"]["tok_s"] / fp32["decode"]["tok_s"], 4.0)]
-    if 128 in lens:
-        best = max(fp32["prefill"][128]["tok_s"], bf16["prefill"][128]["tok_s"])
-        goals += [("prefill 128 >= 180 tok/s", t8["prefill"][128]["tok_s"], 180.0),
-                  ("prefill 128 >= 2.65x the faster torch", t8["prefill"][128]["tok_s"] / best, 2.65)]
-    goals += [("linear weights >= 10x smaller than bf16 (linears vs linears)",
-               bf16["weight_bytes"]["linears"] / t8["weight_bytes"]["linears"], 10.0),
-              ("  ... paper's comparison: whole bf16 model vs packed linears",
-               bf16["weight_bytes"]["total"] / t8["weight_bytes"]["linears"], 10.0)]
-    gemv = [k for k in R.get("kernels", []) if k["M"] == 1 and not k["kernel"].startswith("lm_head")]
-    if gemv:
-        goals.append(("SIMD GEMV >= 3x our plain C (worst projection)", min(k["vs_plain_c"] for k in gemv), 3.0))
-    print("\ngoals (issue 5; reported, not asserted)")
-    for text, val, target in goals:
-        print(f"  [{'met' if val >= target else 'NOT met'}] {text}: {val:.2f} (target {target})")
-
-
-def plot(R, path):
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("matplotlib not installed: no plot")
-        return
-    names = [b["backend"] for b in R["backends"]] + ["llama.cpp TQ2_0"]
-    metrics = [f"prefill {T}" for T in R["prompt_lens"]] + ["decode"]
-    vals = [[b["prefill"][T]["tok_s"] for T in R["prompt_lens"]] + [b["decode"]["tok_s"]] for b in R["backends"]]
-    vals.append([LLAMA_CPP_TQ2_0["prefill"].get(T, 0) for T in R["prompt_lens"]] + [LLAMA_CPP_TQ2_0["decode"]])
-    fig, axes = plt.subplots(1, len(metrics), figsize=(4 * len(metrics), 4))
-    for j, (ax, m) in enumerate(zip(axes, metrics)):
-        ax.bar(range(len(names)), [v[j] for v in vals], color=["C0", "C1", "C2", "C3", "0.6"][:len(names)])
-        ax.set_xticks(range(len(names)), names, rotation=35, ha="right", fontsize=8)
-        ax.set_title(f"{m} (tok/s)")
-    fig.suptitle(f"Qwen3-0.6B geometry, random weights, {R['threads']} threads, {R['cpu']}", fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    print(f"wrote {path}")
 
 
 def main():
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[1])
-    ap.add_argument("--threads", type=int, default=os.cpu_count())
-    ap.add_argument("--backends", default=",".join(BACKENDS))
-    ap.add_argument("--prompt_lens", default="128,512")
-    ap.add_argument("--new_tokens", type=int, default=128)
-    ap.add_argument("--repeat", type=int, default=5)
-    ap.add_argument("--quick", action="store_true", help="repeat 2, 32 new tokens")
+    ap = argparse.ArgumentParser(description=__doc__.strip().split("\n\n")[0],
+                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    ap.add_argument("--threads", type=int, default=os.cpu_count(), help="threads for PyTorch and the C kernels")
+    ap.add_argument("--backends", default=",".join(BACKENDS), help=f"comma-separated, from {', '.join(BACKENDS)}")
+    ap.add_argument("--prompt_lens", default="128,512", help="comma-separated prompt lengths timed for prefill")
+    ap.add_argument("--new_tokens", type=int, default=128, help="decode tokens timed one by one")
+    ap.add_argument("--repeat", type=int, default=5, help="timed repeats of each prefill (after one warm-up)")
+    ap.add_argument("--quick", action="store_true", help="a smoke run: repeat 2, 32 new tokens")
     ap.add_argument("--no_kernels", action="store_true", help="skip the per-kernel table")
-    ap.add_argument("--json", default=os.path.join(HERE, "results", "bench.json"))
-    ap.add_argument("--plot", default=os.path.join(HERE, "results", "bench.png"))
+    ap.add_argument("--json", default=os.path.join("out", "bench.json"),
+                    help="where the results go (results/bench.json is the README's: write there only on purpose)")
+    ap.add_argument("--plot", default=os.path.join("out", "bench.png"), help="where the figure goes")
     ap.add_argument("--worker", help=argparse.SUPPRESS)  # internal: run one backend, print JSON
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -360,8 +311,8 @@ def main():
         print("RESULT " + json.dumps(run_backend(args.worker, lens, args.new_tokens, args.repeat)))
         return
     import build_ffi
-    import packed as P
-    simd = build_ffi.describe(P.lib()[0])
+    import kernels
+    simd = build_ffi.describe(kernels.lib()[0])
     print(f"bench.py: {simd}; torch {torch.__version__}, {args.threads} threads")
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
     if load > 0.5:
@@ -391,11 +342,10 @@ def main():
     if not args.no_kernels:
         R["kernels"] = kernel_table(args.repeat, args.quick)
     print_report(R)
-    os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
-    with open(args.json, "w") as f:
-        json.dump(R, f, indent=1)
+    write_json(args.json, R)
     print(f"wrote {args.json}")
-    plot(R, args.plot)
+    plot_bench(R, args.plot)
+    print(f"wrote {args.plot}")
 
 
 if __name__ == "__main__":

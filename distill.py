@@ -38,7 +38,6 @@ results.json next to --out_dir, and are saved as results.json beside ckpt.pt in 
 """
 import argparse
 import functools
-import json
 import math
 import os
 import time
@@ -47,13 +46,13 @@ import torch
 import torch.nn.functional as F
 
 from attn_relation import attention_relation_loss, check_split_heads
-from continue_train import (NonFiniteLossError, autocast_context, check_finite, get_lr, get_rng_state,
-                            load_checkpoint, save_checkpoint, set_rng_state, setup_distributed)
-from model import resolve_checkpoint_dir
-from subln import convert_to_bitnet, load_model
-from tasks import (METHODS, TASKS, collate, encode_example, evaluate, get_task, load_examples, print_table,
-                   weight_memory_gb)
+from bitlinear import weight_memory_gb
+from subln import convert_to_bitnet
+from tasks import METHODS, TASKS, collate, encode_example, evaluate, get_task, load_examples, print_table
 from tokenizer import load_tokenizer
+from training import (autocast_context, check_finite, epoch_order, get_lr, get_rng_state, model_from,
+                      read_checkpoint, resolve_dtype, run_cli, save_checkpoint, set_rng_state, setup_distributed,
+                      write_json)
 
 load_tokenizer = functools.lru_cache(maxsize=4)(load_tokenizer)  # teacher and student share one
 
@@ -79,19 +78,47 @@ def logits_distill_loss(s_logits, t_logits, sel_mask, tau):
     return kl / s_logits.shape[0]
 
 
+# Eq. (13): L = L_CE + λ·L_LD + γ·L_AD. s / t: the student's / teacher's outputs on one batch,
+# dicts with "logits" (B, T, V) and "qkv" (Q, K, V of the distilled layer, Eq. 10); the teacher's
+# entries are None for a term that is switched off (--no_ld, --no_ad, or no teacher at all).
+def distill_loss(s, t, idx, mask, answer, args):
+    terms = {"ce": ce_loss(s["logits"], idx, answer)}                                       # Eq. (14)
+    if t["logits"] is not None:
+        terms["ld"] = logits_distill_loss(s["logits"], t["logits"], mask if args.ld_all_tokens else answer,
+                                          args.tau)                                         # Eq. (8)-(9)
+    if t["qkv"] is not None:
+        terms["ad"] = attention_relation_loss(s["qkv"], t["qkv"], args.split_heads, args.ad_temperature,
+                                              attention_mask=mask, scaled_dot=args.ad_scaled_dot)  # Eq. (10)-(12)
+    loss = terms["ce"] + args.lambda_ld * terms.get("ld", 0.0) + args.gamma_ad * terms.get("ad", 0.0)
+    return loss, {k: v.item() for k, v in terms.items()}
+
+
+def forward_both(model, teacher, idx, mask, layers, args, ctx):
+    """The student's forward (with grad) and the frozen teacher's (no grad) on the same tokens;
+    Q/K/V come back from the distilled layers only when L_AD is on."""
+    use_ad = teacher is not None and not args.no_ad
+    with ctx:
+        out = model(idx, attention_mask=mask, qkv_layer=layers[0] if use_ad else None)    # (B, T, V)
+    s = dict(zip(("logits", "qkv"), out if use_ad else (out, None)))
+    t = {"logits": None, "qkv": None}
+    if teacher is not None:
+        with torch.no_grad(), ctx:
+            out = teacher(idx, attention_mask=mask, qkv_layer=layers[1] if use_ad else None)
+        t = dict(zip(("logits", "qkv"), out if use_ad else (out, None)))
+        t["logits"] = None if args.no_ld else t["logits"]
+    return s, t
+
+
+def loss_terms(model, teacher, batch, tok, args, device, ctx, layers):
+    """Eq. (13) on one micro-batch of examples: returns (L, {'ce', 'ld', 'ad'} as floats)."""
+    seqs, n_prompts = zip(*[encode_example(tok, args.task, ex, args.max_len) for ex in batch])
+    idx, mask, answer = (t.to(device) for t in collate(seqs, tok.eot_token, n_prompts))  # (B, T) each
+    s, t = forward_both(model, teacher, idx, mask, layers, args, ctx)
+    return distill_loss(s, t, idx, mask, answer, args)
 
 
 # ----------------------------------------------------------------------------------------------
 # Models
-
-def tokenizer_path_of(model_path):
-    """The tokenizer that belongs to a model: an HF folder (or hub id) holds it, our .pt checkpoints
-    record it in ckpt['args']['tokenizer'] as continue_train.py does (None if not recorded)."""
-    if os.path.isfile(model_path):
-        ckpt = torch.load(model_path, map_location="cpu", mmap=True, weights_only=False)
-        return ckpt.get("args", {}).get("tokenizer")
-    return os.path.abspath(resolve_checkpoint_dir(model_path))
-
 
 def check_same_tokenizer(student, teacher, s_tok, t_tok):
     """Logits distillation compares distributions over the same vocabulary: the teacher must use
@@ -118,37 +145,53 @@ def teacher_layer_for(s_layer, n_student, n_teacher):
     return round((s_layer + 1) * n_teacher / n_student) - 1
 
 
-def build_models(args, device):
-    """(student, teacher or None, tokenizer). The student is trained; the teacher is frozen."""
+def build_student(args, own):
+    """(student, tokenizer path). own: this run's checkpoint (--resume, --eval_only), else None:
+    the base model (fp16-sft, bitnet-sft) or the stage-2 student (bitdistill), converted to
+    1.58 bits on the fly (stage 1, no continued pre-training) when it is full precision."""
+    if own is not None:
+        args.continued = own.args.get("continued", False)
+        return model_from(own), args.tokenizer or own.tokenizer
     path = args.student if args.method == "bitdistill" else args.model
     if not os.path.exists(path) and path.endswith(".pt"):
-        hint = (" to evaluate" if args.eval_only else ": run continue_train.py first (stage 2) or pass "
-                "--student" if args.method == "bitdistill" else "")
+        hint = (": run continue_train.py first (stage 2) or pass --student" if args.method == "bitdistill" else "")
         raise FileNotFoundError(f"no checkpoint at {path}{hint}")
-    args.tokenizer = args.tokenizer or tokenizer_path_of(path)   # recorded in our checkpoint's args
-    if args.tokenizer is None:
-        raise ValueError(f"{path} records no tokenizer: pass --tokenizer (e.g. the base model's folder)")
-    tok = load_tokenizer(args.tokenizer)
-    model = load_model(path)
-    args.continued = model.config.bitnet             # a stage-2 (continue_train.py) 1.58-bit checkpoint
+    src = read_checkpoint(path)                   # opened once: config, weights, tokenizer
+    model = model_from(src)
+    args.continued = model.config.bitnet          # a stage-2 (continue_train.py) 1.58-bit checkpoint
     if args.method != "fp16-sft" and not model.config.bitnet:
         convert_to_bitnet(model, subln=args.subln)   # stage 1 on the fly (no continued pre-training)
     if args.method == "fp16-sft" and model.config.bitnet:
         raise ValueError(f"{path} is a 1.58-bit checkpoint; fp16-sft fine-tunes a full-precision model")
+    return model, args.tokenizer or src.tokenizer
+
+
+def build_teacher(args, student, tok, device):
+    """The fp16-sft model, frozen: eval mode, no gradients, never wrapped in DDP."""
+    if args.teacher.endswith(".pt") and not os.path.exists(args.teacher):
+        raise FileNotFoundError(f"no teacher at {args.teacher}: run --method fp16-sft first (or pass --teacher)")
+    src = read_checkpoint(args.teacher)
+    teacher = model_from(src)
+    if teacher.config.bitnet:
+        raise ValueError(f"teacher {args.teacher} is a 1.58-bit model: the teacher is the fp16-sft model")
+    check_same_tokenizer(student, teacher, tok, load_tokenizer(src.tokenizer) if src.tokenizer else None)
+    teacher.to(device).eval()
+    teacher.requires_grad_(False)
+    return teacher
+
+
+def build_models(args, device, own=None):
+    """(student, teacher or None, tokenizer). The student is trained; the teacher is frozen."""
+    model, args.tokenizer = build_student(args, own)
+    if args.tokenizer is None:
+        raise ValueError(f"{args.student if args.method == 'bitdistill' else args.model} records no "
+                         "tokenizer: pass --tokenizer (e.g. the base model's folder)")
+    tok = load_tokenizer(args.tokenizer)
     if model.config.vocab_size < tok.n_vocab:
         raise ValueError(f"tokenizer has {tok.n_vocab} ids but the model only {model.config.vocab_size} rows")
     teacher = None
     if args.method == "bitdistill" and not (args.no_ld and args.no_ad) and not args.eval_only:
-        if args.teacher.endswith(".pt") and not os.path.exists(args.teacher):
-            raise FileNotFoundError(f"no teacher at {args.teacher}: run --method fp16-sft first "
-                                    "(or pass --teacher)")
-        teacher = load_model(args.teacher)
-        if teacher.config.bitnet:
-            raise ValueError(f"teacher {args.teacher} is a 1.58-bit model: the teacher is the fp16-sft model")
-        t_tok_path = tokenizer_path_of(args.teacher)
-        check_same_tokenizer(model, teacher, tok, load_tokenizer(t_tok_path) if t_tok_path else None)
-        teacher.to(device).eval()                  # frozen, eval mode, never wrapped in DDP
-        teacher.requires_grad_(False)
+        teacher = build_teacher(args, model, tok, device)
     return model.to(device), teacher, tok
 
 
@@ -160,6 +203,22 @@ def method_label(args, config):
     if args.method == "bitdistill":
         label += " w/o CT" * (not args.continued) + " w/o LD" * args.no_ld + " w/o AD" * args.no_ad
     return label
+
+
+def distill_layers(args, student, teacher):
+    """(student layer, teacher layer or None) for L_AD, and A_r, checked before any training."""
+    cfg = student.config
+    s_layer = layer_index(args.distill_layer, cfg.num_hidden_layers, "student")
+    if teacher is None:
+        return s_layer, None
+    t_n = teacher.config.num_hidden_layers
+    t_layer = layer_index(args.teacher_layer if args.teacher_layer is not None
+                          else teacher_layer_for(s_layer, cfg.num_hidden_layers, t_n), t_n, "teacher")
+    args.split_heads = args.split_heads or cfg.num_attention_heads  # A_r = the number of heads
+    for who, c in (("student", cfg), ("teacher", teacher.config)):
+        check_split_heads(args.split_heads, c.num_attention_heads, c.head_dim, who + " Q")
+        check_split_heads(args.split_heads, c.num_key_value_heads, c.head_dim, who + " K/V")
+    return s_layer, t_layer
 
 
 # ----------------------------------------------------------------------------------------------
@@ -221,11 +280,6 @@ def get_args(argv=None):
     return args
 
 
-@functools.lru_cache(maxsize=2)
-def epoch_order(n, seed, epoch):
-    return torch.randperm(n, generator=torch.Generator().manual_seed(seed + epoch)).tolist()
-
-
 def micro_batch(data, step, micro, rank, args, grad_accum, world_size):
     """The samples of one micro-batch, a pure function of (step, micro, rank): each epoch is a fixed
     permutation (seeded by the epoch), so --resume sees exactly the batches it would have seen."""
@@ -233,60 +287,13 @@ def micro_batch(data, step, micro, rank, args, grad_accum, world_size):
     out = []
     for j in range(start, start + args.micro_batch_size):
         epoch, pos = divmod(j, len(data))
-        out.append(data[epoch_order(len(data), args.seed, epoch)[pos]])
+        out.append(data[int(epoch_order(len(data), args.seed, epoch)[pos])])
     return out
 
 
-def loss_terms(model, student, teacher, batch, tok, args, device, ctx, layers):
-    """Eq. (13) on one micro-batch: returns (L, {'ce', 'ld', 'ad'} as floats)."""
-    seqs, n_prompts = zip(*[encode_example(tok, args.task, ex, args.max_len) for ex in batch])
-    idx, mask, answer = (t.to(device) for t in collate(seqs, tok.eot_token, n_prompts))  # (B, T) each
-    use_ld = teacher is not None and not args.no_ld
-    use_ad = teacher is not None and not args.no_ad
-    s_attn = student.model.layers[layers[0]].self_attn
-    s_attn.capture_qkv = use_ad                        # only the one distilled layer is captured
-    with ctx:
-        logits = model(idx, attention_mask=mask)       # (B, T, V)
-    loss = ce_loss(logits, idx, answer)
-    terms = {"ce": loss.item()}
-    if teacher is not None:
-        t_attn = teacher.model.layers[layers[1]].self_attn
-        t_attn.capture_qkv = use_ad
-        with torch.no_grad(), ctx:
-            t_logits = teacher(idx, attention_mask=mask)  # (B, T, V)
-    if use_ld:
-        ld = logits_distill_loss(logits, t_logits, mask if args.ld_all_tokens else answer, args.tau)
-        loss = loss + args.lambda_ld * ld
-        terms["ld"] = ld.item()
-    if use_ad:
-        ad = attention_relation_loss(s_attn.captured_qkv, t_attn.captured_qkv, args.split_heads,
-                                     temperature=args.ad_temperature, attention_mask=mask,
-                                     scaled_dot=args.ad_scaled_dot)
-        s_attn.captured_qkv = t_attn.captured_qkv = None  # free the captured states
-        s_attn.capture_qkv = t_attn.capture_qkv = False
-        loss = loss + args.gamma_ad * ad
-        terms["ad"] = ad.item()
-    return loss, terms
-
-
-def distill_layers(args, student, teacher):
-    """(student layer, teacher layer or None) for L_AD, and A_r, checked before any training."""
-    cfg = student.config
-    s_layer = layer_index(args.distill_layer, cfg.num_hidden_layers, "student")
-    if teacher is None:
-        return s_layer, None
-    t_n = teacher.config.num_hidden_layers
-    t_layer = layer_index(args.teacher_layer if args.teacher_layer is not None
-                          else teacher_layer_for(s_layer, cfg.num_hidden_layers, t_n), t_n, "teacher")
-    args.split_heads = args.split_heads or cfg.num_attention_heads  # A_r = the number of heads
-    for who, c in (("student", cfg), ("teacher", teacher.config)):
-        check_split_heads(args.split_heads, c.num_attention_heads, c.head_dim, who + " Q")
-        check_split_heads(args.split_heads, c.num_key_value_heads, c.head_dim, who + " K/V")
-    return s_layer, t_layer
-
-
-def train(args, model, student, teacher, tok, layers, ctx, device, dist):
-    """The flat loop: AdamW, warmup + cosine, gradient accumulation, clipping, one line per step."""
+def train(args, model, student, teacher, tok, layers, ctx, device, dist, own=None):
+    """The flat loop: AdamW, warmup + cosine, gradient accumulation, clipping, one line per step.
+    own: this run's checkpoint when resuming (model weights already loaded from it)."""
     ddp, rank, world_size, master = dist
     ckpt_path = os.path.join(args.out_dir, "ckpt.pt")
     per_step = args.micro_batch_size * world_size
@@ -299,18 +306,16 @@ def train(args, model, student, teacher, tok, layers, ctx, device, dist):
     warmup = args.warmup_steps if args.warmup_steps is not None else int(0.03 * max_steps)
     opt = torch.optim.AdamW(student.parameters(), lr=args.lr, weight_decay=args.weight_decay, betas=(0.9, 0.95))
     step = 0
-    if args.resume:
-        ckpt = load_checkpoint(ckpt_path)
-        student.load_state_dict(ckpt["model"], strict=True)
-        opt.load_state_dict(ckpt["optimizer"])
-        step = ckpt["step"]
-        set_rng_state(ckpt["rng"])
+    if own is not None:
+        opt.load_state_dict(own.ckpt["optimizer"])
+        step = own.ckpt["step"]
+        set_rng_state(own.ckpt["rng"])
     if master:
         cfg = student.config
         print(f"{args.label} on {args.task}: {len(data)} train rows, steps {step}->{max_steps} of "
               f"{args.batch_size} ({grad_accum} x {args.micro_batch_size} x {world_size} proc), "
               f"{sum(p.numel() for p in student.parameters()) / 1e6:.1f}M params (bitnet={cfg.bitnet}, "
-              f"subln={cfg.subln}), lr {args.lr}" + (" (resumed)" if args.resume else "")
+              f"subln={cfg.subln}), lr {args.lr}" + (" (resumed)" if own is not None else "")
               + (f"; teacher {args.teacher}, layer {layers[1]} <- student layer {layers[0]}, "
                  f"λ={args.lambda_ld}, γ={args.gamma_ad}, τ={args.tau}, A_r={args.split_heads}" if teacher else ""))
 
@@ -329,7 +334,7 @@ def train(args, model, student, teacher, tok, layers, ctx, device, dist):
             if ddp:  # all-reduce the gradients only on the last micro-step
                 model.require_backward_grad_sync = micro == grad_accum - 1
             batch = micro_batch(data, step, micro, rank, args, grad_accum, world_size)
-            loss, terms = loss_terms(model, student, teacher, batch, tok, args, device, ctx, layers)
+            loss, terms = loss_terms(model, teacher, batch, tok, args, device, ctx, layers)   # Eq. (13)
             check_finite(loss, step, ckpt_path)    # NaN/inf: stop, keep the last good checkpoint
             (loss / grad_accum).backward()
             for k, v in terms.items():
@@ -356,9 +361,7 @@ def report(args, student, tok, device, ctx):
            "speed": speed, "memory_gb": weight_memory_gb(student), "n_eval": len(evals),
            "checkpoint": os.path.abspath(os.path.join(args.out_dir, "ckpt.pt")), "args": vars(args),
            "examples": preds[:5]}
-    os.makedirs(args.out_dir, exist_ok=True)
-    with open(os.path.join(args.out_dir, "results.json"), "w") as f:
-        json.dump(res, f, indent=1)
+    write_json(os.path.join(args.out_dir, "results.json"), res)
     print(f"{args.label} {args.task} ({len(evals)} rows): " + ", ".join(f"{k} {v:.2f}" for k, v in metrics.items()))
     print_table(args.out_dir)
 
@@ -366,18 +369,18 @@ def report(args, student, tok, device, ctx):
 def main(argv=None):
     args = get_args(argv)
     ddp, rank, local_rank, world_size, device, master = setup_distributed()
-    device = torch.device(device)
     torch.manual_seed(args.seed + rank)
-    if args.dtype == "auto":
-        args.dtype = "bfloat16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "float32"
+    args.dtype = resolve_dtype(args.dtype, device)
     ctx = autocast_context(device.type, args.dtype)
     ckpt_path = os.path.join(args.out_dir, "ckpt.pt")
-    if args.eval_only:
-        args.student = args.model = ckpt_path          # no teacher needed to evaluate
-    student, teacher, tok = build_models(args, device)
-    if args.eval_only:  # the row name of the run that trained this checkpoint
-        args.label = torch.load(ckpt_path, map_location="cpu", mmap=True, weights_only=False)["args"]["label"]
-    else:
+    own = None
+    if args.eval_only or args.resume:   # this run's own checkpoint: its weights, row name and tokenizer
+        own = read_checkpoint(ckpt_path)
+        args.label = own.args["label"]
+        if args.eval_only:
+            args.student = args.model = ckpt_path
+    student, teacher, tok = build_models(args, device, own)
+    if own is None:
         args.label = method_label(args, student.config)
     layers = distill_layers(args, student, teacher)
     model = student
@@ -385,7 +388,8 @@ def main(argv=None):
         model = torch.nn.parallel.DistributedDataParallel(
             student, device_ids=[local_rank] if device.type == "cuda" else None)
     if not args.eval_only:
-        train(args, model, student, teacher, tok, layers, ctx, device, (ddp, rank, world_size, master))
+        train(args, model, student, teacher, tok, layers, ctx, device, (ddp, rank, world_size, master),
+              own if args.resume else None)
     if master:  # evaluation on rank 0 only; the others wait at the barrier below
         report(args, student, tok, device, ctx)
     if ddp:
@@ -394,8 +398,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except (FileNotFoundError, ValueError, NonFiniteLossError) as e:
-        # bad input: say what is wrong and how to fix it, without a traceback
-        raise SystemExit(f"distill.py: error: {e}")
+    run_cli(main)

@@ -126,6 +126,12 @@ class KVCache:
         self.length = 0  # tokens already stored
         self.max_len = max_len
 
+    def check_room(self, T):
+        """Before a forward of T new tokens: the cache must hold them. Returns the tokens already stored."""
+        if self.length + T > self.max_len:
+            raise ValueError(f"KV cache holds {self.max_len} tokens; {self.length + T} requested")
+        return self.length
+
 
 class Attention(nn.Module):
     def __init__(self, config):
@@ -144,20 +150,16 @@ class Attention(nn.Module):
             self.k_norm = RMSNorm(self.head_dim, c.rms_norm_eps)
         self.qk_norm = c.qk_norm
         self.subln = nn.Identity()  # Eq. (4): subln.py puts SubLN here, right before o_proj
-        # Attention-relation distillation (attn_relation.py) reads one layer's Q, K, V:
-        # set capture_qkv = True and read captured_qkv after the forward.
-        self.capture_qkv = False
-        self.captured_qkv = None
 
-    def forward(self, x, cos, sin, mask, cache=None, layer_idx=0):
+    def forward(self, x, cos, sin, mask, cache=None, layer_idx=0, return_qkv=False):
+        """x (B, T, C) -> (B, T, C); with return_qkv also (Q, K, V) of this layer for Eq. (10)."""
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.n_head, self.head_dim).transpose(1, 2)     # (B, nh, T, hd)
         k = self.k_proj(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)  # (B, nkv, T, hd)
         v = self.v_proj(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)  # (B, nkv, T, hd)
         if self.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
-        if self.capture_qkv:  # Eq. (10): A ~ {Q, K, V}, before RoPE and before the GQA repeat
-            self.captured_qkv = (q, k, v)
+        qkv = (q, k, v)  # Eq. (10): A ~ {Q, K, V}, before RoPE and before the GQA repeat
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:
             s = cache.length
@@ -171,7 +173,8 @@ class Attention(nn.Module):
         # Eq. (6): softmax(Q K^T / sqrt(d)) V, with the causal + padding mask
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)   # (B, nh, T, hd)
         y = y.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim)
-        return self.o_proj(self.subln(y))
+        y = self.o_proj(self.subln(y))
+        return (y, qkv) if return_qkv else y
 
 
 class MLP(nn.Module):
@@ -194,9 +197,12 @@ class Block(nn.Module):
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.mlp = MLP(config)
 
-    def forward(self, x, cos, sin, mask, cache=None, layer_idx=0):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, layer_idx)
-        return x + self.mlp(self.post_attention_layernorm(x))
+    def forward(self, x, cos, sin, mask, cache=None, layer_idx=0, return_qkv=False):
+        a = self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, layer_idx, return_qkv)
+        a, qkv = a if return_qkv else (a, None)
+        x = x + a
+        x = x + self.mlp(self.post_attention_layernorm(x))
+        return (x, qkv) if return_qkv else x
 
 
 class Qwen3(nn.Module):
@@ -212,13 +218,12 @@ class Qwen3(nn.Module):
         if config.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight  # one tensor, two uses
 
-    def forward(self, idx, attention_mask=None, cache=None, last_only=False):
+    def forward(self, idx, attention_mask=None, cache=None, last_only=False, qkv_layer=None):
         """idx: (B, T) token ids; attention_mask: (B, past + T) with 1 = real token, or None.
-        Returns logits (B, T, vocab), or (B, 1, vocab) with last_only."""
+        Returns logits (B, T, vocab), or (B, 1, vocab) with last_only. With qkv_layer=i, returns
+        (logits, (Q, K, V)) of layer i: the states Eq. (10) distils, each (B, heads, T, head_dim)."""
         B, T = idx.shape
-        past = cache.length if cache is not None else 0
-        if cache is not None and past + T > cache.max_len:
-            raise ValueError(f"KV cache holds {cache.max_len} tokens; {past + T} requested")
+        past = cache.check_room(T) if cache is not None else 0
         if attention_mask is None:
             attention_mask = torch.ones(B, past + T, dtype=torch.long, device=idx.device)
         if attention_mask.shape != (B, past + T):
@@ -235,40 +240,28 @@ class Qwen3(nn.Module):
         mask = (kpos <= qpos)[None] & keep[:, None, :]                            # (B, T, S)
         mask = (mask | (kpos == qpos)[None])[:, None]                             # (B, 1, T, S)
         x = self.model.embed_tokens(idx)                                          # (B, T, C)
+        qkv = None
         for i, block in enumerate(self.model.layers):
-            x = block(x, cos, sin, mask, cache, i)
+            if i == qkv_layer:
+                x, qkv = block(x, cos, sin, mask, cache, i, return_qkv=True)
+            else:
+                x = block(x, cos, sin, mask, cache, i)
         if cache is not None:
             cache.length += T
         x = self.model.norm(x)
         if last_only:
             x = x[:, -1:]
-        return self.lm_head(x)
+        logits = self.lm_head(x)
+        return logits if qkv_layer is None else (logits, qkv)
 
-    @torch.no_grad()
+    def new_cache(self, batch_size, max_len):
+        p = next(self.parameters())
+        return KVCache(self.config, batch_size, max_len, p.device, p.dtype)
+
     def generate(self, idx, max_new_tokens, temperature=0.0, top_p=1.0, attention_mask=None,
                  eos_token_id=None, generator=None):
-        """Greedy at temperature 0, nucleus (top-p) sampling otherwise. Batched prompts must be
-        left-padded (attention_mask 0 on the left). Returns (B, T + new) ids; rows that hit
-        eos_token_id keep emitting eos."""
-        B, T = idx.shape
-        p = next(self.parameters())
-        cache = KVCache(self.config, B, T + max_new_tokens, p.device, p.dtype)
-        if attention_mask is None:
-            attention_mask = torch.ones(B, T, dtype=torch.long, device=idx.device)
-        done = torch.zeros(B, dtype=torch.bool, device=idx.device)
-        logits = self(idx, attention_mask, cache, last_only=True)[:, -1]          # (B, V)
-        out = [idx]
-        for _ in range(max_new_tokens):
-            nxt = sample(logits.float(), temperature, top_p, generator)          # (B,)
-            if eos_token_id is not None:
-                nxt = torch.where(done, torch.full_like(nxt, eos_token_id), nxt)
-                done |= nxt == eos_token_id
-            out.append(nxt[:, None])
-            if eos_token_id is not None and bool(done.all()):
-                break
-            attention_mask = torch.cat([attention_mask, torch.ones_like(attention_mask[:, :1])], 1)
-            logits = self(nxt[:, None], attention_mask, cache)[:, -1]
-        return torch.cat(out, dim=1)
+        """Greedy at temperature 0, nucleus (top-p) sampling otherwise; model.generate below."""
+        return generate(self, idx, max_new_tokens, temperature, top_p, attention_mask, eos_token_id, generator)
 
     @classmethod
     def from_pretrained(cls, path, dtype=torch.float32):
@@ -300,6 +293,32 @@ class Qwen3(nn.Module):
                                      f"model {tuple(v.shape)} (is config.json from the same model?)")
                 v.copy_(sd[k])
         return model.to(dtype)
+
+
+@torch.no_grad()
+def generate(model, idx, max_new_tokens, temperature=0.0, top_p=1.0, attention_mask=None,
+             eos_token_id=None, generator=None):
+    """The one decoding loop, for Qwen3 and packed.PackedQwen3 alike (both have new_cache and
+    forward(idx, attention_mask, cache, last_only)). Greedy at temperature 0, nucleus (top-p)
+    sampling otherwise. Batched prompts must be left-padded (attention_mask 0 on the left).
+    Returns (B, T + new) ids; rows that hit eos_token_id keep emitting eos."""
+    B, T = idx.shape
+    cache = model.new_cache(B, T + max_new_tokens)
+    done = torch.zeros(B, dtype=torch.bool, device=idx.device)
+    logits = model(idx, attention_mask=attention_mask, cache=cache, last_only=True)[:, -1]  # (B, V)
+    out = [idx]
+    for i in range(max_new_tokens):
+        nxt = sample(logits.float(), temperature, top_p, generator)                        # (B,)
+        if eos_token_id is not None:
+            nxt = torch.where(done, torch.full_like(nxt, eos_token_id), nxt)
+            done |= nxt == eos_token_id
+        out.append(nxt[:, None])
+        if i == max_new_tokens - 1 or (eos_token_id is not None and bool(done.all())):
+            break                                      # no forward for a token nobody will read
+        if attention_mask is not None:
+            attention_mask = torch.cat([attention_mask, torch.ones_like(attention_mask[:, :1])], 1)
+        logits = model(nxt[:, None], attention_mask=attention_mask, cache=cache, last_only=True)[:, -1]
+    return torch.cat(out, dim=1)
 
 
 def sample(logits, temperature, top_p, generator=None):

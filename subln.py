@@ -10,15 +10,13 @@ embeddings, the lm_head and every RMSNorm that was already there stay full preci
 counted as such wherever memory is reported). With subln=False (the ablation of Table 5) only
 the linears change.
 
-    from subln import load_model, convert_to_bitnet
-    model = convert_to_bitnet(load_model("Qwen/Qwen3-0.6B"), subln=True)
+    from model import Qwen3
+    from subln import convert_to_bitnet
+    model = convert_to_bitnet(Qwen3.from_pretrained("Qwen/Qwen3-0.6B"), subln=True)
+Loading any checkpoint (HF or ours, full precision or 1.58-bit): training.load_model.
 """
-import os
-
-import torch
-
 from bitlinear import BitLinear
-from model import Qwen3, Qwen3Config, RMSNorm
+from model import Qwen3, RMSNorm
 
 LINEARS = {"self_attn": ("q_proj", "k_proj", "v_proj", "o_proj"),
            "mlp": ("gate_proj", "up_proj", "down_proj")}
@@ -57,29 +55,3 @@ def build_model(config):
     if bitnet:
         convert_to_bitnet(model, subln=subln)
     return model
-
-
-def load_checkpoint(path):
-    """One of our checkpoint dicts, on CPU. Clear errors for a missing or unreadable file."""
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"no checkpoint at {path!r}: check the path (or train first, "
-                                "e.g. with continue_train.py --out_dir ...)")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as e:
-        raise ValueError(f"{path} is not a readable checkpoint ({type(e).__name__}: {e}); it may be "
-                         "truncated or corrupt") from None
-    if not isinstance(ckpt, dict) or "model" not in ckpt or "config" not in ckpt:
-        raise ValueError(f"{path} is not a bitdistill checkpoint (needs 'model' and 'config' keys)")
-    return ckpt
-
-
-def load_model(path, dtype=torch.float32):
-    """A Hugging Face checkpoint (folder or hub id) or one of our .pt checkpoints (a dict with
-    'config' and 'model', as continue_train.py and distill.py write them), loaded strictly."""
-    if os.path.isfile(path):
-        ckpt = load_checkpoint(path)
-        model = build_model(Qwen3Config.from_dict(dict(ckpt["config"])))
-        model.load_state_dict(ckpt["model"], strict=True)
-        return model.to(dtype)
-    return Qwen3.from_pretrained(path, dtype=dtype)

@@ -2,7 +2,7 @@
 The downstream tasks of BitNet Distillation (paper section 4.1) as causal-LM fine-tuning: where
 each data set lives, its prompt template, its answer text, batching, greedy evaluation and the
 metrics of Tables 1-2 (accuracy; BLEU with sacrebleu, ROUGE-1/2/L/Lsum with rouge-score).
-distill.py trains on them; this file knows nothing about losses or models' internals.
+distill.py trains on them; the losses and the models live there, not here.
 
     from tasks import load_examples, evaluate
     rows = load_examples("sst2", "validation", data_dir="../shared/data")
@@ -134,10 +134,6 @@ def collate(seqs, pad_id, n_prompts=None, left=False):
 
 
 # ----------------------------------------------------------------------------------------------
-# Losses. Both are summed over a sample's answer tokens and averaged over the N samples of the
-# (micro-)batch, exactly as Eq. (14) and Eq. (8) are written.
-
-# ----------------------------------------------------------------------------------------------
 # Metrics (all in percent, as the paper's tables)
 
 def accuracy(preds, labels):
@@ -190,15 +186,6 @@ def evaluate(model, tok, task, examples, max_len, gen_len, batch_size, device, c
     else:
         metrics = summarization_scores([p.strip() for p in preds], [ex["highlights"] for ex in examples])
     return metrics, speed, preds
-
-
-def weight_memory_gb(model):
-    """Weights as deployed: BitLinear weights at 2 bits (packed ternary), everything else
-    (embeddings, lm_head, norms; full precision, as subln.py keeps them) at 16 bits."""
-    from bitlinear import BitLinear
-    ternary = sum(m.weight.numel() for m in model.modules() if isinstance(m, BitLinear))
-    total = sum(p.numel() for p in model.parameters())
-    return (ternary * 2 / 8 + (total - ternary) * 2) / 1e9
 
 
 def print_table(out_dir):

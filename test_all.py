@@ -15,7 +15,8 @@ import model as model_mod
 from bitlinear import (BitLinear, activation_quant, activation_quant_int, bitlinear_int_reference,
                        weight_quant, weight_quant_int, round_clip)
 from model import Qwen3, Qwen3Config
-from subln import SubLN, build_model, convert_to_bitnet, load_model
+from subln import SubLN, build_model, convert_to_bitnet
+from training import load_model
 
 import transformers  # noqa: E402  (tests-only oracle, in requirements.txt: a missing install fails, never skips)
 
@@ -255,3 +256,59 @@ def test_clear_errors(tmp_path):
                           num_attention_heads=2, num_key_value_heads=1, head_dim=8))
     with pytest.raises(ValueError, match="attention_mask has shape"):
         m(torch.zeros(2, 5, dtype=torch.long), attention_mask=torch.ones(2, 4))
+
+
+# ----------------------------------------------------------------------------- Eq. (10)'s states, the layout
+
+def test_qkv_of_one_layer_equal_transformers_states(tmp_path):
+    # forward(qkv_layer=i) returns the Q, K, V that Eq. (10) distils: after q/k-norm, before RoPE and
+    # the GQA repeat; checked against hooks on transformers' own modules, and no state stays behind
+    hf, path = make_hf(tmp_path, "qwen3", False, 4, 2)
+    ours = Qwen3.from_pretrained(path).eval()
+    idx = torch.randint(0, 256, (2, 10))
+    B, T, hd = 2, 10, 16
+    got, attn = {}, hf.model.layers[1].self_attn
+    hooks = [attn.q_norm.register_forward_hook(lambda m, i, o: got.__setitem__("q", o)),
+             attn.k_norm.register_forward_hook(lambda m, i, o: got.__setitem__("k", o)),
+             attn.v_proj.register_forward_hook(lambda m, i, o: got.__setitem__("v", o.view(B, T, -1, hd)))]
+    with torch.no_grad():
+        hf(idx)
+        logits, qkv = ours(idx, qkv_layer=1)
+        assert torch.equal(logits, ours(idx))
+    for h in hooks:
+        h.remove()
+    for name, x in zip("qkv", qkv):
+        torch.testing.assert_close(x, got[name].transpose(1, 2), rtol=1e-5, atol=1e-5)   # (B, heads, T, hd)
+    assert [tuple(x.shape) for x in qkv] == [(B, 4, T, hd), (B, 2, T, hd), (B, 2, T, hd)]
+    assert not any(torch.is_tensor(v) for m in ours.modules() for v in vars(m).values())
+
+
+SCRIPTS = {"continue_train", "distill", "toy", "bench"}   # commands; everything else is a library module
+
+
+def test_layout_stage_scripts_are_leaves():
+    """The structure the README describes: the two stages share only library modules, no library
+    imports a script, every file stays readable (< 450 lines, functions < 100 lines)."""
+    import ast
+    import glob
+    here = os.path.dirname(os.path.abspath(__file__))
+    imports = {}
+    for path in sorted(glob.glob(os.path.join(here, "*.py"))):
+        name = os.path.basename(path)[:-3]
+        with open(path, encoding="utf-8") as f:
+            src = f.read()
+        assert src.count("\n") <= 450, f"{name}.py has {src.count(chr(10))} lines"
+        tree = ast.parse(src)
+        mods = set()
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Import):
+                mods |= {a.name.split(".")[0] for a in node.names}
+            elif isinstance(node, ast.ImportFrom) and node.module:
+                mods.add(node.module.split(".")[0])
+            elif isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                assert node.end_lineno - node.lineno < 100, f"{name}.{node.name} is {node.end_lineno - node.lineno + 1} lines"
+        imports[name] = mods
+    assert "distill" not in imports["continue_train"] and "continue_train" not in imports["distill"]
+    for name, mods in imports.items():
+        if name not in SCRIPTS and not name.startswith("test_"):
+            assert not mods & SCRIPTS, f"library module {name}.py imports the script(s) {mods & SCRIPTS}"

@@ -12,12 +12,13 @@ import time
 import pytest
 import torch
 
+import kernels
 import packed as P
 from bitlinear import activation_quant_int, bitlinear_int_reference, weight_quant_int
 from model import Qwen3, Qwen3Config
 from subln import convert_to_bitnet
 
-LIB = P.lib()[0]
+LIB = kernels.lib()[0]
 PATHS = list(range(LIB.tl_cpu_path() + 1))  # plain C, and every SIMD path this CPU has
 SHAPES = [(1, 1, 1), (1, 7, 3), (3, 255, 17), (4, 256, 4), (5, 257, 9), (1, 1024, 129),
           (13, 1000, 31), (33, 513, 66), (2, 3072, 5)]
@@ -42,7 +43,7 @@ def test_quantize_equals_torch(M, K, N):
     x, _ = ternary_case(M, K, N)
     q_ref, gamma = activation_quant_int(x)
     for path in PATHS:
-        q, srow, qsum = P.quantize(x, path=path)
+        q, srow, qsum = kernels.quantize(x, path=path)
         assert torch.equal(q[:, :K], q_ref) and not q[:, K:].any()
         assert torch.equal(srow, (gamma / 127.0)[:, 0])
         assert torch.equal(qsum, q_ref.sum(1, dtype=torch.int32))
@@ -52,15 +53,15 @@ def test_quantize_equals_torch(M, K, N):
 def test_ternary_kernel_equals_reference(M, K, N):
     x, w = ternary_case(M, K, N)
     codes, delta = weight_quant_int(w)
-    packed = P.pack_ternary(codes)
-    q, _, qsum = P.quantize(x)
+    packed = kernels.pack_ternary(codes)
+    q, _, qsum = kernels.quantize(x)
     acc_ref = q[:, :K].int() @ codes.int().t()          # int32, exact
     y_ref = bitlinear_int_reference(x, w)               # ((float)acc * γ/127) * Δ
     scale = delta.expand(N).contiguous()
     for path in PATHS:
         for threads in (1, 2):
-            assert torch.equal(P.ternary_gemm_int(q, qsum, packed, path, threads), acc_ref), (path, threads)
-            assert torch.equal(P.ternary_linear(x, packed, scale, K, path, threads), y_ref), (path, threads)
+            assert torch.equal(kernels.ternary_gemm_int(q, qsum, packed, path, threads), acc_ref), (path, threads)
+            assert torch.equal(kernels.ternary_linear(x, packed, scale, K, path, threads), y_ref), (path, threads)
 
 
 def test_ternary_extremes_and_full_int8_range():
@@ -73,27 +74,27 @@ def test_ternary_extremes_and_full_int8_range():
     q[1] = -128
     q[2] = torch.randint(-128, 128, (K,), dtype=torch.int8)
     ref = q.int() @ codes.int().t()
-    packed = P.pack_ternary(codes)
+    packed = kernels.pack_ternary(codes)
     for path in PATHS:
-        assert torch.equal(P.ternary_gemm_int(q, q.sum(1, dtype=torch.int32), packed, path), ref)
+        assert torch.equal(kernels.ternary_gemm_int(q, q.sum(1, dtype=torch.int32), packed, path), ref)
 
 
 @pytest.mark.parametrize("M,K,N", [(1, 1024, 37), (6, 300, 70), (17, 2048, 9)])
 def test_int8_kernel_equals_reference(M, K, N):
     g = torch.Generator().manual_seed(1)
-    Kp = P.padded_k(K)
+    Kp = kernels.padded_k(K)
     w8 = torch.zeros(N, Kp, dtype=torch.int8)
     w8[:, :K] = torch.randint(-127, 128, (N, K), generator=g, dtype=torch.int8)
     wsum = w8.sum(1, dtype=torch.int32)
     x = torch.randn(M, K, generator=g)
-    q, srow, _ = P.quantize(x)
+    q, srow, _ = kernels.quantize(x)
     acc_ref = q.int() @ w8.int().t()
     scale = torch.rand(N, generator=g)
     y_ref = acc_ref.float() * srow[:, None] * scale
     for path in PATHS:
         for threads in (1, 2):
-            assert torch.equal(P.int8_gemm_int(q, w8, wsum, path, threads), acc_ref)
-            assert torch.equal(P.int8_linear(x, w8, wsum, scale, K, path, threads), y_ref)
+            assert torch.equal(kernels.int8_gemm_int(q, w8, wsum, path, threads), acc_ref)
+            assert torch.equal(kernels.int8_linear(x, w8, wsum, scale, K, path, threads), y_ref)
 
 
 @pytest.mark.parametrize("M,K,N", [(1, 1024, 300), (3, 77, 10), (2, 16, 5)])
@@ -101,30 +102,30 @@ def test_bf16_head_kernel(M, K, N):
     g = torch.Generator().manual_seed(9)
     w16 = torch.randn(N, K, generator=g).bfloat16()
     x = torch.randn(M, K, generator=g)
-    y0 = P.bf16_linear(x, w16, path=0)
+    y0 = kernels.bf16_linear(x, w16, path=0)
     assert torch.allclose(y0, x @ w16.float().t(), rtol=1e-4, atol=1e-4)
     for path in PATHS[1:]:
         for threads in (1, 2):
-            assert torch.equal(P.bf16_linear(x, w16, path=path, threads=threads), y0)
+            assert torch.equal(kernels.bf16_linear(x, w16, path=path, threads=threads), y0)
 
 
 def test_simd_equals_plain_c_large():
     x, w = ternary_case(64, 1024, 3072 + 3, seed=2)
     codes, delta = weight_quant_int(w)
-    packed, scale = P.pack_ternary(codes), delta.expand(w.shape[0]).contiguous()
-    y0 = P.ternary_linear(x, packed, scale, 1024, path=0)
+    packed, scale = kernels.pack_ternary(codes), delta.expand(w.shape[0]).contiguous()
+    y0 = kernels.ternary_linear(x, packed, scale, 1024, path=0)
     for path in PATHS[1:]:
-        assert torch.equal(P.ternary_linear(x, packed, scale, 1024, path=path), y0)
+        assert torch.equal(kernels.ternary_linear(x, packed, scale, 1024, path=path), y0)
 
 
 @pytest.mark.parametrize("N,K", [(1, 1), (3, 5), (7, 300), (2, 512), (5, 1023)])
 def test_pack_unpack_round_trip(N, K):
     codes = torch.randint(-1, 2, (N, K), dtype=torch.int8)
-    packed = P.pack_ternary(codes)
-    assert packed.shape == (N, P.padded_k(K) // 4) and packed.dtype == torch.uint8
-    assert torch.equal(P.unpack_ternary(packed, K), codes)
+    packed = kernels.pack_ternary(codes)
+    assert packed.shape == (N, kernels.padded_k(K) // 4) and packed.dtype == torch.uint8
+    assert torch.equal(kernels.unpack_ternary(packed, K), codes)
     # padding weights are code 0 (u = 1): unpacking the padded width gives zeros there
-    assert not P.unpack_ternary(packed, P.padded_k(K))[:, K:].any()
+    assert not kernels.unpack_ternary(packed, kernels.padded_k(K))[:, K:].any()
 
 
 def test_layout_is_the_documented_one():
@@ -132,7 +133,7 @@ def test_layout_is_the_documented_one():
     K = 512
     codes = torch.zeros(1, K, dtype=torch.int8)
     codes[0, 256 + 128 + 5] = 1                       # block 1, bits 4-5 of byte 5
-    packed = P.pack_ternary(codes)
+    packed = kernels.pack_ternary(codes)
     expect = torch.full((K // 4,), 0x55, dtype=torch.uint8)
     expect[64 + 5] = 0x55 & ~(3 << 4) | (2 << 4)
     assert torch.equal(packed[0], expect)
@@ -140,24 +141,24 @@ def test_layout_is_the_documented_one():
 
 def test_clear_errors():
     K, N = 300, 10
-    packed = P.pack_ternary(torch.zeros(N, K, dtype=torch.int8))
+    packed = kernels.pack_ternary(torch.zeros(N, K, dtype=torch.int8))
     scale = torch.ones(N)
     with pytest.raises(ValueError, match="-1, 0 and"):
-        P.pack_ternary(torch.full((2, 3), 2, dtype=torch.int8))
+        kernels.pack_ternary(torch.full((2, 3), 2, dtype=torch.int8))
     with pytest.raises(TypeError, match="float32"):
-        P.ternary_linear(torch.randn(2, K, dtype=torch.float64), packed, scale, K)
+        kernels.ternary_linear(torch.randn(2, K, dtype=torch.float64), packed, scale, K)
     with pytest.raises(TypeError, match="int8"):
-        P.pack_ternary(torch.zeros(2, 3))
+        kernels.pack_ternary(torch.zeros(2, 3))
     with pytest.raises(ValueError, match="contiguous"):
-        P.ternary_linear(torch.randn(K, 2).t(), packed, scale, K)
+        kernels.ternary_linear(torch.randn(K, 2).t(), packed, scale, K)
     with pytest.raises(ValueError, match="expects K"):
-        P.ternary_linear(torch.randn(2, K - 1), packed, scale, K)
+        kernels.ternary_linear(torch.randn(2, K - 1), packed, scale, K)
     with pytest.raises(ValueError, match="bytes per row"):
-        P.ternary_linear(torch.randn(2, 1000), packed, scale, 1000)
+        kernels.ternary_linear(torch.randn(2, 1000), packed, scale, 1000)
     with pytest.raises(ValueError, match="one per output row"):
-        P.ternary_linear(torch.randn(2, K), packed, torch.ones(N + 1), K)
+        kernels.ternary_linear(torch.randn(2, K), packed, torch.ones(N + 1), K)
     with pytest.raises(ValueError, match="2 dims"):
-        P.ternary_linear(torch.randn(1, 2, K), packed, scale, K)
+        kernels.ternary_linear(torch.randn(1, 2, K), packed, scale, K)
     lin = P.PackedLinear(K, N)                     # the module checks its input as strictly
     with pytest.raises(TypeError, match="float32"):
         lin(torch.randn(3, K, dtype=torch.bfloat16))
@@ -167,7 +168,7 @@ def test_clear_errors():
         lin(torch.randn(3, 2 * K)[:, ::2])
     if LIB.tl_cpu_path() < 2:
         with pytest.raises(RuntimeError, match="SIMD path"):
-            P.ternary_linear(torch.randn(2, K), packed, scale, K, path=2)
+            kernels.ternary_linear(torch.randn(2, K), packed, scale, K, path=2)
 
 
 def test_fused_pre_ops_match_torch():
@@ -177,14 +178,14 @@ def test_fused_pre_ops_match_torch():
     from model import RMSNorm
     K, M = 300, 16
     g = torch.Generator().manual_seed(7)
-    packed, scale = P.pack_ternary(torch.eye(K, dtype=torch.int8)), torch.ones(K)
+    packed, scale = kernels.pack_ternary(torch.eye(K, dtype=torch.int8)), torch.ones(K)
     norm = RMSNorm(K, eps=1e-6)
     with torch.no_grad():
         norm.weight.copy_(1 + 0.3 * torch.randn(K, generator=g))
     gate_up = torch.randn(M, 2 * K, generator=g)
     gate, up = gate_up.chunk(2, dim=-1)
     for x, swiglu, h in ((gate, False, norm(gate)), (gate_up, True, norm(torch.nn.functional.silu(gate) * up))):
-        y = P.ternary_linear(x.contiguous(), packed, scale, K, norm_weight=norm.weight.detach(), eps=1e-6, swiglu=swiglu)
+        y = kernels.ternary_linear(x.contiguous(), packed, scale, K, norm_weight=norm.weight.detach(), eps=1e-6, swiglu=swiglu)
         q, gamma = activation_quant_int(h.detach())
         y_ref = q.float() * (gamma / 127.0)
         step = (gamma / 127.0).expand_as(y)
@@ -206,7 +207,7 @@ def test_qk_norm_rope_matches_model():
         q_ref = apply_rope(qn(x[:, :nh]), cos, sin)
         k_ref = apply_rope(kn(x[:, nh:nh + nkv]), cos, sin)
     v_ref = x[:, nh + nkv:].clone()
-    out = P.qk_norm_rope(qkv.clone(), nh, nkv, hd, qn.weight.detach(), kn.weight.detach(), 1e-6,
+    out = kernels.qk_norm_rope(qkv.clone(), nh, nkv, hd, qn.weight.detach(), kn.weight.detach(), 1e-6,
                          cos.reshape(B * T, hd).contiguous(), sin.reshape(B * T, hd).contiguous())
     o = out.view(B, T, nh + 2 * nkv, hd).transpose(1, 2)
     assert torch.allclose(o[:, :nh], q_ref, atol=1e-5) and torch.allclose(o[:, nh:nh + nkv], k_ref, atol=1e-5)
@@ -217,8 +218,8 @@ def test_gil_is_released():
     """A long C call in a thread must not stop Python from running in the main thread."""
     K, N = 3072, 3072
     x = torch.randn(32, K)
-    packed = P.pack_ternary(torch.randint(-1, 2, (N, K), dtype=torch.int8))
-    t = threading.Thread(target=P.ternary_linear, args=(x, packed, torch.ones(N), K, 0, 1))
+    packed = kernels.pack_ternary(torch.randint(-1, 2, (N, K), dtype=torch.int8))
+    t = threading.Thread(target=kernels.ternary_linear, args=(x, packed, torch.ones(N), K, 0, 1))
     count, t0 = 0, time.perf_counter()
     t.start()
     while t.is_alive():

@@ -6,7 +6,7 @@ import os
 import torch
 
 import toy
-from subln import load_model
+from training import load_model
 
 
 def test_toy_pipeline_smoke(tmp_path, data_dir):

@@ -15,7 +15,8 @@ import pytest
 import torch
 
 import continue_train as ct
-from subln import load_model
+import training
+from training import load_model
 from test_all import make_hf
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -85,7 +86,7 @@ def test_resume_gives_the_same_losses(tmp_path, data_dir, byte_tok, tiny_hf, mon
     with pytest.raises(KeyboardInterrupt):
         run(tmp_path, data_dir, byte_tok, tiny_hf, *args, name="b")
     monkeypatch.setattr(ct, "check_finite", real_check)
-    assert ct.load_checkpoint(str(tmp_path / "b" / "ckpt.pt"))["step"] == 4  # last checkpoint
+    assert training.load_checkpoint(str(tmp_path / "b" / "ckpt.pt"))["step"] == 4  # last checkpoint
     _, resumed = run(tmp_path, data_dir, byte_tok, tiny_hf, *args, "--resume", name="b")
     assert losses(resumed) == losses(full)  # exactly: model, optimizer, data order, RNG restored
     assert [r["loss"] for r in resumed["val"]] == [r["loss"] for r in full["val"]]
@@ -126,12 +127,12 @@ def test_fsdp_two_processes_match_one_and_resume(tmp_path, data_dir, byte_tok, t
     _, single = run(tmp_path, data_dir, byte_tok, tiny_hf, "--tokens", str(4 * 2 * 32 * 4), *args, name="single")
     out, _ = run_torchrun(tmp_path, data_dir, byte_tok, tiny_hf, "--fsdp", "--tokens", str(2 * 2 * 32 * 4), *args,
                           name="fsdp")
-    assert ct.load_checkpoint(str(out / "ckpt.pt"))["step"] == 2
+    assert training.load_checkpoint(str(out / "ckpt.pt"))["step"] == 2
     _, fsdp = run_torchrun(tmp_path, data_dir, byte_tok, tiny_hf, "--fsdp", "--tokens", str(4 * 2 * 32 * 4), *args,
                            "--resume", name="fsdp")
     assert losses(fsdp) == pytest.approx(losses(single), rel=1e-4)
     assert [r["loss"] for r in fsdp["val"]] == pytest.approx([r["loss"] for r in single["val"]], rel=1e-4)
-    ckpt = ct.load_checkpoint(str(out / "ckpt.pt"))  # one file: the full (unsharded) model and optimizer
+    ckpt = training.load_checkpoint(str(out / "ckpt.pt"))  # one file: the full (unsharded) model and optimizer
     model = load_model(str(out / "ckpt.pt"))         # strict
     assert all(torch.equal(v, ckpt["model"][k]) for k, v in model.state_dict().items())
     assert ckpt["step"] == 4 and len(ckpt["optimizer"]["state"]) > 0
@@ -176,12 +177,12 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, data_dir, b
     real_lr = ct.get_lr
     monkeypatch.setattr(ct, "get_lr", lambda step, *a: float("nan") if step == 3 else real_lr(step, *a))
     ckpt = tmp_path / "run" / "ckpt.pt"
-    with pytest.raises(ct.NonFiniteLossError) as e:
+    with pytest.raises(training.NonFiniteLossError) as e:
         run(tmp_path, data_dir, byte_tok, tiny_hf, "--tokens", str(8 * 2 * 32), "--eval_interval", "2")
     msg = str(e.value)
     assert "loss is nan at step 4" in msg and f"last good checkpoint is kept at {ckpt}" in msg
     assert "--resume" in msg and "lower --lr" in msg
-    assert ct.load_checkpoint(str(ckpt))["step"] == 2
+    assert training.load_checkpoint(str(ckpt))["step"] == 2
     model = load_model(str(ckpt))
     assert all(torch.isfinite(p).all() for p in model.parameters())
 
@@ -189,7 +190,7 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, data_dir, b
 @pytest.mark.parametrize("subln", [True, False])
 def test_checkpoint_loads_strictly_with_subln_load_model(tmp_path, data_dir, byte_tok, tiny_hf, subln):
     out, _ = run(tmp_path, data_dir, byte_tok, tiny_hf, "--tokens", str(2 * 2 * 32), "--subln" if subln else "--no_subln")
-    ckpt = ct.load_checkpoint(str(out / "ckpt.pt"))
+    ckpt = training.load_checkpoint(str(out / "ckpt.pt"))
     assert {"model", "optimizer", "step", "config", "args", "rng", "tokens_seen"} <= set(ckpt)
     assert ckpt["step"] == 2 and ckpt["tokens_seen"] == 2 * 2 * 32
     model = load_model(str(out / "ckpt.pt"))  # strict
@@ -217,19 +218,19 @@ def test_tiny_teacher_from_scratch_then_its_student(tmp_path, data_dir):
     assert (tmp_path / "fig3a.png").stat().st_size > 1000
 
 
-def test_helpers(tmp_path):
-    lrs = [ct.get_lr(s, 100, 10, 1e-3, 1e-4) for s in range(101)]
+def test_training_helpers(tmp_path):
+    lrs = [training.get_lr(s, 100, 10, 1e-3, 1e-4) for s in range(101)]
     assert lrs[0] == pytest.approx(1e-4) and lrs[9] == pytest.approx(1e-3)
     assert max(lrs) == pytest.approx(1e-3) and lrs[100] == pytest.approx(1e-4)
     assert all(a >= b for a, b in zip(lrs[9:], lrs[10:]))  # cosine never goes up
-    assert ct.check_finite(torch.tensor(1.5), 0, "x") == 1.5
-    with pytest.raises(ct.NonFiniteLossError, match="loss is inf at step 7.*no checkpoint was written yet"):
-        ct.check_finite(torch.tensor(float("inf")), 7, "/nonexistent/ckpt.pt")
-    assert isinstance(ct.autocast_context("cpu", torch.float32), type(ct.nullcontext()))
+    assert training.check_finite(torch.tensor(1.5), 0, "x") == 1.5
+    with pytest.raises(training.NonFiniteLossError, match="loss is inf at step 7.*no checkpoint was written yet"):
+        training.check_finite(torch.tensor(float("inf")), 7, "/nonexistent/ckpt.pt")
+    assert isinstance(training.autocast_context("cpu", torch.float32), type(training.nullcontext()))
     path = str(tmp_path / "sub" / "ckpt.pt")
-    ct.save_checkpoint(path, {"model": {}, "config": {}, "step": 3})
-    assert ct.load_checkpoint(path)["step"] == 3 and os.listdir(tmp_path / "sub") == ["ckpt.pt"]  # no temp left
+    training.save_checkpoint(path, {"model": {}, "config": {}, "step": 3})
+    assert training.load_checkpoint(path)["step"] == 3 and os.listdir(tmp_path / "sub") == ["ckpt.pt"]  # no temp left
     with open(path, "r+b") as f:
         f.truncate(20)
     with pytest.raises(ValueError, match="not a readable checkpoint.*truncated or corrupt"):
-        ct.load_checkpoint(path)
+        training.load_checkpoint(path)

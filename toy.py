@@ -27,6 +27,7 @@ byte-level BPE and Qwen's pre-tokenizer regex, and read back through tokenizer.l
 """
 import argparse
 import csv
+import io
 import json
 import os
 import statistics
@@ -34,26 +35,33 @@ import subprocess
 import sys
 import time
 
+from figures import plot_toy
 from tokenizer import save_tiktoken, train_bpe
+from training import write_json, write_text
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def lm_stage(tokens, block, batch, lr, eval_interval, eval_iters):
+    """continue_train.py flags of one language-modelling stage (the teacher's pretraining, stage 2)."""
+    return ["--tokens", tokens, "--block_size", block, "--batch_size", batch, "--lr", lr,
+            "--eval_interval", eval_interval, "--eval_iters", eval_iters]
+
+
+# quick: the README's quick start (~17 min on 2 cores); smoke: a few steps per stage (the CI test)
 PRESETS = {
     "quick": dict(
         vocab=4096, model=dict(hidden_size=256, intermediate_size=768, num_hidden_layers=4,
                                num_attention_heads=4, num_key_value_heads=2, head_dim=64),
-        pretrain=["--tokens", "1.5e6", "--block_size", "128", "--batch_size", "16", "--lr", "2e-3",
-                  "--eval_interval", "100", "--eval_iters", "10"],
-        ct=["--tokens", "5e5", "--block_size", "128", "--batch_size", "16", "--lr", "1e-3",
-            "--eval_interval", "50", "--eval_iters", "10"],
+        pretrain=lm_stage("1.5e6", "128", "16", "2e-3", "100", "10"),
+        ct=lm_stage("5e5", "128", "16", "1e-3", "50", "10"),
         sft=["--max_steps", "300", "--batch_size", "32", "--micro_batch_size", "32", "--max_len", "128"],
         lr_fp="1e-3", lr_bit="2e-3", eval=[]),
     "smoke": dict(
         vocab=512, model=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                               num_attention_heads=2, num_key_value_heads=1, head_dim=16),
-        pretrain=["--tokens", "2048", "--block_size", "32", "--batch_size", "8", "--lr", "1e-3",
-                  "--eval_interval", "4", "--eval_iters", "1"],
-        ct=["--tokens", "1024", "--block_size", "32", "--batch_size", "8", "--lr", "1e-3",
-            "--eval_interval", "2", "--eval_iters", "1"],
+        pretrain=lm_stage("2048", "32", "8", "1e-3", "4", "1"),
+        ct=lm_stage("1024", "32", "8", "1e-3", "2", "1"),
         sft=["--max_steps", "2", "--batch_size", "4", "--micro_batch_size", "4", "--max_len", "64"],
         lr_fp="1e-3", lr_bit="1e-3", eval=["--eval_limit", "8"]),
 }
@@ -110,7 +118,8 @@ def run_dir(out, task, seed, row):  # "BitDistill w/o AD (LD only)" -> <out>/sst
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--preset", default="quick", choices=sorted(PRESETS))
+    p.add_argument("--preset", default="quick", choices=sorted(PRESETS),
+                   help="quick: the README's quick start (~17 min on 2 cores); smoke: a few steps per stage, the CI test (default: %(default)s)")
     p.add_argument("--out", default="out/toy", help="everything goes here")
     p.add_argument("--data_dir", default=os.environ.get("BITDISTILL_DATA"),
                    help="offline data folder (default: $BITDISTILL_DATA)")
@@ -131,9 +140,8 @@ def main(argv=None):
     # 0. vocabulary and model config
     tok = make_tokenizer(args.data_dir, pre["vocab"], out)
     cfg = os.path.join(out, "tiny.json")
-    with open(cfg, "w") as f:
-        json.dump(dict(pre["model"], vocab_size=pre["vocab"], tie_word_embeddings=True,
-                       rope_theta=10000.0, max_position_embeddings=1024), f)
+    write_json(cfg, dict(pre["model"], vocab_size=pre["vocab"], tie_word_embeddings=True,
+                         rope_theta=10000.0, max_position_embeddings=1024))
     # 1. the full-precision "LLM", pretrained from scratch
     teacher = os.path.join(out, "pretrain", "ckpt.pt")
     run(["continue_train.py", "--from_scratch", "--model_config", cfg, "--quant", "none", "--tokenizer", tok,
@@ -185,40 +193,18 @@ def report(args, out):
         print(f"\n{title}: {args.task.upper()} validation accuracy (%), mean ± std over {len(args.seeds)} seed(s)")
         for r in sel:
             print(f"  {r['row']:<30}{r['mean']:7.2f} ± {r['std']:.2f}   {r['accs']}")
-    with open(os.path.join(out, "results.json"), "w") as f:
-        json.dump(rows, f, indent=1)
-    with open(os.path.join(out, "results.csv"), "w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(["row", "tables", "task", "n_seeds", "mean_acc", "std_acc", "accs"])
-        for r in rows:
-            w.writerow([r["row"], r["tables"], r["task"], r["n_seeds"], f"{r['mean']:.2f}", f"{r['std']:.2f}",
-                        " ".join(f"{a:.2f}" for a in r["accs"])])
-    plot(rows, out)
+    write_json(os.path.join(out, "results.json"), rows)
+    buf = io.StringIO()
+    w = csv.writer(buf)
+    w.writerow(["row", "tables", "task", "n_seeds", "mean_acc", "std_acc", "accs"])
+    for r in rows:
+        w.writerow([r["row"], r["tables"], r["task"], r["n_seeds"], f"{r['mean']:.2f}", f"{r['std']:.2f}",
+                    " ".join(f"{a:.2f}" for a in r["accs"])])
+    write_text(os.path.join(out, "results.csv"), buf.getvalue())
+    stage2 = [(os.path.join(out, name, "metrics.json"), label)
+              for name, label in (("ct", "with SubLN"), ("ct_nosubln", "without SubLN"))]
+    plot_toy(rows, [(p, label) for p, label in stage2 if os.path.exists(p)], os.path.join(out, "toy.png"))
     print(f"wrote {out}/results.json, results.csv, toy.png")
-
-
-def plot(rows, out):
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    fig, (a, b) = plt.subplots(1, 2, figsize=(13, 4.5))
-    a.barh([r["row"] for r in rows], [r["mean"] for r in rows],
-           xerr=[0 if r["n_seeds"] < 2 else r["std"] for r in rows], color="tab:blue")
-    a.set_xlabel("validation accuracy (%)")
-    a.set_xlim(min(r["mean"] for r in rows) - 5, max(r["mean"] for r in rows) + 3)
-    a.invert_yaxis()
-    for name, label in (("ct", "with SubLN"), ("ct_nosubln", "without SubLN")):
-        m = os.path.join(out, name, "metrics.json")
-        if os.path.exists(m):
-            with open(m) as f:
-                log = json.load(f)["train"]
-            b.plot([e["step"] for e in log], [e["loss"] for e in log], label=label, lw=1)
-    b.set_xlabel("stage-2 step")
-    b.set_ylabel("training loss")
-    b.set_title("continued pre-training of the 1.58-bit student (Figure 3a)")
-    b.legend()
-    fig.tight_layout()
-    fig.savefig(os.path.join(out, "toy.png"), dpi=110)
 
 
 if __name__ == "__main__":
