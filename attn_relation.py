@@ -15,7 +15,9 @@ distribution, and the student's rows are pulled to the teacher's by KL(teacher |
 
 Relations span all L tokens in both directions (Algorithm 1 applies no causal mask; Q, K, V of a
 causal model already depend only on earlier tokens); only padding is masked.
-Used by distill.py on ONE layer (|Υ| = 1, as the paper recommends), with α = 1.
+Used by distill.py on ONE layer (|Υ| = 1, as the paper recommends), with α = 1. With
+norm="authors" the loss is divided once more by (layers × A_r), as the authors' released trainer
+does (recipe-audit item 1); the paper's text has no such division.
 
 Usage:
     from attn_relation import attention_relation_loss
@@ -127,11 +129,16 @@ def relation_kl(s, t, mask, scaled_dot, temperature, chunk_size):
 
 
 def attention_relation_loss(student_qkv, teacher_qkv, split_heads, temperature=1.0,
-                            attention_mask=None, scaled_dot=False, chunk_size=128):
+                            attention_mask=None, scaled_dot=False, chunk_size=128, norm="paper"):
     """L_AD of Eq. (11) for one layer (α = 1): sum over Q, K, V of the mean relation KL.
     student_qkv, teacher_qkv: (Q, K, V), each (B, heads_j, L, head_dim_j); K and V may have fewer
     heads than Q (GQA, before repeat_kv) and the teacher may be wider than the student.
-    attention_mask: (B, L), 1 = real token, 0 = padding (left or right). Returns a float32 scalar."""
+    attention_mask: (B, L), 1 = real token, 0 = padding (left or right). Returns a float32 scalar.
+    norm "paper": Eq. (11) / Algorithm 1 as printed. norm "authors": then divided once more by
+    (distilled layers × A_r) = A_r here (|Υ| = 1), as the authors' trainer does (trainer.py 452),
+    which makes the same γ A_r times weaker. The authors' code masks no padding; we always do."""
+    if norm not in ("paper", "authors"):
+        raise ValueError(f"norm must be 'paper' or 'authors', got {norm!r}")
     B, L = _check_inputs(student_qkv, teacher_qkv, split_heads, attention_mask)
     device = student_qkv[0].device
     mask = (torch.ones(B, L, dtype=torch.bool, device=device) if attention_mask is None
@@ -148,4 +155,5 @@ def attention_relation_loss(student_qkv, teacher_qkv, split_heads, temperature=1
             if not scaled_dot:
                 s, t = F.normalize(s, dim=-1), F.normalize(t, dim=-1)  # Algorithm 1
             loss = loss + relation_kl(s, t, mask, scaled_dot, temperature, chunk_size)
-    return loss
+    n_layers = 1                                       # |Υ|: one distilled layer per call
+    return loss / (n_layers * split_heads) if norm == "authors" else loss

@@ -61,9 +61,17 @@ def ste(x, q):
 
 class BitLinear(nn.Linear):
     """Drop-in nn.Linear whose forward is F.linear(Q_INT8(x), Q_w(W)) with STE gradients.
-    The latent full-precision weight is what the optimizer updates (and what checkpoints hold)."""
+    The latent full-precision weight is what the optimizer updates (and what checkpoints hold).
+    in_norm: an optional SubLN on the input, before Eq. (3); subln.py sets it on q/k/v/gate/up
+    when SubLN goes before all seven projections (the authors' released runs)."""
+
+    def __init__(self, *args, **kw):
+        super().__init__(*args, **kw)
+        self.register_module("in_norm", None)
 
     def forward(self, x):
+        if self.in_norm is not None:
+            x = self.in_norm(x)
         w = ste(self.weight, weight_quant(self.weight))  # Eq. (1)-(2)
         x = ste(x, activation_quant(x))                  # Eq. (3)
         return F.linear(x, w, self.bias)

@@ -55,9 +55,10 @@ from tqdm import tqdm
 from corpus import find_files, get_batch, open_stream, pack_stream, stream_val_tokens, tokenize_corpus, val_blocks
 from figures import latent_weights_over_delta, plot_loss_curves, plot_weights
 from model import Qwen3Config
+from recipe import RECIPES, apply_recipe
 from subln import build_model, convert_to_bitnet
 from tokenizer import load_tokenizer
-from training import (autocast_context, check_finite, get_lr, get_rng_state, load_model, model_from,
+from training import (HelpFormatter, adamw, autocast_context, check_finite, get_lr, get_rng_state, load_model, model_from,
                       read_checkpoint, resolve_dtype, run_cli, save_checkpoint, set_rng_state, setup_distributed,
                       write_json, write_text)
 
@@ -93,18 +94,23 @@ def build_student(args):
     else:
         src = read_checkpoint(args.init)       # opened once: config, weights, tokenizer
         model, tokenizer = model_from(src), args.tokenizer or src.tokenizer
-    c = model.config
+    c, subln_all = model.config, args.subln and args.subln_at == "all"
     if args.quant == "bitnet" and not c.bitnet:
-        convert_to_bitnet(model, subln=args.subln)                               # Stage 1, Eq. (1)-(5)
-    elif args.quant == "bitnet" and c.subln != args.subln:
-        raise ValueError(f"{args.init} is already a BitNet with subln={c.subln}; it cannot be changed "
-                         f"to subln={args.subln}: start from the full-precision model")
+        convert_to_bitnet(model, subln=args.subln, subln_all=subln_all)         # Stage 1, Eq. (1)-(5)
+    elif args.quant == "bitnet" and (c.subln, c.subln_all) != (args.subln, subln_all):
+        raise ValueError(f"{args.init} is already a BitNet with SubLN {subln_layout(c.subln, c.subln_all)}; it "
+                         f"cannot be changed to {subln_layout(args.subln, subln_all)}: start from the "
+                         "full-precision model, or ask for its layout (--subln_at / --no_subln)")
     elif args.quant == "none" and c.bitnet:
         raise ValueError(f"{args.init} is a 1.58-bit BitNet; --quant none needs a full-precision model")
     if not tokenizer:
         raise ValueError(f"no tokenizer found with the model {args.init or args.model_config!r}: pass --tokenizer "
                          "(a folder with tokenizer.json, e.g. ../shared/data/tokenizers/qwen3)")
     return model, tokenizer
+
+
+def subln_layout(subln, subln_all):
+    return "before all 7 projections" if subln_all else "before o_proj, down_proj" if subln else "nowhere"
 
 
 def next_token_loss(logits, targets):
@@ -115,11 +121,7 @@ def next_token_loss(logits, targets):
 
 def configure_optimizer(model, args, device):
     """AdamW; weight decay on 2-D weights (linears, embeddings), none on norms and biases."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": args.weight_decay},
-              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=args.lr, betas=(args.beta1, args.beta2),
-                             fused=device.type == "cuda")
+    return adamw(model, args.lr, args.weight_decay, (args.beta1, args.beta2), 1e-8, device)
 
 
 @torch.no_grad()
@@ -145,8 +147,8 @@ def evaluate(model, val, args, ctx, device, rank, world_size, verbose):
 # ----------------------------------------------------------------------------- logs
 
 def run_label(args, config):
-    return args.label or ("full precision" if not config.bitnet else
-                          "1.58-bit, SubLN" if config.subln else "1.58-bit, no SubLN")
+    return args.label or ("full precision" if not config.bitnet else "1.58-bit, SubLN before all 7"
+                          if config.subln_all else "1.58-bit, SubLN" if config.subln else "1.58-bit, no SubLN")
 
 
 def save_metrics(out_dir, log, label):
@@ -165,13 +167,18 @@ def save_metrics(out_dir, log, label):
 # ----------------------------------------------------------------------------- the run
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("--init", default=None, help="HF checkpoint folder or hub id (e.g. Qwen/Qwen3-0.6B), or our .pt")
     p.add_argument("--from_scratch", action="store_true", help="random init from --model_config (toy teacher)")
     p.add_argument("--model_config", default=None, help="JSON with Qwen3Config fields, for --from_scratch")
     p.add_argument("--quant", default="bitnet", choices=("bitnet", "none"), help="1.58-bit (Stage 1) or full precision")
     p.add_argument("--subln", action="store_true", default=True, help="insert SubLN, Eq. (4)-(5) (default)")
     p.add_argument("--no_subln", dest="subln", action="store_false", help="no SubLN (the Table 5 / Fig. 3a ablation)")
+    p.add_argument("--subln_at", default=None, choices=("all", "o_down"),
+                   help="SubLN before all 7 projections (the authors' released runs) or only before o_proj and "
+                        "down_proj (the paper's Eq. 4-5); default: --recipe's")
+    p.add_argument("--recipe", default="authors", choices=sorted(RECIPES),
+                   help="authors: the released code's choices; paper: the paper's text (recipe.py, README)")
     p.add_argument("--tokenizer", default=None, help="tokenizer folder / .tiktoken (default: the --init checkpoint's)")
     p.add_argument("--data", nargs="+", default=None, help="offline corpus: .jsonl ('text' field) / text files or folders")
     p.add_argument("--data_dir", default=os.environ.get("BITDISTILL_DATA"),
@@ -207,7 +214,7 @@ def parse_args(argv=None):
     p.add_argument("--plot", nargs="+", default=None, metavar="METRICS_JSON",
                    help="only plot: overlay the loss curves of these runs (Figure 3a) into --plot_out")
     p.add_argument("--plot_out", default="loss.png", help="output PNG of --plot")
-    return p.parse_args(argv)
+    return apply_recipe(p.parse_args(argv), ("subln_at",))
 
 
 def main(argv=None):

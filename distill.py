@@ -9,28 +9,23 @@ and the two baselines of Tables 1-2.
         L_CE  Eq. (14): -1/N Σ_i Σ_t log P(y_i^t | x_i), over the answer tokens
         L_LD  Eq. (8)-(9): 1/N Σ_i KL(P_T(y_i|x_i) || P_S(y_i|x_i)) at temperature τ = 5
         L_AD  Eq. (10)-(12), attn_relation.py, on ONE layer (--distill_layer)
+--recipe authors (default) runs these as the authors' released code does; --recipe paper as the
+paper's text writes them; recipe.py and the README list each item and its own flag.
 
-Each task is causal-LM fine-tuning: a prompt template, and the answer as text (the label word for
-SST-2/MNLI/QNLI, the highlights for CNN/DM) followed by <|endoftext|>. Evaluation is greedy
-generation (temperature 0, top-p 1): accuracy, or BLEU (sacrebleu) and ROUGE-1/2/L/Lsum (rouge-score).
+Each task is causal-LM fine-tuning: a prompt (Qwen's chat template when the tokenizer has it),
+the answer as text (the label word, or the CNN/DM highlights) and its end token. Evaluation is
+greedy: accuracy, or BLEU (sacrebleu) and ROUGE-1/2/L/Lsum (rouge-score).
 
-The paper's pipeline, one GPU (teacher first, then the two 1.58-bit runs; --model defaults to the
-hub id Qwen/Qwen3-0.6B, --student to stage 2's out/continue_train/ckpt.pt, --teacher to
-out/<task>-fp16-sft/ckpt.pt):
+The paper's pipeline, one GPU (--model: Qwen/Qwen3-0.6B, --student: stage 2's
+out/continue_train/ckpt.pt, --teacher: out/<task>-fp16-sft/ckpt.pt):
     python distill.py --task mnli --method fp16-sft
     python distill.py --task mnli --method bitnet-sft
     python distill.py --task mnli --method bitdistill
 8 GPUs:   torchrun --standalone --nproc_per_node=8 distill.py --task mnli --method bitdistill
-CPU, offline (real data, BITDISTILL_DATA=../shared/data; the toy models of continue_train.py's
-docstring, which record their tokenizer; toy models want a larger --lr than the defaults):
-    python distill.py --task sst2 --method fp16-sft   --model out/tiny_teacher/ckpt.pt --max_steps 100 \\
-        --batch_size 16 --eval_limit 200 --lr 1e-3
-    python distill.py --task sst2 --method bitnet-sft --model out/tiny_teacher/ckpt.pt --max_steps 100 \\
-        --batch_size 16 --eval_limit 200 --lr 1e-3
-    python distill.py --task sst2 --method bitdistill --max_steps 100 --batch_size 16 --eval_limit 200 --lr 1e-3
+CPU, offline: python toy.py runs these three on a tiny model (BITDISTILL_DATA=../shared/data);
     torchrun --standalone --nproc_per_node=2 distill.py ...     # DDP on CPU (gloo)
 Ablations: --no_ld / --no_ad (Table 6); --student <HF model or fp checkpoint> (no continued
-pre-training, converted on the fly) and --no_subln (Table 5); --distill_layer N (Figure 3b);
+pre-training, converted here) and --no_subln (Table 5); --distill_layer N (Figure 3b);
 --teacher <a larger fp16-sft checkpoint> (Figure 3c). --eval_only re-evaluates <out_dir>/ckpt.pt,
 --resume continues it. One log line per step: loss = ce + λ·ld + γ·ad, the terms unweighted.
 Results print in the layout of Table 1 (classification) or Table 2 (CNN/DM), collected from every
@@ -48,9 +43,11 @@ import torch.nn.functional as F
 from attn_relation import attention_relation_loss, check_split_heads
 from bitlinear import weight_memory_gb
 from subln import convert_to_bitnet
-from tasks import METHODS, TASKS, collate, encode_example, evaluate, get_task, load_examples, print_table
+from recipe import RECIPES, TEACHER_LR, apply_recipe, distill_layer_for, relation_heads_for
+from tasks import (METHODS, TASKS, chat_tokens, collate, encode_example, evaluate, get_task, load_examples,
+                   print_table)
 from tokenizer import load_tokenizer
-from training import (autocast_context, check_finite, epoch_order, get_lr, get_rng_state, model_from,
+from training import (HelpFormatter, adamw, autocast_context, check_finite, epoch_order, get_lr, get_rng_state, model_from,
                       read_checkpoint, resolve_dtype, run_cli, save_checkpoint, set_rng_state, setup_distributed,
                       write_json)
 
@@ -59,36 +56,47 @@ load_tokenizer = functools.lru_cache(maxsize=4)(load_tokenizer)  # teacher and s
 # ----------------------------------------------------------------------------------------------
 # Losses
 
-# Eq. (14): L_CE = -1/N Σ_i Σ_{t=1}^{|y_i|} log P_θ(y_i^t | x_i)
-def ce_loss(logits, idx, answer_mask):
+# Eq. (14): L_CE = -1/N Σ_i Σ_{t=1}^{|y_i|} log P_θ(y_i^t | x_i)     (form "sample_sum", the text)
+# The authors' trainer takes the mean over the answer tokens of the batch (form "token_mean").
+def ce_loss(logits, idx, answer_mask, form="sample_sum"):
     sel = answer_mask[:, 1:].bool()                    # (B, T-1): logit t predicts token t+1
     logits = logits[:, :-1][sel].float()               # (n_answer_tokens, V)
-    return F.cross_entropy(logits, idx[:, 1:][sel], reduction="sum") / idx.shape[0]
+    nll = F.cross_entropy(logits, idx[:, 1:][sel], reduction="sum")
+    return nll / (idx.shape[0] if form == "sample_sum" else sel.sum().clamp(min=1))
 
 
 # Eq. (8)-(9): L_LD = 1/N Σ_i KL(P_T(y_i|x_i) || P_S(y_i|x_i)), P = softmax(z / τ).
-# The sequence KL is taken token by token (teacher forcing) over the positions that predict answer
-# tokens, or over every real position with all_tokens=True. No τ² factor: Eq. (8) has none, and
-# the paper's λ = 10 is tuned for the loss as written (Hinton's τ² would make it 25x larger).
-def logits_distill_loss(s_logits, t_logits, sel_mask, tau):
-    sel = sel_mask[:, 1:].bool()                       # (B, T-1), same positions as ce_loss
-    s_logp = F.log_softmax(s_logits[:, :-1][sel].float() / tau, dim=-1)  # (n, V)
-    t_logp = F.log_softmax(t_logits[:, :-1][sel].float() / tau, dim=-1)  # (n, V)
-    kl = (t_logp.exp() * (t_logp - s_logp)).sum()      # Σ over tokens and vocabulary
-    return kl / s_logits.shape[0]
+#   form "paper": the sequence KL token by token (teacher forcing) over the positions that predict
+#     the answer tokens (sel_mask = the answer mask), summed per sample, / N; no τ² (Eq. 8 has none).
+#   form "authors": the mean KL over every position with sel_mask = 1 (the attention mask: prompt,
+#     answer and the last real position, teacher and student at the same positions), times τ²
+#     (Hinton's scaling), as the released trainer computes it.
+def logits_distill_loss(s_logits, t_logits, sel_mask, tau, form="paper"):
+    if form == "paper":
+        sel = sel_mask[:, 1:].bool()                   # (B, T-1), same positions as ce_loss
+        s_logits, t_logits = s_logits[:, :-1], t_logits[:, :-1]
+    else:
+        sel = sel_mask.bool()                          # (B, T): every real position
+    s_logp = F.log_softmax(s_logits[sel].float() / tau, dim=-1)  # (n, V)
+    t_logp = F.log_softmax(t_logits[sel].float() / tau, dim=-1)  # (n, V)
+    kl = (t_logp.exp() * (t_logp - s_logp)).sum()      # Σ over positions and vocabulary
+    if form == "paper":
+        return kl / sel.shape[0]
+    return kl / sel.sum().clamp(min=1) * tau ** 2
 
 
 # Eq. (13): L = L_CE + λ·L_LD + γ·L_AD. s / t: the student's / teacher's outputs on one batch,
 # dicts with "logits" (B, T, V) and "qkv" (Q, K, V of the distilled layer, Eq. 10); the teacher's
 # entries are None for a term that is switched off (--no_ld, --no_ad, or no teacher at all).
 def distill_loss(s, t, idx, mask, answer, args):
-    terms = {"ce": ce_loss(s["logits"], idx, answer)}                                       # Eq. (14)
+    terms = {"ce": ce_loss(s["logits"], idx, answer, args.ce_form)}                         # Eq. (14)
     if t["logits"] is not None:
-        terms["ld"] = logits_distill_loss(s["logits"], t["logits"], mask if args.ld_all_tokens else answer,
-                                          args.tau)                                         # Eq. (8)-(9)
+        terms["ld"] = logits_distill_loss(s["logits"], t["logits"], answer if args.ld_form == "paper" else mask,
+                                          args.tau, args.ld_form)                            # Eq. (8)-(9)
     if t["qkv"] is not None:
         terms["ad"] = attention_relation_loss(s["qkv"], t["qkv"], args.split_heads, args.ad_temperature,
-                                              attention_mask=mask, scaled_dot=args.ad_scaled_dot)  # Eq. (10)-(12)
+                                              attention_mask=mask, scaled_dot=args.ad_scaled_dot,
+                                              norm=args.ad_norm)                             # Eq. (10)-(12)
     loss = terms["ce"] + args.lambda_ld * terms.get("ld", 0.0) + args.gamma_ad * terms.get("ad", 0.0)
     return loss, {k: v.item() for k, v in terms.items()}
 
@@ -97,13 +105,14 @@ def forward_both(model, teacher, idx, mask, layers, args, ctx):
     """The student's forward (with grad) and the frozen teacher's (no grad) on the same tokens;
     Q/K/V come back from the distilled layers only when L_AD is on."""
     use_ad = teacher is not None and not args.no_ad
+    rope = args.qk_capture == "after_rope"
     with ctx:
-        out = model(idx, attention_mask=mask, qkv_layer=layers[0] if use_ad else None)    # (B, T, V)
-    s = dict(zip(("logits", "qkv"), out if use_ad else (out, None)))
+        out = model(idx, attention_mask=mask, qkv_layer=layers[0] if use_ad else None, qk_after_rope=rope)
+    s = dict(zip(("logits", "qkv"), out if use_ad else (out, None)))                # logits (B, T, V)
     t = {"logits": None, "qkv": None}
     if teacher is not None:
         with torch.no_grad(), ctx:
-            out = teacher(idx, attention_mask=mask, qkv_layer=layers[1] if use_ad else None)
+            out = teacher(idx, attention_mask=mask, qkv_layer=layers[1] if use_ad else None, qk_after_rope=rope)
         t = dict(zip(("logits", "qkv"), out if use_ad else (out, None)))
         t["logits"] = None if args.no_ld else t["logits"]
     return s, t
@@ -111,7 +120,8 @@ def forward_both(model, teacher, idx, mask, layers, args, ctx):
 
 def loss_terms(model, teacher, batch, tok, args, device, ctx, layers):
     """Eq. (13) on one micro-batch of examples: returns (L, {'ce', 'ld', 'ad'} as floats)."""
-    seqs, n_prompts = zip(*[encode_example(tok, args.task, ex, args.max_len) for ex in batch])
+    chat = chat_tokens(tok) if args.prompt == "chat" else None
+    seqs, n_prompts = zip(*[encode_example(tok, args.task, ex, args.max_len, chat) for ex in batch])
     idx, mask, answer = (t.to(device) for t in collate(seqs, tok.eot_token, n_prompts))  # (B, T) each
     s, t = forward_both(model, teacher, idx, mask, layers, args, ctx)
     return distill_loss(s, t, idx, mask, answer, args)
@@ -160,7 +170,7 @@ def build_student(args, own):
     model = model_from(src)
     args.continued = model.config.bitnet          # a stage-2 (continue_train.py) 1.58-bit checkpoint
     if args.method != "fp16-sft" and not model.config.bitnet:
-        convert_to_bitnet(model, subln=args.subln)   # stage 1 on the fly (no continued pre-training)
+        convert_to_bitnet(model, subln=args.subln, subln_all=args.subln and args.subln_at == "all")  # stage 1 here
     if args.method == "fp16-sft" and model.config.bitnet:
         raise ValueError(f"{path} is a 1.58-bit checkpoint; fp16-sft fine-tunes a full-precision model")
     return model, args.tokenizer or src.tokenizer
@@ -175,6 +185,9 @@ def build_teacher(args, student, tok, device):
     if teacher.config.bitnet:
         raise ValueError(f"teacher {args.teacher} is a 1.58-bit model: the teacher is the fp16-sft model")
     check_same_tokenizer(student, teacher, tok, load_tokenizer(src.tokenizer) if src.tokenizer else None)
+    if src.args.get("prompt", args.prompt) != args.prompt:
+        raise ValueError(f"the teacher was fine-tuned on {src.args['prompt']} prompts, this run uses {args.prompt}: "
+                         f"pass --prompt {src.args['prompt']} (or retrain the teacher)")
     teacher.to(device).eval()
     teacher.requires_grad_(False)
     return teacher
@@ -187,6 +200,10 @@ def build_models(args, device, own=None):
         raise ValueError(f"{args.student if args.method == 'bitdistill' else args.model} records no "
                          "tokenizer: pass --tokenizer (e.g. the base model's folder)")
     tok = load_tokenizer(args.tokenizer)
+    if args.prompt == "auto":                      # Qwen's chat template when the tokenizer has it
+        args.prompt = "chat" if chat_tokens(tok) else "plain"
+    if args.prompt == "chat" and not chat_tokens(tok):
+        raise ValueError(f"--prompt chat: the tokenizer {args.tokenizer} has no <|im_start|>/<|im_end|>; use --prompt plain")
     if model.config.vocab_size < tok.n_vocab:
         raise ValueError(f"tokenizer has {tok.n_vocab} ids but the model only {model.config.vocab_size} rows")
     teacher = None
@@ -208,13 +225,17 @@ def method_label(args, config):
 def distill_layers(args, student, teacher):
     """(student layer, teacher layer or None) for L_AD, and A_r, checked before any training."""
     cfg = student.config
-    s_layer = layer_index(args.distill_layer, cfg.num_hidden_layers, "student")
+    if args.distill_layer in (None, "auto"):           # the authors' layer (recipe.py), e.g. 22 of 28
+        args.distill_layer = distill_layer_for(cfg)
+    s_layer = layer_index(int(args.distill_layer), cfg.num_hidden_layers, "student")
     if teacher is None:
         return s_layer, None
     t_n = teacher.config.num_hidden_layers
     t_layer = layer_index(args.teacher_layer if args.teacher_layer is not None
                           else teacher_layer_for(s_layer, cfg.num_hidden_layers, t_n), t_n, "teacher")
-    args.split_heads = args.split_heads or cfg.num_attention_heads  # A_r = the number of heads
+    args.split_heads = relation_heads_for(args.split_heads or cfg.num_attention_heads,  # A_r (recipe item 2)
+                                          [c.num_attention_heads * c.head_dim for c in (cfg, teacher.config)]
+                                          + [c.num_key_value_heads * c.head_dim for c in (cfg, teacher.config)])
     for who, c in (("student", cfg), ("teacher", teacher.config)):
         check_split_heads(args.split_heads, c.num_attention_heads, c.head_dim, who + " Q")
         check_split_heads(args.split_heads, c.num_key_value_heads, c.head_dim, who + " K/V")
@@ -225,56 +246,76 @@ def distill_layers(args, student, teacher):
 # Training
 
 def get_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--task", required=True, choices=sorted(TASKS))
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
+    p.add_argument("--task", required=True, choices=sorted(TASKS), help="downstream task")
     p.add_argument("--method", default="bitdistill", choices=METHODS,
-                   help="bitdistill (default) needs the fp16-sft teacher and a stage-2 student first")
+                   help="bitdistill needs the fp16-sft teacher and a stage-2 student first")
+    p.add_argument("--recipe", default="authors", choices=sorted(RECIPES),
+                   help="authors: the released code's choices; paper: the paper's text (recipe.py, README); "
+                        "each item below left at None follows it")
     p.add_argument("--model", default="Qwen/Qwen3-0.6B", help="full-precision base (fp16-sft, bitnet-sft)")
     p.add_argument("--student", default="out/continue_train/ckpt.pt",
-                   help="bitdistill student: a continue_train.py checkpoint (default) or an HF model")
-    p.add_argument("--teacher", default=None, help="fp16-sft checkpoint (default: out/<task>-fp16-sft/ckpt.pt)")
-    p.add_argument("--tokenizer", default=None, help="default: the model's own (HF folder / recorded in ckpt)")
-    p.add_argument("--subln", action="store_true", default=True, help="SubLN when converting, Eq. (4)-(5) (default)")
+                   help="bitdistill student: a continue_train.py checkpoint, or an HF model (converted here)")
+    p.add_argument("--teacher", default=None, help="fp16-sft checkpoint (None: out/<task>-fp16-sft/ckpt.pt)")
+    p.add_argument("--tokenizer", default=None, help="None: the model's own (HF folder / recorded in ckpt)")
+    p.add_argument("--subln", action="store_true", default=True, help="SubLN when converting here, Eq. (4)-(5)")
     p.add_argument("--no_subln", dest="subln", action="store_false", help="no SubLN (the Table 5 ablation)")
+    p.add_argument("--subln_at", default=None, choices=("all", "o_down"),
+                   help="when converting here: SubLN before all 7 projections or only o_proj/down_proj (item 5)")
     p.add_argument("--no_ld", action="store_true", help="no logits distillation (Table 6)")
     p.add_argument("--no_ad", action="store_true", help="no attention distillation (Table 6)")
-    p.add_argument("--ld_all_tokens", action="store_true", help="L_LD on every real token, not only the answer")
+    p.add_argument("--ld_form", default=None, choices=("authors", "paper"),
+                   help="L_LD: authors = every non-pad position, token mean, x τ²; paper = Eq. (8)-(9) over the "
+                        "answer tokens, Σ per sample / N (items 3, 15)")
+    p.add_argument("--ce_form", default=None, choices=("token_mean", "sample_sum"),
+                   help="L_CE: mean over the answer tokens, or Eq. (14)'s Σ per sample / N (item 4)")
     p.add_argument("--tau", type=float, default=5.0, help="logits distillation temperature, Eq. (9)")
-    p.add_argument("--lambda_ld", type=float, default=None, help="λ; default 10 (classification), 1 (CNN/DM)")
-    p.add_argument("--gamma_ad", type=float, default=None, help="γ; default 1e5 (classification), 1e3 (CNN/DM)")
-    p.add_argument("--distill_layer", type=int, default=-1, help="student layer for L_AD (Figure 3b)")
-    p.add_argument("--teacher_layer", type=int, default=None, help="default: same relative depth")
-    p.add_argument("--split_heads", type=int, default=None, help="A_r; default student num_attention_heads")
+    p.add_argument("--lambda_ld", type=float, default=None, help="λ; None: 10 (classification), 1 (CNN/DM)")
+    p.add_argument("--gamma_ad", type=float, default=None, help="γ; None: 1e5 (classification), 1e3 (CNN/DM)")
+    p.add_argument("--ad_norm", default=None, choices=("authors", "paper"),
+                   help="L_AD: authors = Eq. (11) then / (layers x A_r); paper = Eq. (11) as printed (item 1)")
+    p.add_argument("--split_heads", type=int, default=None, help="A_r, relation heads (item 2); 0: the student's heads")
+    p.add_argument("--qk_capture", default=None, choices=("after_rope", "before_rope"),
+                   help="Q/K handed to L_AD after or before RoPE (item 7)")
+    p.add_argument("--distill_layer", default=None,
+                   help="student layer for L_AD (Figure 3b); auto: the authors' table, else int(0.8 L) (item 6)")
+    p.add_argument("--teacher_layer", type=int, default=None, help="None: same relative depth as the student's")
     p.add_argument("--ad_temperature", type=float, default=1.0, help="Algorithm 1 relation temperature")
     p.add_argument("--ad_scaled_dot", action="store_true", help="Eq. (12) A·Aᵀ/√d_r instead of Algorithm 1")
+    p.add_argument("--prompt", default=None, choices=("auto", "chat", "plain"),
+                   help="auto: Qwen's chat template when the tokenizer has its tokens, else plain text (item 12)")
     p.add_argument("--data_dir", default=os.environ.get("BITDISTILL_DATA"),
                    help="offline data folder (env BITDISTILL_DATA); unset = Hugging Face hub")
-    p.add_argument("--train_limit", type=int, default=0, help="use only the first N training rows")
-    p.add_argument("--eval_limit", type=int, default=0, help="evaluate on the first N validation rows")
-    p.add_argument("--max_len", type=int, default=512)
+    p.add_argument("--train_limit", type=int, default=0, help="use only the first N training rows (0: all)")
+    p.add_argument("--eval_limit", type=int, default=0, help="evaluate on the first N validation rows (0: all)")
+    p.add_argument("--max_len", type=int, default=512, help="tokens per training example (prompt cut to fit)")
     p.add_argument("--batch_size", type=int, default=32, help="global batch (samples per optimizer step)")
     p.add_argument("--micro_batch_size", type=int, default=4, help="samples per forward, per process")
-    p.add_argument("--epochs", type=float, default=1.0)
+    p.add_argument("--epochs", type=float, default=None, help="passes over the training rows (item 10)")
     p.add_argument("--max_steps", type=int, default=0, help="overrides --epochs when > 0")
-    p.add_argument("--lr", type=float, default=None, help="default 2e-5 (fp16-sft), 1e-4 (1.58-bit)")
-    p.add_argument("--min_lr_ratio", type=float, default=0.1)
-    p.add_argument("--warmup_steps", type=int, default=None, help="default 3%% of the steps")
-    p.add_argument("--weight_decay", type=float, default=0.0)
-    p.add_argument("--grad_clip", type=float, default=1.0)
+    p.add_argument("--lr", type=float, default=None, help=f"None: {TEACHER_LR:g} (fp16-sft), else --recipe's (item 9)")
+    p.add_argument("--min_lr_ratio", type=float, default=None, help="the cosine ends at lr x this (item 10)")
+    p.add_argument("--warmup_ratio", type=float, default=None, help="linear warmup, fraction of the steps (item 10)")
+    p.add_argument("--warmup_steps", type=int, default=None, help="overrides --warmup_ratio")
+    p.add_argument("--weight_decay", type=float, default=None, help="AdamW, not on norms and biases (item 11)")
+    p.add_argument("--beta2", type=float, default=None, help="AdamW β2; β1 0.9, eps 1e-8 (item 11)")
+    p.add_argument("--grad_clip", type=float, default=1.0, help="clip the global grad norm")
     p.add_argument("--gen_len", type=int, default=128, help="CNN/DM generation length (paper: up to 4096)")
-    p.add_argument("--eval_batch_size", type=int, default=8)
+    p.add_argument("--eval_batch_size", type=int, default=8, help="prompts per greedy generation batch")
     p.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16"),
                    help="autocast dtype; auto = bfloat16 on CUDA GPUs that support it, else float32")
-    p.add_argument("--out_dir", default=None, help="default out/<task>-<method>")
+    p.add_argument("--out_dir", default=None, help="None: out/<task>-<method>")
     p.add_argument("--save_every", type=int, default=0, help="checkpoint every N steps (0: at the end)")
     p.add_argument("--resume", action="store_true", help="continue from <out_dir>/ckpt.pt")
     p.add_argument("--eval_only", action="store_true", help="evaluate <out_dir>/ckpt.pt, no training")
-    p.add_argument("--seed", type=int, default=1337)
+    p.add_argument("--seed", type=int, default=1337, help="data order and initialisation")
     args = p.parse_args(argv)
     summ = get_task(args.task)["kind"] == "sum"
     args.lambda_ld = args.lambda_ld if args.lambda_ld is not None else (1.0 if summ else 10.0)
     args.gamma_ad = args.gamma_ad if args.gamma_ad is not None else (1e3 if summ else 1e5)
-    args.lr = args.lr if args.lr is not None else (2e-5 if args.method == "fp16-sft" else 1e-4)
+    if args.lr is None and args.method == "fp16-sft":
+        args.lr = TEACHER_LR
+    apply_recipe(args)
     args.out_dir = args.out_dir or os.path.join("out", f"{args.task}-{args.method}")
     args.teacher = args.teacher or os.path.join(os.path.dirname(args.out_dir), f"{args.task}-fp16-sft", "ckpt.pt")
     return args
@@ -303,8 +344,8 @@ def train(args, model, student, teacher, tok, layers, ctx, device, dist, own=Non
     grad_accum = args.batch_size // per_step
     data = load_examples(args.task, "train", args.data_dir, args.train_limit)
     max_steps = args.max_steps or math.ceil(args.epochs * len(data) / args.batch_size)
-    warmup = args.warmup_steps if args.warmup_steps is not None else int(0.03 * max_steps)
-    opt = torch.optim.AdamW(student.parameters(), lr=args.lr, weight_decay=args.weight_decay, betas=(0.9, 0.95))
+    warmup = args.warmup_steps if args.warmup_steps is not None else int(args.warmup_ratio * max_steps)
+    opt = adamw(student, args.lr, args.weight_decay, (0.9, args.beta2), 1e-8, device)
     step = 0
     if own is not None:
         opt.load_state_dict(own.ckpt["optimizer"])
@@ -355,8 +396,8 @@ def train(args, model, student, teacher, tok, layers, ctx, device, dist, own=Non
 def report(args, student, tok, device, ctx):
     """Greedy evaluation, results.json beside the checkpoint, and the Table 1/2 layout."""
     evals = load_examples(args.task, "validation", args.data_dir, args.eval_limit)
-    metrics, speed, preds = evaluate(student, tok, args.task, evals, args.max_len, args.gen_len,
-                                     args.eval_batch_size, device, ctx)
+    metrics, speed, preds = evaluate(student, tok, args.task, evals, args.max_len, args.gen_len, args.eval_batch_size,
+                                     device, ctx, chat_tokens(tok) if args.prompt == "chat" else None)
     res = {"task": args.task, "method": args.method, "label": args.label, "metrics": metrics,
            "speed": speed, "memory_gb": weight_memory_gb(student), "n_eval": len(evals),
            "checkpoint": os.path.abspath(os.path.join(args.out_dir, "ckpt.pt")), "args": vars(args),
@@ -376,7 +417,7 @@ def main(argv=None):
     own = None
     if args.eval_only or args.resume:   # this run's own checkpoint: its weights, row name and tokenizer
         own = read_checkpoint(ckpt_path)
-        args.label = own.args["label"]
+        args.label, args.prompt = own.args["label"], own.args.get("prompt", "plain")   # as it was trained
         if args.eval_only:
             args.student = args.model = ckpt_path
     student, teacher, tok = build_models(args, device, own)

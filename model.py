@@ -47,6 +47,7 @@ class Qwen3Config:
     model_type: str = "qwen3"
     bitnet: bool = False         # set by subln.convert_to_bitnet: linears are BitLinear
     subln: bool = False          # set by subln.convert_to_bitnet: SubLN before o_proj and down_proj
+    subln_all: bool = False      # ... and before q/k/v/gate/up too (the authors' released runs)
 
     @classmethod
     def from_hf(cls, d):
@@ -151,16 +152,20 @@ class Attention(nn.Module):
         self.qk_norm = c.qk_norm
         self.subln = nn.Identity()  # Eq. (4): subln.py puts SubLN here, right before o_proj
 
-    def forward(self, x, cos, sin, mask, cache=None, layer_idx=0, return_qkv=False):
-        """x (B, T, C) -> (B, T, C); with return_qkv also (Q, K, V) of this layer for Eq. (10)."""
+    def forward(self, x, cos, sin, mask, cache=None, layer_idx=0, return_qkv=False, qk_after_rope=True):
+        """x (B, T, C) -> (B, T, C); with return_qkv also (Q, K, V) of this layer for Eq. (10):
+        after q/k-norm and before the GQA repeat; Q and K after RoPE (as the authors' code hands
+        them to L_AD) or before it (qk_after_rope=False)."""
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.n_head, self.head_dim).transpose(1, 2)     # (B, nh, T, hd)
         k = self.k_proj(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)  # (B, nkv, T, hd)
         v = self.v_proj(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)  # (B, nkv, T, hd)
         if self.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
-        qkv = (q, k, v)  # Eq. (10): A ~ {Q, K, V}, before RoPE and before the GQA repeat
+        qkv = (q, k, v)  # Eq. (10): A ~ {Q, K, V}, before the GQA repeat
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if qk_after_rope:
+            qkv = (q, k, v)
         if cache is not None:
             s = cache.length
             cache.k[layer_idx][:, :, s:s + T] = k
@@ -197,8 +202,8 @@ class Block(nn.Module):
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.mlp = MLP(config)
 
-    def forward(self, x, cos, sin, mask, cache=None, layer_idx=0, return_qkv=False):
-        a = self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, layer_idx, return_qkv)
+    def forward(self, x, cos, sin, mask, cache=None, layer_idx=0, return_qkv=False, qk_after_rope=True):
+        a = self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, layer_idx, return_qkv, qk_after_rope)
         a, qkv = a if return_qkv else (a, None)
         x = x + a
         x = x + self.mlp(self.post_attention_layernorm(x))
@@ -218,10 +223,11 @@ class Qwen3(nn.Module):
         if config.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight  # one tensor, two uses
 
-    def forward(self, idx, attention_mask=None, cache=None, last_only=False, qkv_layer=None):
+    def forward(self, idx, attention_mask=None, cache=None, last_only=False, qkv_layer=None, qk_after_rope=True):
         """idx: (B, T) token ids; attention_mask: (B, past + T) with 1 = real token, or None.
         Returns logits (B, T, vocab), or (B, 1, vocab) with last_only. With qkv_layer=i, returns
-        (logits, (Q, K, V)) of layer i: the states Eq. (10) distils, each (B, heads, T, head_dim)."""
+        (logits, (Q, K, V)) of layer i: the states Eq. (10) distils, each (B, heads, T, head_dim),
+        Q and K after RoPE unless qk_after_rope=False."""
         B, T = idx.shape
         past = cache.check_room(T) if cache is not None else 0
         if attention_mask is None:
@@ -243,7 +249,7 @@ class Qwen3(nn.Module):
         qkv = None
         for i, block in enumerate(self.model.layers):
             if i == qkv_layer:
-                x, qkv = block(x, cos, sin, mask, cache, i, return_qkv=True)
+                x, qkv = block(x, cos, sin, mask, cache, i, return_qkv=True, qk_after_rope=qk_after_rope)
             else:
                 x = block(x, cos, sin, mask, cache, i)
         if cache is not None:

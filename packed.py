@@ -130,22 +130,38 @@ class PackedBlock(nn.Module):
         self.eps = c.rms_norm_eps
         q_dim, kv_dim, I = self.n_head * self.head_dim, self.n_kv_head * self.head_dim, c.intermediate_size
         self.input_layernorm = RMSNorm(c.hidden_size, c.rms_norm_eps)
-        self.qkv = PackedLinear(c.hidden_size, q_dim + 2 * kv_dim, bias=c.qkv_bias)
+        self.subln_all = c.subln_all
+        if c.subln_all:   # a SubLN of its own before each of q, k, v, gate, up: five linears, not two fused
+            C = c.hidden_size
+            self.qkv_parts = nn.ModuleList([PackedLinear(C, n, bias=c.qkv_bias) for n in (q_dim, kv_dim, kv_dim)])
+            self.gate_up_parts = nn.ModuleList([PackedLinear(C, I), PackedLinear(C, I)])
+            self.in_norms = nn.ModuleList([RMSNorm(C, c.rms_norm_eps) for _ in range(5)])  # q, k, v, gate, up
+        else:
+            self.qkv = PackedLinear(c.hidden_size, q_dim + 2 * kv_dim, bias=c.qkv_bias)
+            self.gate_up = PackedLinear(c.hidden_size, 2 * I)
         self.q_norm = RMSNorm(self.head_dim, c.rms_norm_eps) if c.qk_norm else None
         self.k_norm = RMSNorm(self.head_dim, c.rms_norm_eps) if c.qk_norm else None
         self.attn_subln = RMSNorm(q_dim, c.rms_norm_eps) if c.subln else nn.Identity()   # Eq. (4)
         self.o = PackedLinear(q_dim, c.hidden_size)
         self.post_attention_layernorm = RMSNorm(c.hidden_size, c.rms_norm_eps)
-        self.gate_up = PackedLinear(c.hidden_size, 2 * I)
         self.mlp_subln = RMSNorm(I, c.rms_norm_eps) if c.subln else nn.Identity()        # Eq. (5)
         self.down = PackedLinear(I, c.hidden_size)
 
+    def project(self, x, norm, fused, parts, first):
+        """x (B, T, C) -> the fused projection (B, T, sum of outputs). Standard SubLN: one C call
+        with the block's RMSNorm fused in. SubLN before all seven: the block's RMSNorm in PyTorch,
+        then one C call per projection with its own SubLN fused in."""
+        if not self.subln_all:
+            return fused(x, norm=norm)
+        h = norm(x)
+        return torch.cat([lin(h, norm=self.in_norms[first + i]) for i, lin in enumerate(parts)], dim=-1)
+
     def forward(self, x, cos, sin, cache, layer_idx):
-        """x (B, T, C) fp32; cos/sin (B*T, hd). Four C calls (each with its RMSNorm fused in),
-        one for q/k norms + RoPE, and PyTorch for the cache and attention."""
+        """x (B, T, C) fp32; cos/sin (B*T, hd). Four C calls (each with its RMSNorm fused in; seven
+        with SubLN before all projections), one for q/k norms + RoPE, PyTorch for the cache and attention."""
         B, T, _ = x.shape
         nh, nkv, hd = self.n_head, self.n_kv_head, self.head_dim
-        qkv = self.qkv(x, norm=self.input_layernorm)                      # (B, T, (nh+2nkv)*hd)
+        qkv = self.project(x, self.input_layernorm, getattr(self, "qkv", None), getattr(self, "qkv_parts", None), 0)
         qk_w = (None, None) if self.q_norm is None else (self.q_norm.weight.detach(), self.k_norm.weight.detach())
         qk_norm_rope(qkv.view(B * T, -1), nh, nkv, hd, *qk_w, self.eps, cos, sin)  # in place
         q, k, v = qkv.view(B, T, nh + 2 * nkv, hd).transpose(1, 2).split([nh, nkv, nkv], dim=1)  # (B, h, T, hd)
@@ -163,7 +179,8 @@ class PackedBlock(nn.Module):
                                            enable_gqa=True)                               # (B, nh, T, hd)
         y = y.transpose(1, 2).reshape(B, T, nh * hd)                                      # (B, T, nh*hd)
         x = x + self.o(y, norm=self.attn_subln)                                           # Eq. (4)
-        gate_up = self.gate_up(x, norm=self.post_attention_layernorm)                     # (B, T, 2I)
+        gate_up = self.project(x, self.post_attention_layernorm, getattr(self, "gate_up", None),
+                               getattr(self, "gate_up_parts", None), 3)                   # (B, T, 2I)
         return x + self.down(gate_up, norm=self.mlp_subln, swiglu=True)                   # Eq. (5)
 
 
@@ -211,10 +228,17 @@ class PackedQwen3(nn.Module):
             a, mlp = blk.self_attn, blk.mlp
             pb.input_layernorm.weight.copy_(blk.input_layernorm.weight)
             pb.post_attention_layernorm.weight.copy_(blk.post_attention_layernorm.weight)
-            pb.qkv = PackedLinear.from_bitlinears(a.q_proj, a.k_proj, a.v_proj)
             pb.o = PackedLinear.from_bitlinears(a.o_proj)
-            pb.gate_up = PackedLinear.from_bitlinears(mlp.gate_proj, mlp.up_proj)
             pb.down = PackedLinear.from_bitlinears(mlp.down_proj)
+            if c.subln_all:
+                lins = (a.q_proj, a.k_proj, a.v_proj, mlp.gate_proj, mlp.up_proj)
+                pb.qkv_parts = nn.ModuleList([PackedLinear.from_bitlinears(l) for l in lins[:3]])
+                pb.gate_up_parts = nn.ModuleList([PackedLinear.from_bitlinears(l) for l in lins[3:]])
+                for n, l in zip(pb.in_norms, lins):
+                    n.weight.copy_(l.in_norm.weight)
+            else:
+                pb.qkv = PackedLinear.from_bitlinears(a.q_proj, a.k_proj, a.v_proj)
+                pb.gate_up = PackedLinear.from_bitlinears(mlp.gate_proj, mlp.up_proj)
             if c.qk_norm:
                 pb.q_norm.weight.copy_(a.q_norm.weight)
                 pb.k_norm.weight.copy_(a.k_norm.weight)

@@ -8,7 +8,8 @@ conversion of a full-precision Qwen3 into a 1.58-bit BitNet.
 Every q, k, v, o, gate, up, down projection becomes a BitLinear (Eq. 1-3, bitlinear.py). The
 embeddings, the lm_head and every RMSNorm that was already there stay full precision (they are
 counted as such wherever memory is reported). With subln=False (the ablation of Table 5) only
-the linears change.
+the linears change; with subln_all=True a SubLN also goes before q, k, v, gate and up (the
+authors' released runs; the paper's text puts it only before o_proj and down_proj).
 
     from model import Qwen3
     from subln import convert_to_bitnet
@@ -28,30 +29,38 @@ class SubLN(RMSNorm):
     variance in range and stabilises training (paper section 3.1)."""
 
 
-def convert_to_bitnet(model, subln=True):
-    """In place: Qwen3 -> 1.58-bit BitNet. Returns the model. Latent weights are copied unchanged."""
+def convert_to_bitnet(model, subln=True, subln_all=False):
+    """In place: Qwen3 -> 1.58-bit BitNet. Returns the model. Latent weights are copied unchanged.
+    subln: SubLN before o_proj and down_proj, Eq. (4)-(5). subln_all: also before q, k, v, gate and
+    up (each its own, inside the BitLinear), as the authors' released runs do (their
+    `standard_bitnet=False`; recipe-audit item 5)."""
     c = model.config
     if c.bitnet:
         raise ValueError("model is already converted to BitNet")
+    if subln_all and not subln:
+        raise ValueError("SubLN before all seven projections needs SubLN (drop --no_subln or use --subln_at o_down)")
     for block in model.model.layers:
         for part, names in LINEARS.items():
             mod = getattr(block, part)
             for name in names:
                 setattr(mod, name, BitLinear.from_linear(getattr(mod, name)))
+                lin = getattr(mod, name)
+                if subln_all and name not in ("o_proj", "down_proj"):   # input: the hidden state, width C
+                    lin.in_norm = SubLN(c.hidden_size, c.rms_norm_eps).to(lin.weight)
         if subln:
             w = block.self_attn.o_proj.weight
             block.self_attn.subln = SubLN(c.num_attention_heads * c.head_dim, c.rms_norm_eps).to(w)  # Eq. (4)
             block.mlp.subln = SubLN(c.intermediate_size, c.rms_norm_eps).to(w)                     # Eq. (5)
-    c.bitnet, c.subln = True, subln
+    c.bitnet, c.subln, c.subln_all = True, subln, subln_all
     return model
 
 
 def build_model(config):
     """An (untrained) model of `config`, converted to BitNet if config.bitnet says so: the skeleton
     that one of our checkpoints' state dict loads into strictly."""
-    bitnet, subln = config.bitnet, config.subln
-    config.bitnet, config.subln = False, False
+    bitnet, subln, subln_all = config.bitnet, config.subln, config.subln_all
+    config.bitnet, config.subln, config.subln_all = False, False, False
     model = Qwen3(config)
     if bitnet:
-        convert_to_bitnet(model, subln=subln)
+        convert_to_bitnet(model, subln=subln, subln_all=subln_all)
     return model

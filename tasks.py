@@ -84,19 +84,50 @@ def _load_hub(task, spec, split):
                            "BITDISTILL_DATA) to a folder laid out like ../shared/data.") from None
 
 
-def prompt_and_answer(task, ex):
+def prompt_and_answer(task, ex, chat=None):
+    """The prompt text and the answer text. Plain prompts: the answer follows after a space.
+    Chat prompts (chat = chat_tokens(tok)): the answer is the assistant's reply, no space."""
     spec = get_task(task)
     prompt = spec["template"].format(**{k: ex[k] for k in spec["fields"]})
-    answer = " " + (spec["labels"][ex["label"]] if spec["kind"] == "cls" else ex["highlights"])
-    return prompt, answer
+    answer = spec["labels"][ex["label"]] if spec["kind"] == "cls" else ex["highlights"]
+    return prompt, (answer if chat else " " + answer)
 
 
-def encode_prompt(tok, task, ex, max_tokens):
+# Qwen's chat template as the authors' runs use it (LLaMA-Factory template "qwen", its default
+# system message): <|im_start|>system\n{SYSTEM}<|im_end|>\n<|im_start|>user\n{prompt}<|im_end|>\n
+# <|im_start|>assistant\n{answer}<|im_end|>\n. The markers are single ids; the text between them is
+# encoded piece by piece, as a tokenizer splits text at special tokens.
+QWEN_SYSTEM = "You are Qwen, created by Alibaba Cloud. You are a helpful assistant."
+
+
+def chat_tokens(tok):
+    """(<|im_start|>, <|im_end|>) ids if the tokenizer has Qwen's chat tokens, else None."""
+    try:
+        return tok.encode_single_token("<|im_start|>"), tok.encode_single_token("<|im_end|>")
+    except (KeyError, AttributeError):
+        return None
+
+
+def stop_token(tok, chat):
+    """The token that ends an answer: <|im_end|> in chat prompts, <|endoftext|> otherwise."""
+    return chat[1] if chat else tok.eot_token
+
+
+def wrap_prompt(tok, prompt_text, chat):
+    if not chat:
+        return tok.encode(prompt_text)
+    s, e = chat
+    nl = tok.encode("\n")
+    return ([s] + tok.encode("system\n" + QWEN_SYSTEM) + [e] + nl + [s] + tok.encode("user\n" + prompt_text)
+            + [e] + nl + [s] + tok.encode("assistant\n"))
+
+
+def encode_prompt(tok, task, ex, max_tokens, chat=None):
     """Prompt ids, at most max_tokens: the longest field is cut (at its end) until it fits."""
     spec = get_task(task)
     ex = dict(ex)
     for _ in range(8):
-        ids = tok.encode(prompt_and_answer(task, ex)[0])
+        ids = wrap_prompt(tok, prompt_and_answer(task, ex, chat)[0], chat)
         excess = len(ids) - max_tokens
         if excess <= 0:
             return ids
@@ -108,11 +139,13 @@ def encode_prompt(tok, task, ex, max_tokens):
     raise RuntimeError("prompt truncation did not converge")
 
 
-def encode_example(tok, task, ex, max_len):
-    """Training ids: prompt + answer + <|endoftext|>; returns (ids, n_prompt). The answer keeps at
-    most max_len // 2 tokens (CNN/DM highlights); the prompt is cut to fit the rest."""
-    answer = tok.encode(prompt_and_answer(task, ex)[1])[:max_len // 2 - 1] + [tok.eot_token]
-    prompt = encode_prompt(tok, task, ex, max_len - len(answer))
+def encode_example(tok, task, ex, max_len, chat=None):
+    """Training ids: prompt + answer + its end (<|endoftext|>; in chat prompts <|im_end|> and a newline);
+    returns (ids, n_prompt). The answer keeps at most max_len // 2 tokens (CNN/DM highlights);
+    the prompt is cut to fit the rest."""
+    end = [chat[1]] + tok.encode("\n") if chat else [tok.eot_token]
+    answer = tok.encode(prompt_and_answer(task, ex, chat)[1])[:max_len // 2 - len(end)] + end
+    prompt = encode_prompt(tok, task, ex, max_len - len(answer), chat)
     return prompt + answer, len(prompt)
 
 
@@ -162,22 +195,23 @@ def summarization_scores(preds, refs):
 
 
 @torch.no_grad()
-def evaluate(model, tok, task, examples, max_len, gen_len, batch_size, device, ctx):
-    """Greedy generation on `examples`; returns (metrics dict, generated tokens/s)."""
+def evaluate(model, tok, task, examples, max_len, gen_len, batch_size, device, ctx, chat=None):
+    """Greedy generation on `examples`; returns (metrics dict, generated tokens/s, predictions)."""
     spec = get_task(task)
-    if spec["kind"] == "cls":  # the longest label word + <|endoftext|>
-        gen_len = max(len(tok.encode(" " + w)) for w in spec["labels"]) + 1
+    stop = stop_token(tok, chat)
+    if spec["kind"] == "cls":  # the longest label word + its end token
+        gen_len = max(len(tok.encode(("" if chat else " ") + w)) for w in spec["labels"]) + 1
     model.eval()
     preds, n_new, t0 = [], 0, time.time()
     for b in tqdm(range(0, len(examples), batch_size), desc=f"eval {task}", leave=False):
         batch = examples[b:b + batch_size]
-        prompts = [encode_prompt(tok, task, ex, max_len - gen_len) for ex in batch]
+        prompts = [encode_prompt(tok, task, ex, max_len - gen_len, chat) for ex in batch]
         idx, mask, _ = collate(prompts, tok.eot_token, left=True)
         with ctx:
             out = model.generate(idx.to(device), gen_len, temperature=0.0, top_p=1.0,
-                                 attention_mask=mask.to(device), eos_token_id=tok.eot_token)
+                                 attention_mask=mask.to(device), eos_token_id=stop)
         for row in out[:, idx.shape[1]:].tolist():
-            row = row[:row.index(tok.eot_token)] if tok.eot_token in row else row
+            row = row[:row.index(stop)] if stop in row else row
             n_new += len(row)
             preds.append(tok.decode(row))
     speed = n_new / max(time.time() - t0, 1e-9)

@@ -273,7 +273,7 @@ def test_qkv_of_one_layer_equal_transformers_states(tmp_path):
              attn.v_proj.register_forward_hook(lambda m, i, o: got.__setitem__("v", o.view(B, T, -1, hd)))]
     with torch.no_grad():
         hf(idx)
-        logits, qkv = ours(idx, qkv_layer=1)
+        logits, qkv = ours(idx, qkv_layer=1, qk_after_rope=False)          # the paper's reading
         assert torch.equal(logits, ours(idx))
     for h in hooks:
         h.remove()
@@ -281,6 +281,24 @@ def test_qkv_of_one_layer_equal_transformers_states(tmp_path):
         torch.testing.assert_close(x, got[name].transpose(1, 2), rtol=1e-5, atol=1e-5)   # (B, heads, T, hd)
     assert [tuple(x.shape) for x in qkv] == [(B, 4, T, hd), (B, 2, T, hd), (B, 2, T, hd)]
     assert not any(torch.is_tensor(v) for m in ours.modules() for v in vars(m).values())
+
+
+def test_qkv_after_rope_are_what_enters_attention(tmp_path, monkeypatch):
+    # the authors' capture point (recipe item 7): Q and K after RoPE, K/V before the GQA repeat,
+    # i.e. exactly what layer 1's attention multiplies (its K/V are the repeated ones)
+    _, path = make_hf(tmp_path, "qwen3", False, 4, 2)
+    ours = Qwen3.from_pretrained(path).eval()
+    idx = torch.randint(0, 256, (2, 10))
+    seen, real = [], F.scaled_dot_product_attention
+    monkeypatch.setattr(model_mod.F, "scaled_dot_product_attention",
+                        lambda q, k, v, **kw: seen.append((q, k, v)) or real(q, k, v, **kw))
+    with torch.no_grad():
+        _, (q, k, v) = ours(idx, qkv_layer=1)                          # default: after RoPE
+        _, (q0, k0, _) = ours(idx, qkv_layer=1, qk_after_rope=False)
+    sq, sk, sv = seen[1]                                                # layer 1 of the first forward
+    assert torch.equal(q, sq) and torch.equal(k.repeat_interleave(2, dim=1), sk)
+    assert torch.equal(v.repeat_interleave(2, dim=1), sv)
+    assert (q - q0).abs().max() > 1e-2 and (k - k0).abs().max() > 1e-2   # RoPE really moved them
 
 
 SCRIPTS = {"continue_train", "distill", "toy", "bench"}   # commands; everything else is a library module

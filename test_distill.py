@@ -16,7 +16,7 @@ import torch.nn.functional as F
 
 import distill
 import tasks
-from attn_relation import attention_relation_loss
+from attn_relation import attention_relation_loss, relation_heads
 from model import Qwen3, Qwen3Config
 from subln import convert_to_bitnet
 from training import load_model
@@ -156,30 +156,88 @@ def test_logits_distill_and_ce_against_direct_computation():
     assert distill.logits_distill_loss(t_logits, t_logits, answer, tau).abs().item() < 1e-6
 
 
-def test_eq13_total_is_ce_plus_lambda_ld_plus_gamma_ad():
-    # Eq. (13) against its three parts computed by the independent references above: a dropped
-    # term, a wrong weight or a sign flip changes the total by far more than the tolerance
+def loop_kl(p_logits, q_logits):
+    """KL(softmax(p) || softmax(q)) of two 1-D logit vectors, element by element."""
+    p, q = F.softmax(p_logits.double(), -1), F.softmax(q_logits.double(), -1)
+    return sum(p[v] * math.log(p[v] / q[v]) for v in range(len(p)))
+
+
+def test_recipe_items_against_loops():
+    # each authors'-code item on small tensors, against a loop written from its definition
+    torch.manual_seed(2)
+    B, T, V, tau = 2, 6, 5, 5.0
+    s_logits, t_logits = torch.randn(B, T, V) * 2, torch.randn(B, T, V) * 2
+    idx = torch.randint(0, V, (B, T))
+    mask = torch.tensor([[1, 1, 1, 1, 1, 1], [1, 1, 1, 1, 0, 0]])          # right padding
+    answer = torch.tensor([[0, 0, 0, 1, 1, 1], [0, 0, 1, 1, 0, 0]])
+    # L_LD, authors (items 3, 15): every position with mask 1, teacher and student at the same
+    # position (no shift, the last real one included), mean over those positions, times τ²
+    rows = [(b, i) for b in range(B) for i in range(T) if mask[b, i]]
+    ref = sum(loop_kl(t_logits[b, i] / tau, s_logits[b, i] / tau) for b, i in rows) / len(rows) * tau ** 2
+    got = distill.logits_distill_loss(s_logits, t_logits, mask, tau, form="authors")
+    assert got.item() == pytest.approx(float(ref), rel=1e-5)
+    # L_CE, authors (item 4): the mean over the answer tokens of the batch
+    nll = [-F.log_softmax(s_logits[b, i - 1].double(), -1)[idx[b, i]] for b in range(B) for i in range(1, T)
+           if answer[b, i]]
+    assert distill.ce_loss(s_logits, idx, answer, "token_mean").item() == pytest.approx(float(sum(nll) / len(nll)),
+                                                                                       rel=1e-5)
+    assert distill.ce_loss(s_logits, idx, answer, "sample_sum").item() == pytest.approx(float(sum(nll) / B), rel=1e-5)
+
+
+def authors_ad_reference(s_qkv, t_qkv, split_heads, n_layers=1):
+    """The authors' trainer, row by row: per Φ, the relation KL of every (sample, relation head,
+    token) row, divided by B·A_r·L (batchmean), summed over Φ, then divided by layers x A_r."""
+    total = 0.0
+    for s, t in zip(s_qkv, t_qkv):
+        B, L = s.shape[0], s.shape[2]
+        rs, rt = relation_heads(s.double(), split_heads), relation_heads(t.double(), split_heads)  # (B, A_r, L, D)
+        kl = 0.0
+        for b in range(B):
+            for a in range(split_heads):
+                xs, xt = F.normalize(rs[b, a], dim=-1), F.normalize(rt[b, a], dim=-1)
+                for i in range(L):
+                    kl += loop_kl(xt[i] @ xt.T, xs[i] @ xs.T)
+        total += kl / (B * split_heads * L)
+    return total / (n_layers * split_heads)
+
+
+def test_ad_authors_normalisation_against_a_loop():
+    # item 1: at the same γ the authors' L_AD is A_r times smaller than Eq. (11) as printed
+    s_qkv, t_qkv = random_qkv(2, 5, 4, 2, 8, seed=5), random_qkv(2, 5, 8, 4, 8, seed=6)
+    ref = authors_ad_reference(s_qkv, t_qkv, 8)
+    got = attention_relation_loss(s_qkv, t_qkv, 8, norm="authors")
+    assert got.item() == pytest.approx(float(ref), rel=1e-5)
+    assert attention_relation_loss(s_qkv, t_qkv, 8).item() == pytest.approx(8 * float(ref), rel=1e-5)
+
+
+@pytest.mark.parametrize("recipe", ["paper", "authors"])
+def test_eq13_total_is_ce_plus_lambda_ld_plus_gamma_ad(recipe):
+    # Eq. (13) against its three parts computed by independent references: a dropped term, a
+    # wrong weight or a sign flip changes the total by far more than the tolerance
     torch.manual_seed(1)
     B, T, V = 2, 5, 7
     s_logits, t_logits = torch.randn(B, T, V) * 2, torch.randn(B, T, V) * 2
     idx, mask = torch.randint(0, V, (B, T)), torch.ones(B, T, dtype=torch.long)
     answer = torch.tensor([[0, 0, 1, 1, 1], [0, 0, 0, 1, 1]])
     s_qkv, t_qkv = random_qkv(B, T, 4, 2, 8, seed=3), random_qkv(B, T, 4, 2, 8, seed=4)
-    args = distill.get_args(["--task", "sst2", "--lambda_ld", "3", "--gamma_ad", "70"])
-    args.split_heads = 4
-    ce = distill.ce_loss(s_logits, idx, answer)                              # pinned by the test above
-    ld = distill.logits_distill_loss(s_logits, t_logits, answer, args.tau)   # pinned by the test above
-    ad = algorithm1_reference(s_qkv, t_qkv, 4)                               # Algorithm 1 as printed
-    assert min(ce, 3 * ld, 70 * ad) > 0.05                                   # every term matters
+    args = distill.get_args(["--task", "sst2", "--lambda_ld", "3", "--gamma_ad", "70", "--recipe", recipe,
+                             "--split_heads", "4"])
+    ce = distill.ce_loss(s_logits, idx, answer, args.ce_form)            # pinned by the tests above
+    if recipe == "paper":
+        ld = distill.logits_distill_loss(s_logits, t_logits, answer, args.tau)   # pinned above
+        ad = algorithm1_reference(s_qkv, t_qkv, 4)                               # Algorithm 1 as printed
+    else:
+        ld = distill.logits_distill_loss(s_logits, t_logits, mask, args.tau, "authors")
+        ad = authors_ad_reference(s_qkv, t_qkv, 4)
+    assert min(ce, 3 * ld, 70 * ad) > 0.05                                       # every term matters
     loss, terms = distill.distill_loss({"logits": s_logits, "qkv": s_qkv}, {"logits": t_logits, "qkv": t_qkv},
                                        idx, mask, answer, args)
-    torch.testing.assert_close(loss, ce + 3 * ld + 70 * ad, rtol=1e-5, atol=1e-6)
-    assert terms == pytest.approx({"ce": ce.item(), "ld": ld.item(), "ad": ad.item()}, rel=1e-5)
+    assert loss.item() == pytest.approx(float(ce + 3 * ld + 70 * ad), rel=1e-5)
+    assert terms == pytest.approx({"ce": float(ce), "ld": float(ld), "ad": float(ad)}, rel=1e-5)
     # a switched-off term (teacher output None) leaves the sum, and only it
     loss, terms = distill.distill_loss({"logits": s_logits, "qkv": s_qkv}, {"logits": None, "qkv": t_qkv},
                                        idx, mask, answer, args)
-    torch.testing.assert_close(loss, ce + 70 * ad, rtol=1e-5, atol=1e-6)
-    assert set(terms) == {"ce", "ad"}
+    assert loss.item() == pytest.approx(float(ce + 70 * ad), rel=1e-5) and set(terms) == {"ce", "ad"}
 
 
 # ----------------------------------------------------------------------------- data and prompts

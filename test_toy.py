@@ -14,9 +14,10 @@ def test_toy_pipeline_smoke(tmp_path, data_dir):
     toy.main(["--preset", "smoke", "--out", str(out), "--data_dir", data_dir, "--ablations"])
     teacher = load_model(str(out / "pretrain" / "ckpt.pt"))
     assert not teacher.config.bitnet and teacher.config.vocab_size == 512
+    out = out / "authors"                                  # every stage after pretraining: --recipe authors
     for name, subln in (("ct", True), ("ct_nosubln", False)):
         student = load_model(str(out / name / "ckpt.pt"))  # strict load
-        assert student.config.bitnet and student.config.subln == subln
+        assert student.config.bitnet and student.config.subln == subln and student.config.subln_all == subln
     rows = json.load(open(out / "results.json"))
     assert [r["row"] for r in rows] == [r[0] for r in toy.sft_runs(True)]
     for row, _, method, *_ in toy.sft_runs(True):
@@ -30,5 +31,13 @@ def test_toy_pipeline_smoke(tmp_path, data_dir):
     assert (out / "toy.png").stat().st_size > 10_000 and (out / "results.csv").exists()
     # a finished stage is not run again: a second call only re-reads the results
     before = os.path.getmtime(out / "ct" / "ckpt.pt")
-    toy.main(["--preset", "smoke", "--out", str(out), "--data_dir", data_dir, "--ablations"])
+    toy.main(["--preset", "smoke", "--out", str(out.parent), "--data_dir", data_dir, "--ablations"])
     assert os.path.getmtime(out / "ct" / "ckpt.pt") == before
+    # SubLN before all seven projections, through stage 2 -> stage 3 -> packed inference: the
+    # BitDistill checkpoint packs, and its greedy tokens equal the fake-quantized model's
+    from packed import PackedQwen3
+    model = load_model(os.path.join(toy.run_dir(str(out), "sst2", 1, "BitDistill"), "ckpt.pt")).eval()
+    assert model.config.subln_all
+    pm = PackedQwen3.from_bitnet(model, "fp32")
+    idx = torch.randint(0, 512, (2, 12), generator=torch.Generator().manual_seed(0))
+    assert torch.equal(pm.generate(idx, 16), model.generate(idx, 16))

@@ -67,7 +67,7 @@ def test_loss_goes_down_on_the_corpus(tmp_path, data_dir, byte_tok, tiny_hf):
     assert sum(tr[-5:]) / 5 < tr[0] - 1.0, tr
     assert m["val"][-1]["loss"] < m["val"][0]["loss"] - 1.0
     assert m["val"][-1]["ppl"] == pytest.approx(math.exp(m["val"][-1]["loss"]))
-    assert m["label"] == "1.58-bit, SubLN"
+    assert m["label"] == "1.58-bit, SubLN before all 7"   # --recipe authors: SubLN before all projections
     for f in ("ckpt.pt", "train_log.csv", "loss.png"):
         assert (out / f).exists()
 
@@ -123,7 +123,10 @@ def test_fsdp_two_processes_match_one_and_resume(tmp_path, data_dir, byte_tok, t
     # 1 process x 4 micro-batches == 2 FSDP processes x 2 micro-batches (accumulation + clipping on
     # shards). The FSDP run stops at step 2 and resumes to step 4: all 4 steps are warmup, whose lr does
     # not depend on --tokens, so the two halves follow the same schedule as the uninterrupted run.
-    args = ["--grad_accum", "4", "--eval_interval", "2", "--warmup_steps", "4"]
+    # SubLN only before o_proj/down_proj here: with SubLN before all seven projections, FSDP's other
+    # summation order moved one int8 activation rounding and the step-4 val loss by 5.7e-4 (relative),
+    # beyond this exactness check's 1e-4; the check is about FSDP's mechanics, not the SubLN layout
+    args = ["--grad_accum", "4", "--eval_interval", "2", "--warmup_steps", "4", "--subln_at", "o_down"]
     _, single = run(tmp_path, data_dir, byte_tok, tiny_hf, "--tokens", str(4 * 2 * 32 * 4), *args, name="single")
     out, _ = run_torchrun(tmp_path, data_dir, byte_tok, tiny_hf, "--fsdp", "--tokens", str(2 * 2 * 32 * 4), *args,
                           name="fsdp")

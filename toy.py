@@ -129,6 +129,8 @@ def main(argv=None):
     p.add_argument("--gamma_ad", default=None, help="γ for BitDistill (default: the paper's 1e5)")
     p.add_argument("--lambda_ld", default=None, help="λ for BitDistill (default: the paper's 10)")
     p.add_argument("--distill_layer", default=None, help="student layer for L_AD (default: distill.py's)")
+    p.add_argument("--recipe", default="authors", choices=("authors", "paper"),
+                   help="passed to every stage after pretraining, whose runs go to <out>/<recipe>/ (default: %(default)s)")
     args = p.parse_args(argv)
     if not args.data_dir or not os.path.isdir(args.data_dir):
         sys.exit("no data folder: set BITDISTILL_DATA (e.g. export BITDISTILL_DATA=../shared/data) or pass --data_dir")
@@ -148,14 +150,19 @@ def main(argv=None):
          "--out_dir", os.path.dirname(teacher), "--seed", "0"] + pre["pretrain"] + data,
         os.path.join(out, "pretrain", "DONE"), os.path.join(out, "pretrain.log"))
     open(os.path.join(out, "pretrain", "DONE"), "w").close()
-    # 4. stages 1 + 2: SubLN + BitLinear, continued pre-training (and without SubLN for Figure 3a)
+    # 4. stages 1 + 2: SubLN + BitLinear, continued pre-training (and without SubLN for Figure 3a);
+    # from here on every stage follows --recipe, in its own folder
+    recipe = ["--recipe", args.recipe]
+    out = os.path.join(out, args.recipe)
     cts = {"ct": ["--subln"]} | ({"ct_nosubln": ["--no_subln"]} if args.ablations else {})
     for name, flags in cts.items():
         d = os.path.join(out, name)
         run(["continue_train.py", "--init", teacher, "--quant", "bitnet", "--out_dir", d, "--seed", "1"]
-            + flags + pre["ct"] + data, os.path.join(d, "DONE"), os.path.join(out, name + ".log"))
+            + recipe + flags + pre["ct"] + data, os.path.join(d, "DONE"), os.path.join(out, name + ".log"))
         open(os.path.join(d, "DONE"), "w").close()
     start = {"teacher": teacher, "ct": os.path.join(out, "ct", "ckpt.pt")}
+    # the toy LM was pretrained on plain text and never saw chat markup: plain prompts
+    recipe += ["--prompt", "plain"]
     # 2, 3, 5 (and the ablations) for each seed
     extra = []
     for flag in ("gamma_ad", "lambda_ld", "distill_layer"):
@@ -168,7 +175,7 @@ def main(argv=None):
             teach = ["--teacher", os.path.join(run_dir(out, args.task, seed, "FP16-SFT"), "ckpt.pt")]
             lr = pre["lr_fp"] if method == "fp16-sft" else pre["lr_bit"]
             run(["distill.py", "--task", args.task, "--method", method, "--out_dir", d, "--seed", str(seed),
-                 "--lr", lr] + src + (teach + extra if method == "bitdistill" else []) + flags
+                 "--lr", lr] + recipe + src + (teach + extra if method == "bitdistill" else []) + flags
                 + pre["sft"] + pre["eval"] + data, os.path.join(d, "results.json"), d + ".log")
     print(f"pipeline finished in {(time.time() - t_start) / 60:.1f} min")
     report(args, out)

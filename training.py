@@ -15,6 +15,7 @@ import this module and the model code, never each other.
     from training import load_model
     model = load_model("out/continue_train/ckpt.pt")   # or "Qwen/Qwen3-0.6B", or an HF folder
 """
+import argparse
 import functools
 import json
 import math
@@ -100,6 +101,15 @@ def check_finite(loss, step, ckpt_path):
             f"loss is {value} at step {step}: training diverged and was stopped; {kept}. "
             "Resume from it with --resume and a lower --lr (or more --warmup_steps, smaller --grad_clip).")
     return value
+
+
+def adamw(model, lr, weight_decay, betas, eps, device):
+    """AdamW with weight decay on 2-D weights (linears, embeddings) only, none on norms and biases
+    (as nanoGPT and the authors' trainer do)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
+              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, fused=device.type == "cuda")
 
 
 @functools.lru_cache(maxsize=4)
@@ -227,6 +237,10 @@ def load_model(path, dtype=torch.float32):
 
 
 # ----------------------------------------------------------------------------- command line
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """--help shows the script's docstring as written and every option's default."""
+
 
 def run_cli(main, errors=(FileNotFoundError, ValueError, ConnectionError, NonFiniteLossError)):
     """Bad input gets one line `<script>: error: ...` that says what is wrong and how to fix it."""

@@ -1,0 +1,74 @@
+"""
+The recipe: where the paper's text and the authors' released code (microsoft/BitNet pull request
+382, folder bitdistill/, the code that produced the paper's tables) differ, and what we do.
+
+    --recipe authors   the default: the released code's choices, item by item
+    --recipe paper     the paper's literal text wherever it says something; where the text is
+                       silent (optimizer, prompt, Q/K capture point, distilled layer) there is
+                       nothing to follow, so both recipes use the authors' values
+
+Every item is also a flag of its own (continue_train.py / distill.py), which wins over --recipe;
+the resolved values are saved in each run's checkpoint and results.json. The audit behind this
+table is ../shared/recipe-audit.md (item numbers below are its rows).
+
+    from recipe import apply_recipe
+    apply_recipe(args)   # fills every item left at None from RECIPES[args.recipe]
+"""
+import math
+
+# item: (authors' code, paper's text). Items the paper's text does not settle carry the authors'
+# value in both columns.
+ITEMS = {
+    # stage 1 / 2
+    "subln_at":    ("all", "o_down"),            # 5: SubLN before all 7 projections / before o_proj, down_proj (Eq. 4-5)
+    # stage 3, the losses
+    "ad_norm":     ("authors", "paper"),          # 1: L_AD / (layers x A_r) after Algorithm 1's batchmean / Eq. 11 as printed
+    "split_heads": (32, None),                    # 2: A_r = 32 / "the number of attention heads" (None: the student's)
+    "ld_form":     ("authors", "paper"),          # 3, 15: every non-pad position, token mean, x τ² / answer tokens, Σ/N (Eq. 8-9)
+    "ce_form":     ("token_mean", "sample_sum"),  # 4: mean over answer tokens / Σ over answer tokens, 1/N (Eq. 14)
+    "qk_capture":  ("after_rope", "after_rope"),  # 7: the paper does not say; the authors take Q/K after RoPE
+    "distill_layer": ("auto", "auto"),            # 6: the paper: "a later layer" (Fig. 3b); auto = distill_layer_for()
+    "prompt":      ("auto", "auto"),              # 12: not given in the paper; auto = Qwen chat template if the tokenizer has it
+    # stage 3, the optimizer (grid-searched in the paper, no values given)
+    "lr":          (5e-5, 5e-5),                  # 9: student (Qwen3-0.6B yaml); the fp16-sft teacher: TEACHER_LR
+    "epochs":      (3.0, 3.0),                    # 10
+    "warmup_ratio": (0.05, 0.05),                 # 10: then cosine
+    "min_lr_ratio": (0.0, 0.0),                   # 10: cosine decays to 0
+    "weight_decay": (0.01, 0.01),                 # 11: not on norms and biases
+    "beta2":       (0.999, 0.999),                # 11: AdamW betas (0.9, 0.999), eps 1e-8
+}
+AUTHORS_SPLIT_HEADS = ITEMS["split_heads"][0]
+TEACHER_LR = 1e-5                                 # 9: sft_nli.yaml, the FP16-SFT run
+RECIPES = {name: {k: v[i] for k, v in ITEMS.items()} for i, name in enumerate(("authors", "paper"))}
+
+# 6: the layer the authors distil, by (layers, hidden size) of the known Qwen3 sizes (0-based
+# index into model.layers, as their trainer indexes its per-layer states)
+AUTHORS_LAYER = {(28, 1024): 22,   # Qwen3-0.6B: layers_used_for_distill [22], sft_nli_bitnet_allnorm_distill.yaml
+                 (28, 2048): 24}   # Qwen3-1.7B: qwen3-exp.sh
+
+
+def distill_layer_for(config):
+    """The authors' layer for a known Qwen3 size; otherwise the same relative depth, int(0.8 · L)
+    (22 of 28), capped at the last layer."""
+    L = config.num_hidden_layers
+    return AUTHORS_LAYER.get((L, config.hidden_size), min(int(0.8 * L), L - 1))
+
+
+def relation_heads_for(requested, widths):
+    """A_r. The authors' 32 where it divides every Q and K/V width (heads x head_dim) of student and
+    teacher, as in Qwen3 (2048 and 1024 for 0.6B); on a model too narrow for it (a toy), the largest
+    divisor of 32 that does: gcd(32, widths). Any other value is used as given (and checked)."""
+    if requested != AUTHORS_SPLIT_HEADS or all(w % requested == 0 for w in widths):
+        return requested
+    return math.gcd(requested, *widths)
+
+
+def apply_recipe(args, items=None):
+    """Every recipe item of args that is None (not given on the command line) takes the value of
+    RECIPES[args.recipe]. items: the names this script has (default: all it has as attributes)."""
+    if args.recipe not in RECIPES:
+        raise ValueError(f"--recipe must be one of {sorted(RECIPES)}, got {args.recipe!r}")
+    for k, v in RECIPES[args.recipe].items():
+        if (items is None or k in items) and hasattr(args, k) and getattr(args, k) is None:
+            setattr(args, k, v)
+    return args
