@@ -20,7 +20,6 @@ Padding: `attention_mask` (B, T) has 1 for real tokens, 0 for padding. Left and 
 both correct in forward (positions come from the mask); generate() expects left padding.
 """
 import json
-import math
 import os
 from dataclasses import dataclass, asdict, fields
 

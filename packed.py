@@ -147,12 +147,13 @@ class PackedBlock(nn.Module):
         self.mlp_subln = RMSNorm(I, c.rms_norm_eps) if c.subln else nn.Identity()        # Eq. (5)
         self.down = PackedLinear(I, c.hidden_size)
 
-    def project(self, x, norm, fused, parts, first):
-        """x (B, T, C) -> the fused projection (B, T, sum of outputs). Standard SubLN: one C call
-        with the block's RMSNorm fused in. SubLN before all seven: the block's RMSNorm in PyTorch,
-        then one C call per projection with its own SubLN fused in."""
+    def project(self, x, norm, which):
+        """x (B, T, C) -> the fused projection `which` ("qkv" or "gate_up"), (B, T, sum of outputs).
+        Standard SubLN: one C call with the block's RMSNorm fused in. SubLN before all seven: the
+        block's RMSNorm in PyTorch, then one C call per projection with its own SubLN fused in."""
         if not self.subln_all:
-            return fused(x, norm=norm)
+            return getattr(self, which)(x, norm=norm)
+        parts, first = (self.qkv_parts, 0) if which == "qkv" else (self.gate_up_parts, 3)
         h = norm(x)
         return torch.cat([lin(h, norm=self.in_norms[first + i]) for i, lin in enumerate(parts)], dim=-1)
 
@@ -161,7 +162,7 @@ class PackedBlock(nn.Module):
         with SubLN before all projections), one for q/k norms + RoPE, PyTorch for the cache and attention."""
         B, T, _ = x.shape
         nh, nkv, hd = self.n_head, self.n_kv_head, self.head_dim
-        qkv = self.project(x, self.input_layernorm, getattr(self, "qkv", None), getattr(self, "qkv_parts", None), 0)
+        qkv = self.project(x, self.input_layernorm, "qkv")                # (B, T, (nh+2nkv)*hd)
         qk_w = (None, None) if self.q_norm is None else (self.q_norm.weight.detach(), self.k_norm.weight.detach())
         qk_norm_rope(qkv.view(B * T, -1), nh, nkv, hd, *qk_w, self.eps, cos, sin)  # in place
         q, k, v = qkv.view(B, T, nh + 2 * nkv, hd).transpose(1, 2).split([nh, nkv, nkv], dim=1)  # (B, h, T, hd)
@@ -179,8 +180,7 @@ class PackedBlock(nn.Module):
                                            enable_gqa=True)                               # (B, nh, T, hd)
         y = y.transpose(1, 2).reshape(B, T, nh * hd)                                      # (B, T, nh*hd)
         x = x + self.o(y, norm=self.attn_subln)                                           # Eq. (4)
-        gate_up = self.project(x, self.post_attention_layernorm, getattr(self, "gate_up", None),
-                               getattr(self, "gate_up_parts", None), 3)                   # (B, T, 2I)
+        gate_up = self.project(x, self.post_attention_layernorm, "gate_up")             # (B, T, 2I)
         return x + self.down(gate_up, norm=self.mlp_subln, swiglu=True)                   # Eq. (5)
 
 

@@ -246,8 +246,8 @@ def tiny_bitnet(seed=0, **kw):
     cfg = dict(vocab_size=300, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
                num_attention_heads=4, num_key_value_heads=2, head_dim=16)
     cfg.update(kw)
-    subln = cfg.pop("subln", True)
-    model = convert_to_bitnet(Qwen3(Qwen3Config(**cfg)), subln=subln).eval()
+    subln, subln_all = cfg.pop("subln", True), cfg.pop("subln_all", False)
+    model = convert_to_bitnet(Qwen3(Qwen3Config(**cfg)), subln=subln, subln_all=subln_all).eval()
     with torch.no_grad():  # non-trivial norm weights and biases, so copying them is tested
         for n, p in model.named_parameters():
             if p.dim() == 1:
@@ -256,7 +256,8 @@ def tiny_bitnet(seed=0, **kw):
 
 
 @pytest.mark.parametrize("kw", [dict(), dict(subln=False, tie_word_embeddings=False),
-                                dict(qkv_bias=True, qk_norm=False, num_key_value_heads=1)])
+                                dict(qkv_bias=True, qk_norm=False, num_key_value_heads=1),
+                                dict(subln_all=True), dict(subln_all=True, qkv_bias=True)])
 def test_packed_model_equals_fake_quantized(kw, one_thread):
     model = tiny_bitnet(**kw)
     pm = P.PackedQwen3.from_bitnet(model, head="fp32")
@@ -270,6 +271,11 @@ def test_packed_model_equals_fake_quantized(kw, one_thread):
     # model's logits by ~0.3% of their range (seen with the third config), hence 2%.
     assert (got - ref).abs().max() <= 2e-2 * ref.abs().max()
     assert torch.equal(pm.generate(idx, 24), model.generate(idx, 24))
+    if model.config.subln_all:   # five linears with their own SubLN, and a save/load round trip
+        assert len(pm.layers[0].qkv_parts) == 3 and not hasattr(pm.layers[0], "qkv")
+        a, m = model.model.layers[1].self_attn, model.model.layers[1].mlp
+        lins = (a.q_proj, a.k_proj, a.v_proj, m.gate_proj, m.up_proj)
+        assert all(torch.equal(n.weight, l.in_norm.weight) for n, l in zip(pm.layers[1].in_norms, lins))
 
 
 def test_packed_model_heads_and_threads():
