@@ -11,6 +11,7 @@ BITDISTILL_NO_OPENMP=1 python build_ffi.py builds that way on purpose).
 No -march=native: the SIMD path (plain C / AVX2 / AVX-512 VNNI) is picked at run time.
 """
 import glob
+import hashlib
 import os
 import shutil
 import subprocess
@@ -52,11 +53,15 @@ int tl_qk_norm_rope(float *qkv, int M, int row_stride, int n_q, int n_kv, int hd
 BASE_FLAGS = ["-O3", "-std=gnu11", "-ffp-contract=off"]  # no FMA contraction: exact fp32 scales
 
 
+class BuildError(RuntimeError):
+    """The C kernels cannot be compiled here (no compiler, or the compiler failed)."""
+
+
 def find_compiler():
     cc = os.environ.get("CC", "cc")
     path = shutil.which(cc.split()[0]) or shutil.which("gcc") or shutil.which("clang")
     if path is None:
-        raise RuntimeError(
+        raise BuildError(
             "no C compiler found (tried $CC, cc, gcc, clang). The packed ternary kernels are C: "
             "install one (Debian/Ubuntu: `apt-get install build-essential`; macOS: "
             "`xcode-select --install`), then run `python build_ffi.py`.")
@@ -92,22 +97,50 @@ def build(verbose=True):
                    extra_compile_args=cflags, extra_link_args=ldflags)
     tmp = os.path.join(HERE, "build")
     os.makedirs(tmp, exist_ok=True)
-    built = ffi.compile(tmpdir=tmp, verbose=False)
-    # move into place atomically (another process may be importing the old one)
+    try:
+        built = ffi.compile(tmpdir=tmp, verbose=False)
+    except Exception as e:   # distutils' CompileError / LinkError, cffi's VerificationError
+        raise BuildError(f"compiling ternary_cpu.c with {cc} failed ({type(e).__name__}: {str(e)[:300]}); "
+                         "run `python build_ffi.py` to see the compiler's messages") from None
+    # move into place atomically (another process may be importing the old one), then record its
+    # digest: a damaged module (a truncated copy) is rebuilt instead of crashing the import (SIGBUS)
     dst = os.path.join(HERE, os.path.basename(built))
     os.replace(built, dst)
+    with open(DIGEST + ".tmp", "w") as f:
+        f.write(f"{digest(dst)}  {os.path.basename(dst)}\n")
+    os.replace(DIGEST + ".tmp", DIGEST)
     if verbose:
         print(f"build_ffi: built {dst}")
     return dst
 
 
-def needs_build():
-    """True if no built module exists or ternary_cpu.c / this file is newer than it."""
+DIGEST = os.path.join(HERE, MODULE + ".sha256")   # written by build(): "<sha256>  <module file name>"
+
+
+def digest(path):
+    with open(path, "rb") as f:
+        return hashlib.sha256(f.read()).hexdigest()
+
+
+def module_state():
+    """"missing" (never built), "damaged" (not the file build() wrote, e.g. truncated), "stale"
+    (ternary_cpu.c or this file is newer than it) or "ok"."""
     built = glob.glob(os.path.join(HERE, MODULE + "*.so")) + glob.glob(os.path.join(HERE, MODULE + "*.pyd"))
     if not built:
-        return True
-    t = min(os.path.getmtime(p) for p in built)
-    return max(os.path.getmtime(SOURCE), os.path.getmtime(__file__)) > t
+        return "missing"
+    try:
+        with open(DIGEST) as f:
+            want, name = f.read().split()
+    except (OSError, ValueError):
+        return "damaged"
+    path = os.path.join(HERE, name)
+    if path not in built or digest(path) != want:
+        return "damaged"
+    return "stale" if max(os.path.getmtime(SOURCE), os.path.getmtime(__file__)) > os.path.getmtime(path) else "ok"
+
+
+def needs_build():
+    return module_state() != "ok"
 
 
 def describe(lib):
@@ -123,8 +156,8 @@ if __name__ == "__main__":
                             "(API mode); print the flags and the SIMD path. Env: CC, BITDISTILL_NO_OPENMP=1.").parse_args()
     try:
         build()
-    except RuntimeError as e:
-        sys.exit(f"build_ffi: {e}")
+    except BuildError as e:
+        sys.exit(f"build_ffi.py: error: {e}")
     sys.path.insert(0, HERE)
     import importlib
     lib = importlib.import_module(MODULE).lib

@@ -26,8 +26,9 @@ Offline on CPU, the toy pipeline (corpus: $BITDISTILL_DATA/corpus, i.e. ../share
     python continue_train.py --init out/tiny_teacher/ckpt.pt --tokens 12800 --block_size 64 --batch_size 4 \\
         --lr 1e-3 --eval_interval 10 --eval_iters 4 --seed 2 --out_dir out/subln   # its 1.58-bit student
         # (another --seed: another data order; with the teacher's, the student re-reads its blocks)
-    torchrun --standalone --nproc_per_node=2 continue_train.py ...         # DDP on CPU (gloo)
-    torchrun --standalone --nproc_per_node=2 continue_train.py --fsdp ...  # FSDP (sharded model + optimizer)
+    torchrun --standalone --nproc_per_node=2 continue_train.py --grad_accum 2 ...         # DDP on CPU (gloo)
+    torchrun --standalone --nproc_per_node=2 continue_train.py --grad_accum 2 --fsdp ...  # FSDP (sharded)
+    (--grad_accum counts forward passes over all processes: at least the number of processes)
 Figure 3a (with / without SubLN): the student again with --no_subln --out_dir out/no_subln, then
     python continue_train.py --plot out/subln/metrics.json out/no_subln/metrics.json --plot_out fig3a.png
 Written to --out_dir: ckpt.pt (model, optimizer, step, RNG, config, args; loads with
@@ -42,6 +43,7 @@ import json
 import math
 import os
 import time
+from contextlib import nullcontext
 
 import torch
 import torch.distributed as dist
@@ -58,10 +60,15 @@ from model import Qwen3Config
 from recipe import RECIPES, apply_recipe
 from subln import build_model, convert_to_bitnet
 from tokenizer import load_tokenizer
-from training import (HelpFormatter, adamw, autocast_context, check_finite, get_lr, get_rng_state, load_model, model_from,
+from training import (HelpFormatter, adamw, autocast_context, check_finite, check_resume, claim_out_dir, nonneg_float,
+                      nonneg_int, positive_float, positive_int, get_lr, get_rng_state, load_model, model_from,
                       read_checkpoint, resolve_dtype, run_cli, save_checkpoint, set_rng_state, setup_distributed,
                       write_json, write_text)
 
+# settings a resumed run must share with the run it continues (--tokens: may grow)
+RESUME_KEYS = ("init", "from_scratch", "model_config", "quant", "subln", "subln_at", "tokens", "block_size",
+               "batch_size", "grad_accum", "seed", "lr", "min_lr", "weight_decay", "beta1", "beta2", "dataset",
+               "text_field", "val_fraction", "val_docs")
 FULL_STATE = StateDictOptions(full_state_dict=True, cpu_offload=True)  # FSDP: unsharded, on rank 0's CPU
 
 
@@ -185,29 +192,30 @@ def parse_args(argv=None):
                    help="offline data folder; --data defaults to <data_dir>/corpus (default: $BITDISTILL_DATA)")
     p.add_argument("--dataset", default=None, help="stream a hub dataset instead, e.g. tiiuae/falcon-refinedweb")
     p.add_argument("--text_field", default="content", help="text column of --dataset (falcon: content)")
-    p.add_argument("--val_fraction", type=float, default=0.05, help="held-out tail of every corpus file")
-    p.add_argument("--val_docs", type=int, default=200, help="--dataset: first N streamed documents are validation")
-    p.add_argument("--tokens", type=float, default=10e9, help="training token budget (paper: 10B)")
-    p.add_argument("--block_size", type=int, default=2048, help="tokens per packed sequence")
-    p.add_argument("--batch_size", type=int, default=8, help="sequences per forward pass, per process")
-    p.add_argument("--grad_accum", type=int, default=1,
+    p.add_argument("--val_fraction", type=nonneg_float, default=0.05, help="held-out tail of every corpus file")
+    p.add_argument("--val_docs", type=positive_int, default=200, help="--dataset: first N streamed documents are validation")
+    p.add_argument("--tokens", type=positive_float, default=10e9, help="training token budget (paper: 10B)")
+    p.add_argument("--block_size", type=positive_int, default=2048, help="tokens per packed sequence")
+    p.add_argument("--batch_size", type=positive_int, default=8, help="sequences per forward pass, per process")
+    p.add_argument("--grad_accum", type=positive_int, default=1,
                    help="forward passes per optimizer step, over all processes (divided by the world size)")
-    p.add_argument("--lr", type=float, default=1e-4, help="peak learning rate")
-    p.add_argument("--min_lr", type=float, default=None, help="end of the cosine (default: lr / 10)")
-    p.add_argument("--warmup_steps", type=int, default=None, help="linear warmup (default: 2%% of the steps)")
-    p.add_argument("--weight_decay", type=float, default=0.1, help="AdamW decay on 2-D weights")
+    p.add_argument("--lr", type=positive_float, default=1e-4, help="peak learning rate")
+    p.add_argument("--min_lr", type=nonneg_float, default=None, help="end of the cosine (default: lr / 10)")
+    p.add_argument("--warmup_steps", type=nonneg_int, default=None, help="linear warmup (default: 2%% of the steps)")
+    p.add_argument("--weight_decay", type=nonneg_float, default=0.1, help="AdamW decay on 2-D weights")
     p.add_argument("--beta1", type=float, default=0.9, help="AdamW β1")
     p.add_argument("--beta2", type=float, default=0.95, help="AdamW β2")
-    p.add_argument("--grad_clip", type=float, default=1.0, help="clip the global grad norm (0: off)")
+    p.add_argument("--grad_clip", type=nonneg_float, default=1.0, help="clip the global grad norm (0: off)")
     p.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16"),
                    help="autocast dtype; auto: bfloat16 on GPUs that support it, else float32")
     p.add_argument("--compile", action="store_true", help="torch.compile the model")
     p.add_argument("--fsdp", action="store_true",
                    help="torchrun only: shard model, gradients and optimizer over the processes (FSDP2) instead of DDP")
-    p.add_argument("--eval_interval", type=int, default=500, help="validate and checkpoint every N steps")
-    p.add_argument("--eval_iters", type=int, default=20, help="validation batches of --batch_size blocks")
+    p.add_argument("--eval_interval", type=positive_int, default=500, help="validate and checkpoint every N steps")
+    p.add_argument("--eval_iters", type=positive_int, default=20, help="validation batches of --batch_size blocks")
     p.add_argument("--out_dir", default="out/continue_train", help="ckpt.pt, metrics.json, train_log.csv, loss.png")
     p.add_argument("--resume", action="store_true", help="continue from <out_dir>/ckpt.pt")
+    p.add_argument("--overwrite", action="store_true", help="start over in an --out_dir that holds an earlier run")
     p.add_argument("--seed", type=int, default=1337, help="init (from scratch) and data order")
     p.add_argument("--label", default=None, help="run name in metrics.json / plots (default from quant, subln)")
     p.add_argument("--plot_weights", action="store_true", help="weights.png: latent W/Δ before and after (Figure 2)")
@@ -223,9 +231,13 @@ def main(argv=None):
         plot_loss_curves(args.plot, args.plot_out)
         print(f"wrote {args.plot_out}")
         return
+    if args.val_fraction >= 1:
+        raise ValueError(f"--val_fraction {args.val_fraction} leaves nothing to train on: use a fraction below 1")
     ddp, rank, local_rank, world_size, device, master = setup_distributed()
-    try:
-        train(args, ddp, rank, local_rank, world_size, device, master)
+    try:   # rank 0 holds the output folder: writable, not in use, no earlier run replaced unasked
+        with claim_out_dir(args.out_dir, args.resume, args.overwrite, ("ckpt.pt", "metrics.json")) if master \
+                else nullcontext():
+            train(args, ddp, rank, local_rank, world_size, device, master)
     finally:
         if ddp:
             dist.destroy_process_group()
@@ -253,6 +265,7 @@ def setup_model(args, ckpt_path, device, ddp, local_rank):
     state = {"step": 0, "log": {"train": [], "val": []}, "docs_read": None}
     if args.resume:
         src = read_checkpoint(ckpt_path)
+        check_resume(args, src.args, RESUME_KEYS, grow=("tokens",))
         model, ckpt = model_from(src), src.ckpt
         tokenizer = args.tokenizer or src.tokenizer
         state = {"step": ckpt["step"], "docs_read": ckpt["docs_read"],   # step `step` is redone:

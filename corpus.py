@@ -14,14 +14,13 @@ and cut into blocks of block_size + 1 tokens (x = block[:-1], y = block[1:]). Tw
     x, y = get_batch(train, range(8), block_size=128, seed=1, device="cpu")   # (8, 128) each
 """
 import glob
-import json
 import os
 
 import numpy as np
 import torch
 from tqdm import tqdm
 
-from training import epoch_order
+from training import epoch_order, read_jsonl
 
 EOT = "<|endoftext|>"  # document separator (id 151643 in Qwen's vocab)
 TEXT_EXTS = (".jsonl", ".json", ".txt", ".raw", ".text", ".md")
@@ -51,13 +50,10 @@ def find_files(paths, data_dir=None):
 def read_documents(path, text_field="text"):
     """A .jsonl/.json file: one document per line (its `text_field`); any other file: one document."""
     if path.endswith((".jsonl", ".json")):
-        with open(path, encoding="utf-8") as f:
-            for n, line in enumerate(f, 1):
-                if line.strip():
-                    row = json.loads(line)
-                    if text_field not in row:
-                        raise ValueError(f"{path}, line {n}: no {text_field!r} field (has {sorted(row)[:6]})")
-                    yield row[text_field]
+        for n, row in read_jsonl(path):
+            if text_field not in row:
+                raise ValueError(f"{path}, line {n}: no {text_field!r} field (has {sorted(row)[:6]})")
+            yield row[text_field]
     else:
         with open(path, encoding="utf-8") as f:
             yield f.read()

@@ -36,18 +36,20 @@ import functools
 import math
 import os
 import time
+from contextlib import nullcontext
 
 import torch
 import torch.nn.functional as F
 
-from attn_relation import attention_relation_loss, check_split_heads
+from attn_relation import attention_relation_loss
 from bitlinear import weight_memory_gb
 from subln import convert_to_bitnet
-from recipe import RECIPES, TEACHER_LR, apply_recipe, distill_layer_for, relation_heads_for
-from tasks import (METHODS, TASKS, chat_tokens, collate, encode_example, evaluate, get_task, load_examples,
-                   print_table)
+from recipe import RECIPES, TEACHER_LR, apply_recipe, distill_layers
+from tasks import (METHODS, TASKS, chat_tokens, collate, collect_results, encode_example, evaluate, get_task,
+                   load_examples, print_table)
 from tokenizer import load_tokenizer
-from training import (HelpFormatter, adamw, autocast_context, check_finite, epoch_order, get_lr, get_rng_state, model_from,
+from training import (HelpFormatter, adamw, autocast_context, check_finite, check_resume, claim_out_dir, nonneg_float,
+                      nonneg_int, positive_float, positive_int, get_lr, micro_batch, get_rng_state, model_from,
                       read_checkpoint, resolve_dtype, run_cli, save_checkpoint, set_rng_state, setup_distributed,
                       write_json)
 
@@ -143,18 +145,6 @@ def check_same_tokenizer(student, teacher, s_tok, t_tok):
                          "logits distillation needs one shared tokenizer")
 
 
-def layer_index(i, n_layers, who):
-    if not -n_layers <= i < n_layers:
-        raise ValueError(f"distill layer {i} is out of range for the {who}'s {n_layers} layers "
-                         f"(valid: {-n_layers}..{n_layers - 1})")
-    return i % n_layers
-
-
-def teacher_layer_for(s_layer, n_student, n_teacher):
-    """Same relative depth: the student's last layer maps to the teacher's last layer."""
-    return round((s_layer + 1) * n_teacher / n_student) - 1
-
-
 def build_student(args, own):
     """(student, tokenizer path). own: this run's checkpoint (--resume, --eval_only), else None:
     the base model (fp16-sft, bitnet-sft) or the stage-2 student (bitdistill), converted to
@@ -222,32 +212,14 @@ def method_label(args, config):
     return label
 
 
-def distill_layers(args, student, teacher):
-    """(student layer, teacher layer or None) for L_AD, and A_r, checked before any training."""
-    cfg = student.config
-    if args.distill_layer in (None, "auto"):           # the authors' layer (recipe.py), e.g. 22 of 28
-        args.distill_layer = distill_layer_for(cfg)
-    s_layer = layer_index(int(args.distill_layer), cfg.num_hidden_layers, "student")
-    if teacher is None:
-        return s_layer, None
-    t_n = teacher.config.num_hidden_layers
-    t_layer = layer_index(args.teacher_layer if args.teacher_layer is not None
-                          else teacher_layer_for(s_layer, cfg.num_hidden_layers, t_n), t_n, "teacher")
-    args.split_heads = relation_heads_for(args.split_heads or cfg.num_attention_heads,  # A_r (recipe item 2)
-                                          [c.num_attention_heads * c.head_dim for c in (cfg, teacher.config)]
-                                          + [c.num_key_value_heads * c.head_dim for c in (cfg, teacher.config)])
-    for who, c in (("student", cfg), ("teacher", teacher.config)):
-        check_split_heads(args.split_heads, c.num_attention_heads, c.head_dim, who + " Q")
-        check_split_heads(args.split_heads, c.num_key_value_heads, c.head_dim, who + " K/V")
-    return s_layer, t_layer
-
-
 # ----------------------------------------------------------------------------------------------
 # Training
 
 def get_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
-    p.add_argument("--task", required=True, choices=sorted(TASKS), help="downstream task")
+    p.add_argument("--task", choices=sorted(TASKS), help="downstream task (required, except with --table)")
+    p.add_argument("--table", nargs="+", metavar="DIR", default=None,
+                   help="only print Tables 1-2 from these runs (run folders, results.json files or experiment folders)")
     p.add_argument("--method", default="bitdistill", choices=METHODS,
                    help="bitdistill needs the fp16-sft teacher and a stage-2 student first")
     p.add_argument("--recipe", default="authors", choices=sorted(RECIPES),
@@ -269,47 +241,52 @@ def get_args(argv=None):
                         "answer tokens, Σ per sample / N (items 3, 15)")
     p.add_argument("--ce_form", default=None, choices=("token_mean", "sample_sum"),
                    help="L_CE: mean over the answer tokens, or Eq. (14)'s Σ per sample / N (item 4)")
-    p.add_argument("--tau", type=float, default=5.0, help="logits distillation temperature, Eq. (9)")
-    p.add_argument("--lambda_ld", type=float, default=None, help="λ; None: 10 (classification), 1 (CNN/DM)")
-    p.add_argument("--gamma_ad", type=float, default=None, help="γ; None: 1e5 (classification), 1e3 (CNN/DM)")
+    p.add_argument("--tau", type=positive_float, default=5.0, help="logits distillation temperature, Eq. (9)")
+    p.add_argument("--lambda_ld", type=nonneg_float, default=None, help="λ; None: 10 (classification), 1 (CNN/DM)")
+    p.add_argument("--gamma_ad", type=nonneg_float, default=None, help="γ; None: 1e5 (classification), 1e3 (CNN/DM)")
     p.add_argument("--ad_norm", default=None, choices=("authors", "paper"),
                    help="L_AD: authors = Eq. (11) then / (layers x A_r); paper = Eq. (11) as printed (item 1)")
-    p.add_argument("--split_heads", type=int, default=None, help="A_r, relation heads (item 2); 0: the student's heads")
+    p.add_argument("--split_heads", type=nonneg_int, default=None, help="A_r, relation heads (item 2); 0: the student's heads")
     p.add_argument("--qk_capture", default=None, choices=("after_rope", "before_rope"),
                    help="Q/K handed to L_AD after or before RoPE (item 7)")
     p.add_argument("--distill_layer", default=None,
                    help="student layer for L_AD (Figure 3b); auto: the authors' table, else int(0.8 L) (item 6)")
     p.add_argument("--teacher_layer", type=int, default=None, help="None: same relative depth as the student's")
-    p.add_argument("--ad_temperature", type=float, default=1.0, help="Algorithm 1 relation temperature")
+    p.add_argument("--ad_temperature", type=positive_float, default=1.0, help="Algorithm 1 relation temperature")
     p.add_argument("--ad_scaled_dot", action="store_true", help="Eq. (12) A·Aᵀ/√d_r instead of Algorithm 1")
     p.add_argument("--prompt", default=None, choices=("auto", "chat", "plain"),
                    help="auto: Qwen's chat template when the tokenizer has its tokens, else plain text (item 12)")
     p.add_argument("--data_dir", default=os.environ.get("BITDISTILL_DATA"),
                    help="offline data folder (env BITDISTILL_DATA); unset = Hugging Face hub")
-    p.add_argument("--train_limit", type=int, default=0, help="use only the first N training rows (0: all)")
-    p.add_argument("--eval_limit", type=int, default=0, help="evaluate on the first N validation rows (0: all)")
-    p.add_argument("--max_len", type=int, default=512, help="tokens per training example (prompt cut to fit)")
-    p.add_argument("--batch_size", type=int, default=32, help="global batch (samples per optimizer step)")
-    p.add_argument("--micro_batch_size", type=int, default=4, help="samples per forward, per process")
-    p.add_argument("--epochs", type=float, default=None, help="passes over the training rows (item 10)")
-    p.add_argument("--max_steps", type=int, default=0, help="overrides --epochs when > 0")
-    p.add_argument("--lr", type=float, default=None, help=f"None: {TEACHER_LR:g} (fp16-sft), else --recipe's (item 9)")
-    p.add_argument("--min_lr_ratio", type=float, default=None, help="the cosine ends at lr x this (item 10)")
-    p.add_argument("--warmup_ratio", type=float, default=None, help="linear warmup, fraction of the steps (item 10)")
-    p.add_argument("--warmup_steps", type=int, default=None, help="overrides --warmup_ratio")
-    p.add_argument("--weight_decay", type=float, default=None, help="AdamW, not on norms and biases (item 11)")
-    p.add_argument("--beta2", type=float, default=None, help="AdamW β2; β1 0.9, eps 1e-8 (item 11)")
-    p.add_argument("--grad_clip", type=float, default=1.0, help="clip the global grad norm")
-    p.add_argument("--gen_len", type=int, default=128, help="CNN/DM generation length (paper: up to 4096)")
-    p.add_argument("--eval_batch_size", type=int, default=8, help="prompts per greedy generation batch")
+    p.add_argument("--train_limit", type=nonneg_int, default=0, help="use only the first N training rows (0: all)")
+    p.add_argument("--eval_limit", type=nonneg_int, default=0, help="evaluate on the first N validation rows (0: all)")
+    p.add_argument("--max_len", type=positive_int, default=512, help="tokens per training example (prompt cut to fit)")
+    p.add_argument("--batch_size", type=positive_int, default=32, help="global batch (samples per optimizer step)")
+    p.add_argument("--micro_batch_size", type=positive_int, default=4, help="samples per forward, per process")
+    p.add_argument("--epochs", type=positive_float, default=None, help="passes over the training rows (item 10)")
+    p.add_argument("--max_steps", type=nonneg_int, default=0, help="overrides --epochs when > 0")
+    p.add_argument("--lr", type=positive_float, default=None, help=f"None: {TEACHER_LR:g} (fp16-sft), else --recipe's (item 9)")
+    p.add_argument("--min_lr_ratio", type=nonneg_float, default=None, help="the cosine ends at lr x this (item 10)")
+    p.add_argument("--warmup_ratio", type=nonneg_float, default=None, help="linear warmup, fraction of the steps (item 10)")
+    p.add_argument("--warmup_steps", type=nonneg_int, default=None, help="overrides --warmup_ratio")
+    p.add_argument("--weight_decay", type=nonneg_float, default=None, help="AdamW, not on norms and biases (item 11)")
+    p.add_argument("--beta2", type=nonneg_float, default=None, help="AdamW β2; β1 0.9, eps 1e-8 (item 11)")
+    p.add_argument("--grad_clip", type=nonneg_float, default=1.0, help="clip the global grad norm (0: off)")
+    p.add_argument("--gen_len", type=positive_int, default=128, help="CNN/DM generation length (paper: up to 4096)")
+    p.add_argument("--eval_batch_size", type=positive_int, default=8, help="prompts per greedy generation batch")
     p.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16"),
                    help="autocast dtype; auto = bfloat16 on CUDA GPUs that support it, else float32")
     p.add_argument("--out_dir", default=None, help="None: out/<task>-<method>")
-    p.add_argument("--save_every", type=int, default=0, help="checkpoint every N steps (0: at the end)")
+    p.add_argument("--save_every", type=nonneg_int, default=0, help="checkpoint every N steps (0: at the end)")
     p.add_argument("--resume", action="store_true", help="continue from <out_dir>/ckpt.pt")
+    p.add_argument("--overwrite", action="store_true", help="start over in an --out_dir that holds an earlier run")
     p.add_argument("--eval_only", action="store_true", help="evaluate <out_dir>/ckpt.pt, no training")
     p.add_argument("--seed", type=int, default=1337, help="data order and initialisation")
     args = p.parse_args(argv)
+    if args.table:
+        return args
+    if args.task is None:
+        p.error("the following arguments are required: --task")
     summ = get_task(args.task)["kind"] == "sum"
     args.lambda_ld = args.lambda_ld if args.lambda_ld is not None else (1.0 if summ else 10.0)
     args.gamma_ad = args.gamma_ad if args.gamma_ad is not None else (1e3 if summ else 1e5)
@@ -319,17 +296,6 @@ def get_args(argv=None):
     args.out_dir = args.out_dir or os.path.join("out", f"{args.task}-{args.method}")
     args.teacher = args.teacher or os.path.join(os.path.dirname(args.out_dir), f"{args.task}-fp16-sft", "ckpt.pt")
     return args
-
-
-def micro_batch(data, step, micro, rank, args, grad_accum, world_size):
-    """The samples of one micro-batch, a pure function of (step, micro, rank): each epoch is a fixed
-    permutation (seeded by the epoch), so --resume sees exactly the batches it would have seen."""
-    start = (step * grad_accum * world_size + micro * world_size + rank) * args.micro_batch_size
-    out = []
-    for j in range(start, start + args.micro_batch_size):
-        epoch, pos = divmod(j, len(data))
-        out.append(data[int(epoch_order(len(data), args.seed, epoch)[pos])])
-    return out
 
 
 def train(args, model, student, teacher, tok, layers, ctx, device, dist, own=None):
@@ -374,13 +340,13 @@ def train(args, model, student, teacher, tok, layers, ctx, device, dist, own=Non
         for micro in range(grad_accum):
             if ddp:  # all-reduce the gradients only on the last micro-step
                 model.require_backward_grad_sync = micro == grad_accum - 1
-            batch = micro_batch(data, step, micro, rank, args, grad_accum, world_size)
+            batch = micro_batch(data, step, micro, rank, args.micro_batch_size, grad_accum, world_size, args.seed)
             loss, terms = loss_terms(model, teacher, batch, tok, args, device, ctx, layers)   # Eq. (13)
             check_finite(loss, step, ckpt_path)    # NaN/inf: stop, keep the last good checkpoint
             (loss / grad_accum).backward()
             for k, v in terms.items():
                 logged[k] = logged.get(k, 0.0) + v / grad_accum
-        norm = torch.nn.utils.clip_grad_norm_(student.parameters(), args.grad_clip)
+        norm = torch.nn.utils.clip_grad_norm_(student.parameters(), args.grad_clip or float("inf"))  # 0: off
         opt.step()
         opt.zero_grad(set_to_none=True)
         step += 1
@@ -393,9 +359,8 @@ def train(args, model, student, teacher, tok, layers, ctx, device, dist, own=Non
                 save(step)
 
 
-def report(args, student, tok, device, ctx):
-    """Greedy evaluation, results.json beside the checkpoint, and the Table 1/2 layout."""
-    evals = load_examples(args.task, "validation", args.data_dir, args.eval_limit)
+def report(args, student, tok, device, ctx, evals):
+    """Greedy evaluation on the validation rows, results.json beside the checkpoint, Table 1/2 row."""
     metrics, speed, preds = evaluate(student, tok, args.task, evals, args.max_len, args.gen_len, args.eval_batch_size,
                                      device, ctx, chat_tokens(tok) if args.prompt == "chat" else None)
     res = {"task": args.task, "method": args.method, "label": args.label, "metrics": metrics,
@@ -404,12 +369,30 @@ def report(args, student, tok, device, ctx):
            "examples": preds[:5]}
     write_json(os.path.join(args.out_dir, "results.json"), res)
     print(f"{args.label} {args.task} ({len(evals)} rows): " + ", ".join(f"{k} {v:.2f}" for k, v in metrics.items()))
-    print_table(args.out_dir)
+    print_table([res])   # this run only; several runs: python distill.py --table DIR ...
+
+
+# settings a resumed run must share with the run it continues (run length: may grow)
+RESUME_KEYS = ("task", "method", "recipe", "batch_size", "seed", "train_limit", "max_len", "max_steps", "epochs",
+               "lr", "min_lr_ratio", "warmup_ratio", "warmup_steps", "weight_decay", "beta2", "lambda_ld", "gamma_ad",
+               "tau", "no_ld", "no_ad", "ld_form", "ce_form", "ad_norm", "qk_capture", "subln", "subln_at")
 
 
 def main(argv=None):
     args = get_args(argv)
+    if args.table:
+        return print_table(collect_results(args.table))
     ddp, rank, local_rank, world_size, device, master = setup_distributed()
+    try:   # rank 0 holds the output folder: writable, not in use, no earlier run replaced unasked
+        with claim_out_dir(args.out_dir, args.resume or args.eval_only, args.overwrite, ("ckpt.pt", "results.json")) \
+                if master else nullcontext():
+            run(args, ddp, rank, local_rank, world_size, device, master)
+    finally:
+        if ddp:
+            torch.distributed.destroy_process_group()
+
+
+def run(args, ddp, rank, local_rank, world_size, device, master):
     torch.manual_seed(args.seed + rank)
     args.dtype = resolve_dtype(args.dtype, device)
     ctx = autocast_context(device.type, args.dtype)
@@ -417,6 +400,8 @@ def main(argv=None):
     own = None
     if args.eval_only or args.resume:   # this run's own checkpoint: its weights, row name and tokenizer
         own = read_checkpoint(ckpt_path)
+        if args.resume:
+            check_resume(args, own.args, RESUME_KEYS, grow=("max_steps", "epochs"))
         args.label, args.prompt = own.args["label"], own.args.get("prompt", "plain")   # as it was trained
         if args.eval_only:
             args.student = args.model = ckpt_path
@@ -428,14 +413,14 @@ def main(argv=None):
     if ddp:  # the student only; the teacher is never wrapped
         model = torch.nn.parallel.DistributedDataParallel(
             student, device_ids=[local_rank] if device.type == "cuda" else None)
+    evals = load_examples(args.task, "validation", args.data_dir, args.eval_limit)   # checked before training
     if not args.eval_only:
         train(args, model, student, teacher, tok, layers, ctx, device, (ddp, rank, world_size, master),
               own if args.resume else None)
     if master:  # evaluation on rank 0 only; the others wait at the barrier below
-        report(args, student, tok, device, ctx)
+        report(args, student, tok, device, ctx, evals)
     if ddp:
         torch.distributed.barrier()
-        torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":

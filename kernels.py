@@ -25,13 +25,21 @@ _LIB = None
 
 
 def lib():
-    """The compiled kernels (cffi `lib` and `ffi`), built on first use (see build_ffi.py)."""
+    """The compiled kernels (cffi `lib` and `ffi`), built on first use (see build_ffi.py). A missing
+    or damaged module is (re)built; an out-of-date one that cannot be rebuilt is used with a warning."""
     global _LIB
     if _LIB is None:
         import build_ffi
-        if build_ffi.needs_build():
-            print("kernels.py: building the C kernels (python build_ffi.py) ...", file=sys.stderr)
-            build_ffi.build(verbose=True)
+        state = build_ffi.module_state()
+        if state != "ok":
+            print(f"kernels.py: building the C kernels ({state} module; python build_ffi.py) ...", file=sys.stderr)
+            try:
+                build_ffi.build(verbose=True)
+            except build_ffi.BuildError as e:
+                if state != "stale":
+                    raise build_ffi.BuildError(f"the C kernels are {state} and cannot be built: {e}") from None
+                print(f"kernels.py: WARNING: ternary_cpu.c changed since the module was built, and it cannot be "
+                      f"rebuilt ({e}); using the built one", file=sys.stderr)
         if HERE not in sys.path:
             sys.path.insert(0, HERE)
         mod = importlib.import_module(build_ffi.MODULE)

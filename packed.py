@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from bitlinear import BitLinear, weight_quant_int
 from kernels import as_matrix, bf16_call, lib, linear_call, pack_ternary, padded_k, qk_norm_rope
 from model import KVCache, Qwen3Config, RMSNorm, generate, rope_cos_sin
-from training import atomic_write, model_from, read_checkpoint, run_cli
+from training import SaveError, atomic_write, model_from, nonneg_int, read_checkpoint, run_cli
 
 FORMAT = "bitdistill-packed-v1"
 HEADS = ("fp32", "bf16", "int8")
@@ -308,7 +308,13 @@ class PackedQwen3(nn.Module):
     def load(cls, path):
         if not os.path.isfile(path):
             raise FileNotFoundError(f"no packed model at {path}: pack one with `python packed.py --ckpt CKPT --out {path}`")
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        try:
+            ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as e:
+            raise ValueError(f"{path} is not a readable packed model ({type(e).__name__}); it may be truncated "
+                             "or corrupt: pack it again with `python packed.py --ckpt CKPT --out OUT`") from None
+        if isinstance(ckpt, dict) and "model" in ckpt and "config" in ckpt:
+            raise ValueError(f"{path} is a training checkpoint, not a packed model: use --ckpt {path}")
         if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
             raise ValueError(f"{path} is not a packed model ({FORMAT}); pack one with "
                              "`python packed.py --ckpt CKPT --out OUT`")
@@ -328,10 +334,12 @@ def main():
     ap.add_argument("--tokenizer", help="tokenizer folder or .tiktoken; with --ckpt, the one the checkpoint "
                     "records is the default; without any, no text is generated")
     ap.add_argument("--prompt", default="The capital of France is", help="text to continue (greedy)")
-    ap.add_argument("--max_new_tokens", type=int, default=32, help="tokens to generate")
+    ap.add_argument("--max_new_tokens", type=nonneg_int, default=32, help="tokens to generate")
     ap.add_argument("--check", action="store_true",
                     help="with --ckpt: also run the fake-quantized model and compare the greedy tokens")
     args = ap.parse_args()
+    if not args.prompt.strip():
+        ap.error("--prompt is empty: give a text to continue")
     import build_ffi
     print(f"packed.py: {build_ffi.describe(lib()[0])}")
     if args.ckpt:
@@ -362,4 +370,5 @@ def main():
 
 
 if __name__ == "__main__":
-    run_cli(main, errors=(FileNotFoundError, ValueError, TypeError))
+    import build_ffi
+    run_cli(main, errors=(FileNotFoundError, ValueError, TypeError, SaveError, build_ffi.BuildError))

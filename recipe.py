@@ -16,6 +16,8 @@ table is ../shared/recipe-audit.md (item numbers below are its rows).
 """
 import math
 
+from attn_relation import check_split_heads
+
 # item: (authors' code, paper's text). Items the paper's text does not settle carry the authors'
 # value in both columns.
 ITEMS = {
@@ -72,3 +74,37 @@ def apply_recipe(args, items=None):
         if (items is None or k in items) and hasattr(args, k) and getattr(args, k) is None:
             setattr(args, k, v)
     return args
+
+
+# ----------------------------------------------------------------------------- the distilled layers (item 6) and A_r (item 2)
+
+def layer_index(i, n_layers, who):
+    if not -n_layers <= i < n_layers:
+        raise ValueError(f"distill layer {i} is out of range for the {who}'s {n_layers} layers "
+                         f"(valid: {-n_layers}..{n_layers - 1})")
+    return i % n_layers
+
+
+def teacher_layer_for(s_layer, n_student, n_teacher):
+    """Same relative depth: the student's last layer maps to the teacher's last layer."""
+    return round((s_layer + 1) * n_teacher / n_student) - 1
+
+
+def distill_layers(args, student, teacher):
+    """(student layer, teacher layer or None) for L_AD, and A_r, checked before any training."""
+    cfg = student.config
+    if args.distill_layer in (None, "auto"):           # the authors' layer (recipe.py), e.g. 22 of 28
+        args.distill_layer = distill_layer_for(cfg)
+    s_layer = layer_index(int(args.distill_layer), cfg.num_hidden_layers, "student")
+    if teacher is None:
+        return s_layer, None
+    t_n = teacher.config.num_hidden_layers
+    t_layer = layer_index(args.teacher_layer if args.teacher_layer is not None
+                          else teacher_layer_for(s_layer, cfg.num_hidden_layers, t_n), t_n, "teacher")
+    args.split_heads = relation_heads_for(args.split_heads or cfg.num_attention_heads,  # A_r (recipe item 2)
+                                          [c.num_attention_heads * c.head_dim for c in (cfg, teacher.config)]
+                                          + [c.num_key_value_heads * c.head_dim for c in (cfg, teacher.config)])
+    for who, c in (("student", cfg), ("teacher", teacher.config)):
+        check_split_heads(args.split_heads, c.num_attention_heads, c.head_dim, who + " Q")
+        check_split_heads(args.split_heads, c.num_key_value_heads, c.head_dim, who + " K/V")
+    return s_layer, t_layer

@@ -11,10 +11,13 @@ import csv
 import glob
 import json
 import os
+import sys
 import time
 
 import torch
 from tqdm import tqdm
+
+from training import read_jsonl
 
 # ----------------------------------------------------------------------------------------------
 # Tasks: where the data lives, the prompt, the answer.
@@ -42,34 +45,53 @@ def get_task(task):
 
 def load_examples(task, split, data_dir=None, limit=None):
     """A list of dicts with the task's fields (+ 'label' or 'highlights'). data_dir: a folder laid
-    out like ../shared/data (glue/<task>/<split>.tsv, cnndm/<split>.jsonl); None = Hugging Face hub."""
+    out like ../shared/data (glue/<task>/<split>.tsv, cnndm/<split>.jsonl); None = Hugging Face hub.
+    A malformed file is an error that names the file and line."""
     spec = get_task(task)
     if data_dir is None:
-        rows = _load_hub(task, spec, split)
-    elif spec["kind"] == "cls":
-        path = os.path.join(data_dir, "glue", task, ("validation" if split != "train" else "train") + ".tsv")
-        if not os.path.exists(path):
-            raise FileNotFoundError(f"no {path}: --data_dir must be laid out like ../shared/data")
-        with open(path, encoding="utf-8", newline="") as f:  # GLUE TSVs: no quoting at all
-            r = csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE)
-            header = next(r)
-            rows = [dict(zip(header, line)) for line in r]
+        rows, where = [(i + 1, r) for i, r in enumerate(_load_hub(task, spec, split))], f"{spec['hf'][0]} ({split})"
     else:
-        path = os.path.join(data_dir, "cnndm", ("validation" if split != "train" else "train") + ".jsonl")
-        if not os.path.exists(path):
-            raise FileNotFoundError(f"no {path}: --data_dir must be laid out like ../shared/data")
-        with open(path, encoding="utf-8") as f:
-            rows = [json.loads(line) for line in f if line.strip()]
+        name = ("validation" if split != "train" else "train") + (".tsv" if spec["kind"] == "cls" else ".jsonl")
+        where = os.path.join(data_dir, *(("glue", task) if spec["kind"] == "cls" else ("cnndm",)), name)
+        if not os.path.exists(where):
+            raise FileNotFoundError(f"no {where}: --data_dir must be laid out like ../shared/data")
+        rows = _read_tsv(where) if spec["kind"] == "cls" else read_jsonl(where)
     rows = rows[:limit] if limit else rows
+    if not rows:
+        raise ValueError(f"{where} has no rows: nothing to train on or evaluate")
+    need = spec["fields"] + (("label",) if spec["kind"] == "cls" else ("highlights",))
     out = []
-    for row in rows:
+    for line, row in rows:
+        missing = [k for k in need if k not in row]
+        if missing:
+            raise ValueError(f"{where}, line {line}: no {', '.join(missing)} (has {sorted(row)[:6]})")
         ex = {k: str(row[k]).strip() for k in spec["fields"]}
         if spec["kind"] == "cls":
-            ex["label"] = int(row["label"])
+            label = str(row["label"]).strip()
+            if not label.lstrip("-").isdigit() or not 0 <= int(label) < len(spec["labels"]):
+                raise ValueError(f"{where}, line {line}: label {label!r} is not one of 0..{len(spec['labels']) - 1} "
+                                 "(-1 marks an unlabeled test row: use the train / validation files)")
+            ex["label"] = int(label)
         else:
             ex["highlights"] = str(row["highlights"]).strip()
         out.append(ex)
     return out
+
+
+def _read_tsv(path):
+    """GLUE TSV (no quoting at all): [(line number, {column: value})]."""
+    with open(path, encoding="utf-8", newline="") as f:
+        r = csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE)
+        header = next(r, None)
+        if not header:
+            raise ValueError(f"{path} is empty: expected a header line and tab-separated rows")
+        rows = []
+        for line in r:
+            if len(line) != len(header):
+                raise ValueError(f"{path}, line {r.line_num}: {len(line)} tab-separated fields, the header has "
+                                 f"{len(header)}")
+            rows.append((r.line_num, dict(zip(header, line))))
+    return rows
 
 
 def _load_hub(task, spec, split):
@@ -79,7 +101,7 @@ def _load_hub(task, spec, split):
         import datasets
         return list(datasets.load_dataset(name, config, split=split))
     except Exception as e:
-        raise RuntimeError(f"could not load {name} ({config}, {split}) from the Hugging Face hub "
+        raise ConnectionError(f"could not load {name} ({config}, {split}) from the Hugging Face hub "
                            f"({type(e).__name__}: {str(e)[:200]}). Offline, pass --data_dir (or set "
                            "BITDISTILL_DATA) to a folder laid out like ../shared/data.") from None
 
@@ -123,20 +145,23 @@ def wrap_prompt(tok, prompt_text, chat):
 
 
 def encode_prompt(tok, task, ex, max_tokens, chat=None):
-    """Prompt ids, at most max_tokens: the longest field is cut (at its end) until it fits."""
+    """Prompt ids, at most max_tokens: the field with the most tokens is cut at its end, again and
+    again, until the prompt fits. Every pass shortens a field by at least one token, so this ends:
+    with a prompt that fits, or with an error when the template alone is too long."""
     spec = get_task(task)
-    ex = dict(ex)
-    for _ in range(8):
+    ex, field_ids = dict(ex), None
+    while True:
         ids = wrap_prompt(tok, prompt_and_answer(task, ex, chat)[0], chat)
         excess = len(ids) - max_tokens
         if excess <= 0:
             return ids
-        longest = max(spec["fields"], key=lambda k: len(ex[k]))
-        field_ids = tok.encode(ex[longest])
-        if len(field_ids) <= excess:
-            raise ValueError(f"max length {max_tokens} is too short for the {task} prompt template")
-        ex[longest] = tok.decode(field_ids[:len(field_ids) - excess])
-    raise RuntimeError("prompt truncation did not converge")
+        field_ids = field_ids or {k: tok.encode(ex[k]) for k in spec["fields"]}
+        k = max(spec["fields"], key=lambda f: len(field_ids[f]))
+        if not field_ids[k]:
+            raise ValueError(f"{max_tokens} tokens are left for the {task} prompt, but its template alone takes "
+                             f"{len(ids)}: raise --max_len")
+        field_ids[k] = field_ids[k][:max(0, len(field_ids[k]) - excess)]
+        ex[k] = tok.decode(field_ids[k])
 
 
 def encode_example(tok, task, ex, max_len, chat=None):
@@ -222,13 +247,35 @@ def evaluate(model, tok, task, examples, max_len, gen_len, batch_size, device, c
     return metrics, speed, preds
 
 
-def print_table(out_dir):
-    """Tables 1-2 layout, from every results.json in out_dir's parent (the other methods' runs)."""
+def collect_results(paths):
+    """The results.json of the runs the user names: a run folder, a results.json, or an experiment
+    folder whose sub-folders are runs. A file that is not one run's results is skipped with a warning."""
+    files = []
+    for p in paths:
+        if os.path.isfile(p):
+            files.append(p)
+        elif os.path.isfile(os.path.join(p, "results.json")):
+            files.append(os.path.join(p, "results.json"))
+        else:
+            files += sorted(glob.glob(os.path.join(p, "**", "results.json"), recursive=True))
     results = []
-    for p in sorted(glob.glob(os.path.join(os.path.dirname(os.path.abspath(out_dir)), "*", "results.json"))):
-        with open(p) as f:
-            results.append(json.load(f))
-    results.sort(key=lambda r: (METHODS.index(r["method"]), r["label"]))
+    for f in files:
+        try:
+            with open(f) as fh:
+                r = json.load(fh)
+            assert isinstance(r, dict) and r["task"] in TASKS and r["method"] in METHODS and isinstance(r["metrics"], dict)
+            results.append(r)
+        except (OSError, ValueError, KeyError, TypeError, AssertionError) as e:
+            print(f"warning: skipped {f}: not the results.json of one distill.py run ({type(e).__name__})",
+                  file=sys.stderr)
+    if not results:
+        raise FileNotFoundError(f"no distill.py results.json under {', '.join(paths)}")
+    return results
+
+
+def print_table(results):
+    """Tables 1-2 layout of a list of results.json dicts (one row per label)."""
+    results = sorted(results, key=lambda r: (METHODS.index(r["method"]), r["label"]))
     rows = list(dict.fromkeys(r["label"] for r in results))
     cls = [r for r in results if TASKS[r["task"]]["kind"] == "cls"]
     if cls:

@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 
 import distill
+import recipe
 import tasks
 from attn_relation import attention_relation_loss, relation_heads
 from model import Qwen3, Qwen3Config
@@ -326,11 +327,11 @@ def test_clear_errors_teacher_vocab_and_layer():
     with pytest.raises(ValueError, match="tokenizer"):
         distill.check_same_tokenizer(student, tiny_model(vocab_size=1200), None, None)
     with pytest.raises(ValueError, match="out of range"):
-        distill.layer_index(2, 2, "student")
+        recipe.layer_index(2, 2, "student")
     with pytest.raises(ValueError, match="out of range"):
-        distill.layer_index(-3, 2, "teacher")
-    assert distill.layer_index(-1, 2, "student") == 1
-    assert distill.teacher_layer_for(1, 2, 4) == 3 and distill.teacher_layer_for(0, 28, 36) == 0
+        recipe.layer_index(-3, 2, "teacher")
+    assert recipe.layer_index(-1, 2, "student") == 1
+    assert recipe.teacher_layer_for(1, 2, 4) == 3 and recipe.teacher_layer_for(0, 28, 36) == 0
 
 
 def test_distill_end_to_end(tmp_path, data_dir, capsys):

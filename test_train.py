@@ -231,7 +231,8 @@ def test_training_helpers(tmp_path):
         training.check_finite(torch.tensor(float("inf")), 7, "/nonexistent/ckpt.pt")
     assert isinstance(training.autocast_context("cpu", torch.float32), type(training.nullcontext()))
     path = str(tmp_path / "sub" / "ckpt.pt")
-    training.save_checkpoint(path, {"model": {}, "config": {}, "step": 3})
+    training.save_checkpoint(path, {"model": {}, "config": {"vocab_size": 8, "hidden_size": 4, "intermediate_size": 8,
+                                                            "num_hidden_layers": 1, "num_attention_heads": 1}, "step": 3})
     assert training.load_checkpoint(path)["step"] == 3 and os.listdir(tmp_path / "sub") == ["ckpt.pt"]  # no temp left
     with open(path, "r+b") as f:
         f.truncate(20)

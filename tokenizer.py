@@ -103,8 +103,13 @@ def _alternation(tokens):
 
 
 def _read_json(path):
-    with open(path, encoding="utf-8") as f:
-        return json.load(f)
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        where = f", line {e.lineno}" if isinstance(e, json.JSONDecodeError) else ""
+        raise ValueError(f"{path}{where}: not valid JSON ({getattr(e, 'msg', e)}); the file is corrupt, fetch it "
+                         "again") from None
 
 
 def _vocab_to_ranks(vocab, merges, where):

@@ -68,11 +68,25 @@ PRESETS = {
 CORPUS = ("c4_sample.jsonl", "wikitext2_test.raw", "tinyshakespeare.txt")
 
 
+def finished(done_file):
+    """A stage is done when its marker exists, or its results.json is one run's results (a file a
+    crash or a full disk cut short does not count)."""
+    if not done_file.endswith(".json"):
+        return os.path.exists(done_file)
+    try:
+        with open(done_file) as f:
+            return "metrics" in json.load(f)
+    except (OSError, ValueError, TypeError):
+        return False
+
+
 def run(cmd, done_file, log):
-    """Runs one stage (a repo command) unless done_file already exists; logs to log."""
-    if os.path.exists(done_file):
+    """Runs one stage (a repo command) unless it is finished; logs to log. An unfinished stage
+    (interrupted, or never run) starts over: --overwrite replaces what it left."""
+    if finished(done_file):
         print(f"[skip] {done_file} exists")
         return
+    cmd = cmd + ["--overwrite"]
     print("$ python " + " ".join(cmd), flush=True)
     os.makedirs(os.path.dirname(log), exist_ok=True)
     t0 = time.time()

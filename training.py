@@ -6,23 +6,31 @@ import this module and the model code, never each other.
     autocast_context()    bf16 autocast where it is supported, fp32 otherwise
     get_lr()              linear warmup, then cosine decay
     check_finite()        the NaN/inf guard: stop, keep the last good checkpoint
-    save_checkpoint()     one atomic torch.save (temp file + os.replace), RNG state included
+    epoch_order()         the seeded shuffle of an epoch, a pure function: resume needs no data state
+    micro_batch()         the examples of one micro-batch of one process, from epoch_order
+    claim_out_dir()       before training: the output folder is writable, locked, and no run is replaced unasked
+    check_resume()        --resume refuses settings that contradict the checkpoint's run
+    atomic_write()        every file the project writes: temp file + os.replace; a full disk says so
+    save_checkpoint()     one atomic torch.save, RNG state included, loadable with weights_only=True
     read_checkpoint()     opens a model path ONCE: config, weights, tokenizer, kind of model
     load_model()          read_checkpoint + build the model, strictly (HF folder, hub id or our .pt)
-    epoch_order()         the seeded shuffle of an epoch, a pure function: resume needs no data state
-    run_cli()             the one-line `<script>: error: ...` for bad input, no traceback
+    run_cli()             the one-line `<script>: error: ...` for bad input (and Ctrl-C), no traceback
 
     from training import load_model
     model = load_model("out/continue_train/ckpt.pt")   # or "Qwen/Qwen3-0.6B", or an HF folder
 """
 import argparse
+import errno
+import fcntl
 import functools
+import glob
 import json
 import math
 import os
 import random
+import socket
 import sys
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 
 import numpy as np
@@ -119,20 +127,106 @@ def epoch_order(n, seed, epoch):
     return np.random.default_rng([seed, epoch]).permutation(n)
 
 
+def micro_batch(data, step, micro, rank, micro_batch_size, grad_accum, world_size, seed):
+    """The samples of one micro-batch, a pure function of (step, micro, rank): each epoch is a fixed
+    permutation (seeded by the epoch), so --resume sees exactly the batches it would have seen."""
+    start = (step * grad_accum * world_size + micro * world_size + rank) * micro_batch_size
+    out = []
+    for j in range(start, start + micro_batch_size):
+        epoch, pos = divmod(j, len(data))
+        out.append(data[int(epoch_order(len(data), seed, epoch)[pos])])
+    return out
+
+
 # ----------------------------------------------------------------------------- files and checkpoints
+
+class SaveError(OSError):
+    """A file could not be written (full disk, no permission); the previous version is intact."""
+
 
 def atomic_write(path, write):
     """write(tmp_path) fills a temp file in the same folder, then os.replace puts it at `path`: a
-    crash mid-write never leaves a truncated file behind (the previous one stays intact)."""
+    crash mid-write never leaves a truncated file behind (the previous one stays intact), and a
+    failed write (a full disk) says so in one line."""
     folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
     tmp = os.path.join(folder, f".{os.path.basename(path)}.tmp{os.getpid()}")
     try:
+        os.makedirs(folder, exist_ok=True)
         write(tmp)
         os.replace(tmp, path)
+    except (OSError, RuntimeError) as e:   # torch.save reports a full disk as a RuntimeError
+        full = getattr(e, "errno", None) == errno.ENOSPC or "enforce fail" in str(e) or "write failed" in str(e)
+        kept = f"the previous {os.path.basename(path)} is intact" if os.path.exists(path) else "nothing was written"
+        why = f"no space left on {folder}" if full else f"cannot write {path} ({type(e).__name__}: {e})"
+        raise SaveError(f"{why}: {kept}") from None
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+
+
+def clean_stale_tmp(folder):
+    """Remove the temp files of writes that a killed process left behind (.<name>.tmp<pid>)."""
+    for f in glob.glob(os.path.join(folder, ".*.tmp*")):
+        pid = f.rsplit(".tmp", 1)[1]
+        if pid.isdigit() and not pid_alive(int(pid)):
+            os.remove(f)
+
+
+def pid_alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+@contextmanager
+def claim_out_dir(out_dir, resume, overwrite, outputs=("ckpt.pt",)):
+    """with claim_out_dir(...): the run. Before any training: the folder is writable, no other run
+    writes into it (an flock on <out_dir>/.lock, held until the with-block ends or the process dies,
+    however it dies), and no finished or interrupted run in it is replaced unless asked
+    (--resume continues it, --overwrite replaces it)."""
+    try:
+        os.makedirs(out_dir, exist_ok=True)
+        fd = os.open(os.path.join(out_dir, ".lock"), os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as e:
+        raise SaveError(f"cannot write to --out_dir {out_dir} ({e.strerror}): pick a writable folder") from None
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.read(fd, 500).decode(errors="replace").strip() or "another process"
+            raise ValueError(f"--out_dir {out_dir} is in use by a running job ({holder}): wait for it, or pick "
+                             "another --out_dir") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}: {' '.join(sys.argv)}"[:500].encode(), 0)
+        clean_stale_tmp(out_dir)
+        found = [f for f in outputs if os.path.exists(os.path.join(out_dir, f))]
+        if found and not (resume or overwrite):
+            raise ValueError(f"--out_dir {out_dir} already holds {', '.join(found)} of an earlier run: continue "
+                             "it with --resume, start over with --overwrite, or pick another --out_dir")
+        yield
+    finally:
+        os.close(fd)                             # closing the file releases the lock
+
+
+def read_jsonl(path):
+    """[(line number, object)] of a JSON-lines file; a line that is not a JSON object is an error
+    naming the file and the line."""
+    rows = []
+    with open(path, encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if line.strip():
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise ValueError(f"{path}, line {n}: not JSON ({e.msg})") from None
+                if not isinstance(row, dict):
+                    raise ValueError(f"{path}, line {n}: expected a JSON object")
+                rows.append((n, row))
+    return rows
 
 
 def write_text(path, text):
@@ -159,12 +253,19 @@ def write_json(path, obj):
 
 
 def save_checkpoint(path, ckpt):
-    """One checkpoint dict (model, optimizer, step, config, args, rng, ...), written atomically."""
+    """One checkpoint dict (model, optimizer, step, config, args, rng, ...), written atomically.
+    Only tensors and plain Python values, so that it loads with torch.load(weights_only=True)."""
     atomic_write(path, lambda tmp: torch.save(ckpt, tmp))
+    LAST_SAVED[:] = [path, ckpt.get("step")]
+
+
+LAST_SAVED = []   # [path, step] of this process's last checkpoint, for the Ctrl-C line
 
 
 def get_rng_state():
-    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    name, keys, pos, has_gauss, gauss = np.random.get_state()   # numpy's array as a list: weights_only-safe
+    state = {"torch": torch.get_rng_state(), "numpy": (name, keys.tolist(), pos, has_gauss, gauss),
+             "python": random.getstate()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
@@ -172,24 +273,41 @@ def get_rng_state():
 
 def set_rng_state(state):
     torch.set_rng_state(state["torch"])
-    np.random.set_state(state["numpy"])
-    random.setstate(state["python"])
+    name, keys, pos, has_gauss, gauss = state["numpy"]
+    np.random.set_state((name, np.asarray(keys, dtype=np.uint32), pos, has_gauss, gauss))
+    random.setstate(tuple(tuple(x) if isinstance(x, list) else x for x in state["python"]))
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+# Checkpoints written before the RNG state was stored as lists hold one numpy array (numpy's RNG
+# keys); these are the only globals beyond torch's own that weights_only=True lets through.
+_NUMPY_RNG_GLOBALS = [np.ndarray, np.dtype, type(np.dtype(np.uint32)),
+                      getattr(np, "_core", getattr(np, "core", None)).multiarray._reconstruct]
+CONFIG_KEYS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
+
+
 def load_checkpoint(path):
-    """One of our checkpoint dicts, on CPU. Clear errors for a missing or unreadable file."""
+    """One of our checkpoint dicts, on CPU, read with weights_only=True: a .pt is a pickle, and a
+    crafted one would otherwise run code. Clear errors for a missing, unreadable or foreign file."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"no checkpoint at {path!r}: check the path (or train first, "
                                 "e.g. with continue_train.py --out_dir ...)")
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+        with torch.serialization.safe_globals(_NUMPY_RNG_GLOBALS):
+            ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
-        raise ValueError(f"{path} is not a readable checkpoint ({type(e).__name__}: {e}); it may be "
-                         "truncated or corrupt") from None
+        why = str(e).strip().splitlines()[0].split(". ")[0][:160] if str(e).strip() else type(e).__name__
+        raise ValueError(f"{path} is not a readable checkpoint ({why}); it may be truncated or corrupt, or not a "
+                         "bitdistill checkpoint (only tensors and plain values are loaded)") from None
+    if isinstance(ckpt, dict) and ckpt.get("format", "").startswith("bitdistill-packed"):
+        raise ValueError(f"{path} is a packed model (packed.py --out): run it with packed.py --load")
     if not isinstance(ckpt, dict) or "model" not in ckpt or "config" not in ckpt:
         raise ValueError(f"{path} is not a bitdistill checkpoint (needs 'model' and 'config' keys)")
+    missing = [k for k in CONFIG_KEYS if k not in (ckpt["config"] or {})]
+    if missing:
+        raise ValueError(f"{path} has an incomplete 'config' (missing {', '.join(missing)}): it is not a "
+                         "checkpoint this project wrote, or it was damaged")
     return ckpt
 
 
@@ -227,7 +345,15 @@ def model_from(src, dtype=torch.float32):
     if src.kind == "hf":
         return Qwen3.from_pretrained(src.path, dtype=dtype)
     model = build_model(src.config)            # BitLinear + SubLN in place when the config says so
-    model.load_state_dict(src.ckpt["model"], strict=True)
+    ours, theirs = set(model.state_dict()), set(src.ckpt["model"])
+    if ours != theirs:
+        miss, extra = sorted(ours - theirs), sorted(theirs - ours)
+        raise ValueError(f"{src.path}: its weights do not fit its config ({len(miss)} missing, e.g. {miss[:2]}; "
+                         f"{len(extra)} unexpected, e.g. {extra[:2]}): the file is damaged or from another version")
+    try:
+        model.load_state_dict(src.ckpt["model"], strict=True)
+    except RuntimeError as e:                  # a shape that does not fit
+        raise ValueError(f"{src.path}: {str(e).splitlines()[-1].strip()[:300]}") from None
     return model.to(dtype)
 
 
@@ -236,15 +362,52 @@ def load_model(path, dtype=torch.float32):
     return model_from(read_checkpoint(path), dtype)
 
 
+def check_resume(args, saved, keys, grow=()):
+    """--resume continues a run as it was started: each setting in `keys` must equal the one the
+    checkpoint's run used (saved: its args); those in `grow` (the length of the run) may only grow."""
+    for k in keys:
+        if k in saved and getattr(args, k, None) != saved[k]:
+            if k in grow and saved[k] is not None and getattr(args, k) is not None and getattr(args, k) >= saved[k]:
+                continue
+            more = " or more" if k in grow else ""
+            raise ValueError(f"--resume: --{k} is {getattr(args, k, None)!r} but the run in this --out_dir used "
+                             f"{saved[k]!r}: resume with --{k} {saved[k]!r}{more}, or start a new run in another --out_dir")
+
+
 # ----------------------------------------------------------------------------- command line
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
     """--help shows the script's docstring as written and every option's default."""
 
 
-def run_cli(main, errors=(FileNotFoundError, ValueError, ConnectionError, NonFiniteLossError)):
-    """Bad input gets one line `<script>: error: ...` that says what is wrong and how to fix it."""
+def _number(kind, ok, what):
+    def parse(s):
+        try:
+            v = kind(float(s)) if kind is int and "e" in s.lower() else kind(s)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{s!r} is not a number") from None
+        if not ok(v):
+            raise argparse.ArgumentTypeError(f"must be {what}, got {s}")
+        return v
+    return parse
+
+
+# argparse types: a bad number is refused when the command line is read, before any model loads
+positive_int = _number(int, lambda v: v >= 1, "a positive integer")
+nonneg_int = _number(int, lambda v: v >= 0, "0 or more")
+positive_float = _number(float, lambda v: v > 0 and math.isfinite(v), "a positive number")
+nonneg_float = _number(float, lambda v: v >= 0 and math.isfinite(v), "0 or more")
+
+
+def run_cli(main, errors=(FileNotFoundError, ValueError, ConnectionError, NonFiniteLossError, SaveError)):
+    """Bad input gets one line `<script>: error: ...` that says what is wrong and how to fix it;
+    Ctrl-C one line that says where the last checkpoint is."""
+    script = os.path.basename(sys.argv[0])
     try:
         main()
+    except KeyboardInterrupt:
+        where = (f"; the last checkpoint is {LAST_SAVED[0]} (step {LAST_SAVED[1]}): continue with --resume"
+                 if LAST_SAVED else "; no checkpoint was written")
+        raise SystemExit(f"{script}: interrupted{where}") from None
     except errors as e:
-        raise SystemExit(f"{os.path.basename(sys.argv[0])}: error: {e}")
+        raise SystemExit(f"{script}: error: {e}") from None
