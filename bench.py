@@ -30,6 +30,7 @@ import time
 
 import torch
 import torch.nn.functional as F
+from tqdm import tqdm
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
@@ -215,7 +216,7 @@ def kernel_table(repeat, quick):
               ("down_proj", I, H), ("lm_head int8", H, c.vocab_size), ("lm_head bf16", H, c.vocab_size)]
     best = K_.lib()[0].tl_cpu_path()
     rows = []
-    for name, K, N in shapes:
+    for name, K, N in tqdm(shapes, desc="kernels", unit="shape"):
         g = torch.Generator().manual_seed(0)
         W = torch.randn(N, K, generator=g) * 0.02
         Wb = W.bfloat16()
@@ -324,9 +325,16 @@ def main():
              bandwidth_gb_s=dict(dram_1GiB=read_bandwidth(1 << 30), l3_128MiB=read_bandwidth(128 << 20, 15)))
     print(f"read bandwidth: {R['bandwidth_gb_s']['dram_1GiB']:.1f} GB/s (1 GiB), "
           f"{R['bandwidth_gb_s']['l3_128MiB']:.1f} GB/s (128 MiB)")
-    for name in [b for b in args.backends.split(",") if b]:
+    names = [b for b in args.backends.split(",") if b]
+    for name in names:
         if name not in BACKENDS:
-            sys.exit(f"unknown backend {name!r}; choose from {BACKENDS}")
+            sys.exit(f"bench.py: error: unknown backend {name!r}; choose from {', '.join(BACKENDS)}")
+    t_all = time.perf_counter()
+    for i, name in enumerate(names):
+        done = time.perf_counter() - t_all
+        eta = f", about {done / i * (len(names) - i) / 60:.0f} min left for the backends" if i else ""
+        print(f"[{i + 1}/{len(names)}] {name}: build, prefill {args.prompt_lens}, decode {args.new_tokens} tokens"
+              f"{eta}", flush=True)
         cmd = [sys.executable, os.path.abspath(__file__), "--worker", name, "--threads", str(args.threads),
                "--prompt_lens", args.prompt_lens, "--new_tokens", str(args.new_tokens), "--repeat", str(args.repeat)]
         t0 = time.perf_counter()
@@ -340,6 +348,7 @@ def main():
         print(f"{name}: prefill " + ", ".join(f"{T}: {res['prefill'][T]['tok_s']:.1f}" for T in lens) +
               f" tok/s, decode {res['decode']['tok_s']:.1f} tok/s ({time.perf_counter() - t0:.0f} s)")
     if not args.no_kernels:
+        print("per-kernel table: 6 shapes x (best SIMD, plain C, torch fp32, torch bf16) ...", flush=True)
         R["kernels"] = kernel_table(args.repeat, args.quick)
     print_report(R)
     write_json(args.json, R)

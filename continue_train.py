@@ -95,9 +95,6 @@ def build_student(args):
             model = build_model(Qwen3Config.from_dict(json.load(f)))
         init_weights(model)
         tokenizer = args.tokenizer
-    elif args.init is None:
-        raise ValueError("pass --init (a Hugging Face checkpoint folder or hub id, or one of our .pt "
-                         "checkpoints) or --from_scratch --model_config tiny.json")
     else:
         src = read_checkpoint(args.init)       # opened once: config, weights, tokenizer
         model, tokenizer = model_from(src), args.tokenizer or src.tokenizer
@@ -175,7 +172,7 @@ def save_metrics(out_dir, log, label):
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
-    p.add_argument("--init", default=None, help="HF checkpoint folder or hub id (e.g. Qwen/Qwen3-0.6B), or our .pt")
+    p.add_argument("--init", default="Qwen/Qwen3-0.6B", help="the model to convert: HF checkpoint folder or hub id, or our .pt")
     p.add_argument("--from_scratch", action="store_true", help="random init from --model_config (toy teacher)")
     p.add_argument("--model_config", default=None, help="JSON with Qwen3Config fields, for --from_scratch")
     p.add_argument("--quant", default="bitnet", choices=("bitnet", "none"), help="1.58-bit (Stage 1) or full precision")
@@ -190,7 +187,8 @@ def parse_args(argv=None):
     p.add_argument("--data", nargs="+", default=None, help="offline corpus: .jsonl ('text' field) / text files or folders")
     p.add_argument("--data_dir", default=os.environ.get("BITDISTILL_DATA"),
                    help="offline data folder; --data defaults to <data_dir>/corpus (default: $BITDISTILL_DATA)")
-    p.add_argument("--dataset", default=None, help="stream a hub dataset instead, e.g. tiiuae/falcon-refinedweb")
+    p.add_argument("--dataset", default=None,
+                   help="stream this hub dataset; None: --data, else <--data_dir>/corpus, else tiiuae/falcon-refinedweb")
     p.add_argument("--text_field", default="content", help="text column of --dataset (falcon: content)")
     p.add_argument("--val_fraction", type=nonneg_float, default=0.05, help="held-out tail of every corpus file")
     p.add_argument("--val_docs", type=positive_int, default=200, help="--dataset: first N streamed documents are validation")
@@ -351,6 +349,8 @@ def train(args, ddp, rank, local_rank, world_size, device, master):
                          "(torchrun --standalone --nproc_per_node=N continue_train.py --fsdp ...)")
     accum, tokens_per_step, args.max_steps, warmup, min_lr = budget(args, world_size)
     ckpt_path = os.path.join(args.out_dir, "ckpt.pt")
+    if not (args.dataset or args.data or args.data_dir):     # no local corpus: the paper's, streamed
+        args.dataset = "tiiuae/falcon-refinedweb"
     files = None if args.dataset else find_files(args.data, args.data_dir)  # fail fast on a bad corpus
     ds = open_stream(args.dataset) if args.dataset else None               # ... or an unreachable hub
     torch.manual_seed(args.seed)                               # the same from-scratch init on every rank
@@ -418,7 +418,8 @@ def train(args, ddp, rank, local_rank, world_size, device, master):
         step += 1
 
     if master:
-        plot_loss_curves([os.path.join(args.out_dir, "metrics.json")], os.path.join(args.out_dir, "loss.png"))
+        plot_loss_curves([os.path.join(args.out_dir, "metrics.json")], os.path.join(args.out_dir, "loss.png"),
+                         f"{'Continued pre-training' if raw_model.config.bitnet else 'Training'} of this run: {label}")
         if weights_before is not None:
             after = load_model(ckpt_path) if args.fsdp else raw_model   # FSDP: the final full weights
             plot_weights(weights_before, latent_weights_over_delta(after), os.path.join(args.out_dir, "weights.png"))

@@ -20,6 +20,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from model import hub_reason
 from training import epoch_order, read_jsonl
 
 EOT = "<|endoftext|>"  # document separator (id 151643 in Qwen's vocab)
@@ -101,8 +102,9 @@ def open_stream(name):
         import datasets
         return datasets.load_dataset(name, split="train", streaming=True)
     except Exception as e:
-        raise ConnectionError(f"could not stream {name!r} ({type(e).__name__}: {str(e)[:200]}). "
-                              "It needs internet; offline, train on local files with --data / BITDISTILL_DATA.") from None
+        raise ConnectionError(f"could not stream {name!r} ({hub_reason(e)}). "
+                              "It needs internet; offline, train on local files with --data / BITDISTILL_DATA, or run the "
+                              "whole pipeline at toy scale: python toy.py") from None
 
 
 def stream_val_tokens(ds, tok, n_docs, text_field):

@@ -153,9 +153,6 @@ def build_student(args, own):
         args.continued = own.args.get("continued", False)
         return model_from(own), args.tokenizer or own.tokenizer
     path = args.student if args.method == "bitdistill" else args.model
-    if not os.path.exists(path) and path.endswith(".pt"):
-        hint = (": run continue_train.py first (stage 2) or pass --student" if args.method == "bitdistill" else "")
-        raise FileNotFoundError(f"no checkpoint at {path}{hint}")
     src = read_checkpoint(path)                   # opened once: config, weights, tokenizer
     model = model_from(src)
     args.continued = model.config.bitnet          # a stage-2 (continue_train.py) 1.58-bit checkpoint
@@ -166,10 +163,25 @@ def build_student(args, own):
     return model, args.tokenizer or src.tokenizer
 
 
+def check_pipeline(args):
+    """BitDistill needs stage 2's student and the FP16-SFT teacher: say which are missing and the
+    exact commands that make them, in order, before anything is loaded."""
+    if args.method != "bitdistill" or args.eval_only or args.resume:
+        return
+    todo = []
+    if args.student.endswith(".pt") and not os.path.exists(args.student):
+        todo.append(f"`python continue_train.py --out_dir {os.path.dirname(args.student)}` (stage 2, the student "
+                    f"{args.student}; or skip it with --student Qwen/Qwen3-0.6B)")
+    if not (args.no_ld and args.no_ad) and args.teacher.endswith(".pt") and not os.path.exists(args.teacher):
+        todo.append(f"`python distill.py --task {args.task} --method fp16-sft --out_dir "
+                    f"{os.path.dirname(args.teacher)}` (the teacher {args.teacher})")
+    if todo:
+        raise FileNotFoundError("BitDistill starts from earlier runs; run first: " + ", then ".join(todo)
+                                + ". Offline, python toy.py runs the whole pipeline at toy scale")
+
+
 def build_teacher(args, student, tok, device):
     """The fp16-sft model, frozen: eval mode, no gradients, never wrapped in DDP."""
-    if args.teacher.endswith(".pt") and not os.path.exists(args.teacher):
-        raise FileNotFoundError(f"no teacher at {args.teacher}: run --method fp16-sft first (or pass --teacher)")
     src = read_checkpoint(args.teacher)
     teacher = model_from(src)
     if teacher.config.bitnet:
@@ -382,6 +394,7 @@ def main(argv=None):
     args = get_args(argv)
     if args.table:
         return print_table(collect_results(args.table))
+    check_pipeline(args)
     ddp, rank, local_rank, world_size, device, master = setup_distributed()
     try:   # rank 0 holds the output folder: writable, not in use, no earlier run replaced unasked
         with claim_out_dir(args.out_dir, args.resume or args.eval_only, args.overwrite, ("ckpt.pt", "results.json")) \

@@ -49,11 +49,11 @@ def draw_loss_curves(ax, metric_files, labels=None, val=True):
                     label=f"{label} (val)")
 
 
-def plot_loss_curves(metric_files, out_png):
+def plot_loss_curves(metric_files, out_png, title="Continued pre-training (paper Figure 3a)"):
     """Figure 3a overlays a stage-2 run with SubLN and one without (metrics.json of each)."""
     fig, ax = new_figure()
     draw_loss_curves(ax, metric_files)
-    label_axes(ax, "step", "next-token loss, Eq. (7)", "Continued pre-training (paper Figure 3a)")
+    label_axes(ax, "step", "next-token loss, Eq. (7)", title)
     save_figure(fig, out_png)
 
 
@@ -79,13 +79,17 @@ def plot_weights(before, after, out_png):
 # ----------------------------------------------------------------------------- the toy and the benchmark
 
 def plot_toy(rows, stage2_runs, out_png):
-    """Left: accuracy per method (mean, ± std over seeds). Right: Figure 3a from the toy's stage-2
-    runs, stage2_runs = [(metrics.json, label), ...] (those that exist)."""
+    """Left: accuracy per method, bars from 0 with their value, ± std over seeds, one dot per seed.
+    Right: Figure 3a from the toy's stage-2 runs, stage2_runs = [(metrics.json, label), ...]."""
     fig, (a, b) = new_figure(2, (13, 4.5))
-    a.barh([r["row"] for r in rows], [r["mean"] for r in rows],
-           xerr=[0 if r["n_seeds"] < 2 else r["std"] for r in rows], color="tab:blue")
-    a.set_xlabel("validation accuracy (%)")
-    a.set_xlim(min(r["mean"] for r in rows) - 5, max(r["mean"] for r in rows) + 3)
+    y = range(len(rows))
+    a.barh(y, [r["mean"] for r in rows], xerr=[r["std"] or 0 for r in rows], color="tab:blue", alpha=0.6)
+    for i, r in enumerate(rows):
+        a.plot(r["accs"], [i] * len(r["accs"]), "k.", ms=4)
+        a.text(1, i, f"{r['mean']:.2f}" + (f" ± {r['std']:.2f}" if r["std"] is not None else ""), va="center",
+               color="white", fontsize=8)
+    a.set_yticks(list(y), [r["row"] for r in rows])
+    a.set(xlim=(0, 100), xlabel=f"validation accuracy (%), {rows[0]['n_seeds']} seed(s); dots: single seeds")
     a.invert_yaxis()
     draw_loss_curves(b, [p for p, _ in stage2_runs], [label for _, label in stage2_runs], val=False)
     label_axes(b, "stage-2 step", "training loss", "continued pre-training of the 1.58-bit student (Figure 3a)")

@@ -354,8 +354,20 @@ def resolve_checkpoint_dir(path):
         from huggingface_hub import snapshot_download
         return snapshot_download(path, allow_patterns=["*.json", "*.safetensors", "*.txt", "*.tiktoken"])
     except Exception as e:  # offline, unknown repo, no huggingface_hub ...
-        raise FileNotFoundError(f"could not download {path!r} from the Hugging Face hub ({type(e).__name__}: "
-                                f"{str(e)[:200]}). Without internet, pass a local checkpoint folder.") from None
+        raise FileNotFoundError(f"could not download {path!r} from the Hugging Face hub ({hub_reason(e)}). Without "
+                                "internet, pass a local checkpoint folder, or run the whole pipeline at toy scale: "
+                                "python toy.py") from None
+
+
+def hub_reason(e):
+    """A short reason for a failed hub call, without the client's URL-laden retry messages."""
+    name = type(e).__name__
+    if any(k in name for k in ("Offline", "Connection", "LocalEntryNotFound", "Timeout", "MaxRetry")) \
+            or "offline" in str(e).lower() or "resolve" in str(e).lower():
+        return "no connection to the hub"
+    if "NotFound" in name or "404" in str(e):
+        return "not found on the hub"
+    return name
 
 
 def read_safetensors(path):

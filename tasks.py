@@ -17,6 +17,7 @@ import time
 import torch
 from tqdm import tqdm
 
+from model import hub_reason
 from training import read_jsonl
 
 # ----------------------------------------------------------------------------------------------
@@ -102,7 +103,7 @@ def _load_hub(task, spec, split):
         return list(datasets.load_dataset(name, config, split=split))
     except Exception as e:
         raise ConnectionError(f"could not load {name} ({config}, {split}) from the Hugging Face hub "
-                           f"({type(e).__name__}: {str(e)[:200]}). Offline, pass --data_dir (or set "
+                              f"({hub_reason(e)}). Offline, pass --data_dir (or set "
                            "BITDISTILL_DATA) to a folder laid out like ../shared/data.") from None
 
 

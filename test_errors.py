@@ -41,9 +41,9 @@ def digests(folder):
     return {f: hashlib.sha256(open(f, "rb").read()).hexdigest() for f in files}
 
 
-def run(script, *args, env=None, cwd=HERE):
+def run(script, *args, env=None, cwd=HERE, workdir=None):
     return subprocess.run([sys.executable, os.path.join(cwd, script), *map(str, args)], capture_output=True,
-                          text=True, timeout=300, cwd=cwd, env={**os.environ, **(env or {})})
+                          text=True, timeout=300, cwd=workdir or cwd, env={**os.environ, **(env or {})})
 
 
 def assert_one_error_line(p, pattern):
@@ -303,3 +303,17 @@ def test_grad_clip_0_means_off(smoke, tmp_path):
     tuned = training.load_model(str(tmp_path / "r" / "ckpt.pt"))
     moved = max((a - b).abs().max().item() for a, b in zip(tuned.parameters(), base.parameters()))
     assert moved > 1e-4                                               # it learned: 0 is "off", not "clip to 0"
+
+
+def test_bare_commands_offline_point_to_what_works(tmp_path, data_dir):
+    # the design's bare commands: stage 2 of Qwen3-0.6B, and BitDistill on SST-2; offline, one line
+    # that says what is missing and what to run instead (no circular advice)
+    offline = {"HF_HUB_OFFLINE": "1", "BITDISTILL_DATA": data_dir}
+    p = run("continue_train.py", env=offline, workdir=tmp_path)
+    assert_one_error_line(p, r"could not download 'Qwen/Qwen3-0.6B' .*no connection to the hub.* python toy.py")
+    p = run("continue_train.py", env={"HF_HUB_OFFLINE": "1", "BITDISTILL_DATA": ""}, workdir=tmp_path)
+    assert_one_error_line(p, r"could not stream 'tiiuae/falcon-refinedweb' .* python toy.py")
+    p = run("distill.py", "--task", "sst2", env=offline, workdir=tmp_path)
+    assert_one_error_line(p, r"run first: `python continue_train.py --out_dir out/continue_train` .*, then "
+                             r"`python distill.py --task sst2 --method fp16-sft --out_dir out/sst2-fp16-sft`.* python toy.py")
+    assert not os.path.exists(tmp_path / "out" / "sst2-bitdistill")   # nothing created before the check

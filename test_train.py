@@ -146,8 +146,9 @@ def test_fsdp_two_processes_match_one_and_resume(tmp_path, data_dir, byte_tok, t
 def test_bad_inputs_give_clear_errors(tmp_path, data_dir, byte_tok, tiny_hf, monkeypatch):
     with pytest.raises(FileNotFoundError, match="corpus path .* does not exist"):
         run(tmp_path, data_dir, byte_tok, tiny_hf, "--data", str(tmp_path / "no_such_corpus"), "--tokens", "1e4")
-    monkeypatch.delenv("BITDISTILL_DATA")
-    with pytest.raises(ValueError, match="no training data.*BITDISTILL_DATA"):
+    monkeypatch.delenv("BITDISTILL_DATA")          # no local corpus: the paper's, streamed (offline: a clear line)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(ConnectionError, match="could not stream 'tiiuae/falcon-refinedweb'.*BITDISTILL_DATA"):
         ct.main(["--init", tiny_hf, "--tokens", "1e9", "--out_dir", str(tmp_path / "x")])
     empty = tmp_path / "empty"
     empty.mkdir()

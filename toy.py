@@ -6,15 +6,17 @@ scratch by the project's own loop, and then the paper's pipeline runs on it, on 
 
     0. a 4,096-token byte-level BPE vocabulary trained on the corpus (tokenizer.train_bpe)
     1. continue_train.py --from_scratch --quant none          the tiny full-precision "LLM"
-    2. distill.py --method fp16-sft                            FP16-SFT, the teacher     (Table 1)
-    3. distill.py --method bitnet-sft --no_subln               BitNet-SFT                (Table 1)
-    4. continue_train.py --init teacher (SubLN, 1.58-bit)     stage 1 + stage 2
+    2. continue_train.py --init teacher (SubLN, 1.58-bit)     stage 1 + stage 2
+    3. distill.py --method fp16-sft                            FP16-SFT, the teacher     (Table 1)
+    4. distill.py --method bitnet-sft --no_subln               BitNet-SFT                (Table 1)
     5. distill.py --method bitdistill                          BitDistill                (Table 1)
     with --ablations, also the rows of Table 5 and 6 and the no-SubLN stage-2 run (Figure 3a).
 
 Every stage is one of the repo's own commands, printed before it runs; a finished stage is not
-run again, so an interrupted pipeline continues where it stopped. Results: <out>/results.json,
-<out>/results.csv and <out>/toy.png (accuracy per method; stage-2 loss with and without SubLN).
+run again, so an interrupted pipeline continues where it stopped (an unfinished stage starts over).
+Each stage shows its progress; its full output goes to the log named before it starts. Results:
+<out>/<recipe>/results.json, results.csv and toy.png (accuracy per method; stage-2 loss with and
+without SubLN).
 
     export BITDISTILL_DATA=../shared/data
     python toy.py                                  # the quick start: one seed
@@ -30,14 +32,17 @@ import csv
 import io
 import json
 import os
+import re
 import statistics
 import subprocess
 import sys
 import time
 
+from tqdm import tqdm
+
 from figures import plot_toy
 from tokenizer import save_tiktoken, train_bpe
-from training import write_json, write_text
+from training import HelpFormatter, write_json, write_text
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -80,22 +85,40 @@ def finished(done_file):
         return False
 
 
-def run(cmd, done_file, log):
-    """Runs one stage (a repo command) unless it is finished; logs to log. An unfinished stage
-    (interrupted, or never run) starts over: --overwrite replaces what it left."""
+def run(cmd, done_file, log, title):
+    """Runs one stage (a repo command) unless it is finished: its command and log path first, then
+    its progress (a bar fed by the stage's step lines), the full output in the log. An unfinished
+    stage (interrupted, or never run) starts over: --overwrite replaces what it left."""
     if finished(done_file):
-        print(f"[skip] {done_file} exists")
+        print(f"[skip] {title}: {done_file} exists")
         return
     cmd = cmd + ["--overwrite"]
-    print("$ python " + " ".join(cmd), flush=True)
+    print(f"{title}\n$ python " + " ".join(cmd) + f"\n  log: {log}", flush=True)
     os.makedirs(os.path.dirname(log), exist_ok=True)
-    t0 = time.time()
+    t0, bar = time.time(), None
     with open(log, "w") as f:
-        r = subprocess.run([sys.executable] + cmd, cwd=HERE, stdout=f, stderr=subprocess.STDOUT)
-    if r.returncode != 0:
+        p = subprocess.Popen([sys.executable, "-u"] + cmd, cwd=HERE, stdout=subprocess.PIPE,
+                             stderr=subprocess.STDOUT, text=True)
+        for line in p.stdout:   # text mode splits tqdm's \r updates into lines too
+            f.write(line)
+            m = STEP.match(line) or EVAL.match(line)
+            if m:
+                phase, done, total = m["phase"] or "train", int(m["done"]), int(m["total"])
+                if bar is None or bar.desc != f"  {phase}":
+                    bar and bar.close()
+                    bar = tqdm(total=total, desc=f"  {phase}", unit="step" if phase == "train" else "batch", leave=False)
+                bar.update(done - bar.n)
+        p.wait()
+    if bar is not None:
+        bar.close()
+    if p.returncode != 0:
         tail = open(log).read()[-3000:]
-        sys.exit(f"stage failed (exit {r.returncode}); last lines of {log}:\n{tail}")
-    print(f"  done in {time.time() - t0:.0f} s (log: {log})", flush=True)
+        sys.exit(f"stage failed (exit {p.returncode}); last lines of {log}:\n{tail}")
+    print(f"  done in {time.time() - t0:.0f} s", flush=True)
+
+
+STEP = re.compile(r"^step (?P<done>\d+)/(?P<total>\d+) \| loss(?P<phase>)")            # a training step
+EVAL = re.compile(r"^(?P<phase>eval \w+|validation):\s+\d+%.*?\| (?P<done>\d+)/(?P<total>\d+) ")  # a tqdm bar
 
 
 def make_tokenizer(data_dir, vocab, out):
@@ -130,21 +153,21 @@ def run_dir(out, task, seed, row):  # "BitDistill w/o AD (LD only)" -> <out>/sst
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("--preset", default="quick", choices=sorted(PRESETS),
-                   help="quick: the README's quick start (~17 min on 2 cores); smoke: a few steps per stage, the CI test (default: %(default)s)")
+                   help="quick: the README's quick start (4.2M-parameter model, ~20 min on 2 cores); smoke: a few "
+                        "steps per stage on a 2-layer model, the CI test")
     p.add_argument("--out", default="out/toy", help="everything goes here")
     p.add_argument("--data_dir", default=os.environ.get("BITDISTILL_DATA"),
                    help="offline data folder (default: $BITDISTILL_DATA)")
-    p.add_argument("--task", default="sst2", choices=("sst2", "mnli", "qnli"))
-    p.add_argument("--seeds", type=int, nargs="+", default=[1], help="fine-tuning seeds")
+    p.add_argument("--task", default="sst2", choices=("sst2", "mnli", "qnli"), help="the fine-tuning task")
+    p.add_argument("--seeds", type=int, nargs="+", default=[1], help="fine-tuning seeds (data order, 1.58-bit runs)")
     p.add_argument("--ablations", action="store_true", help="also Table 5 / Table 6 rows and Figure 3a")
-    p.add_argument("--gamma_ad", default=None, help="γ for BitDistill (default: the paper's 1e5)")
-    p.add_argument("--lambda_ld", default=None, help="λ for BitDistill (default: the paper's 10)")
-    p.add_argument("--distill_layer", default=None, help="student layer for L_AD (default: distill.py's)")
+    p.add_argument("--gamma_ad", default=None, help="γ for BitDistill (None: distill.py's, 1e5)")
+    p.add_argument("--lambda_ld", default=None, help="λ for BitDistill (None: distill.py's, 10)")
+    p.add_argument("--distill_layer", default=None, help="student layer for L_AD (None: distill.py's)")
     p.add_argument("--recipe", default="authors", choices=("authors", "paper"),
-                   help="passed to every stage after pretraining, whose runs go to <out>/<recipe>/ (default: %(default)s)")
+                   help="passed to every stage after pretraining, whose runs go to <out>/<recipe>/")
     args = p.parse_args(argv)
     if not args.data_dir or not os.path.isdir(args.data_dir):
         sys.exit("no data folder: set BITDISTILL_DATA (e.g. export BITDISTILL_DATA=../shared/data) or pass --data_dir")
@@ -153,6 +176,8 @@ def main(argv=None):
     data = ["--data_dir", os.path.abspath(args.data_dir)]
     t_start = time.time()
 
+    n_runs = 1 + 1 + args.ablations + len(args.seeds) * len(sft_runs(args.ablations))
+    title = lambda i, what: f"[toy {i}/{n_runs}] {what}"
     # 0. vocabulary and model config
     tok = make_tokenizer(args.data_dir, pre["vocab"], out)
     cfg = os.path.join(out, "tiny.json")
@@ -162,37 +187,56 @@ def main(argv=None):
     teacher = os.path.join(out, "pretrain", "ckpt.pt")
     run(["continue_train.py", "--from_scratch", "--model_config", cfg, "--quant", "none", "--tokenizer", tok,
          "--out_dir", os.path.dirname(teacher), "--seed", "0"] + pre["pretrain"] + data,
-        os.path.join(out, "pretrain", "DONE"), os.path.join(out, "pretrain.log"))
+        os.path.join(out, "pretrain", "DONE"), os.path.join(out, "pretrain.log"),
+        title(1, "pretraining the full-precision toy LM (it plays the off-the-shelf model)"))
     open(os.path.join(out, "pretrain", "DONE"), "w").close()
-    # 4. stages 1 + 2: SubLN + BitLinear, continued pre-training (and without SubLN for Figure 3a);
+    # 2. stages 1 + 2: SubLN + BitLinear, continued pre-training (and without SubLN for Figure 3a);
     # from here on every stage follows --recipe, in its own folder
     recipe = ["--recipe", args.recipe]
     out = os.path.join(out, args.recipe)
     cts = {"ct": ["--subln"]} | ({"ct_nosubln": ["--no_subln"]} if args.ablations else {})
-    for name, flags in cts.items():
+    for i, (name, flags) in enumerate(cts.items()):
         d = os.path.join(out, name)
         run(["continue_train.py", "--init", teacher, "--quant", "bitnet", "--out_dir", d, "--seed", "1"]
-            + recipe + flags + pre["ct"] + data, os.path.join(d, "DONE"), os.path.join(out, name + ".log"))
+            + recipe + flags + pre["ct"] + data, os.path.join(d, "DONE"), os.path.join(out, name + ".log"),
+            title(2 + i, f"stages 1 + 2: 1.58-bit {'with' if i == 0 else 'without'} SubLN, continued pre-training"))
         open(os.path.join(d, "DONE"), "w").close()
     start = {"teacher": teacher, "ct": os.path.join(out, "ct", "ckpt.pt")}
     # the toy LM was pretrained on plain text and never saw chat markup: plain prompts
     recipe += ["--prompt", "plain"]
-    # 2, 3, 5 (and the ablations) for each seed
+    # 3-5: FP16-SFT, BitNet-SFT, BitDistill (and the ablations) for each seed
     extra = []
     for flag in ("gamma_ad", "lambda_ld", "distill_layer"):
         if getattr(args, flag) is not None:
             extra += [f"--{flag}", str(getattr(args, flag))]
+    i = 2 + len(cts)
     for seed in args.seeds:
         for row, _, method, flags, init in sft_runs(args.ablations):
+            i += 1
             d = run_dir(out, args.task, seed, row)
             src = ["--student", start[init]] if method == "bitdistill" else ["--model", start[init]]
             teach = ["--teacher", os.path.join(run_dir(out, args.task, seed, "FP16-SFT"), "ckpt.pt")]
             lr = pre["lr_fp"] if method == "fp16-sft" else pre["lr_bit"]
             run(["distill.py", "--task", args.task, "--method", method, "--out_dir", d, "--seed", str(seed),
                  "--lr", lr] + recipe + src + (teach + extra if method == "bitdistill" else []) + flags
-                + pre["sft"] + pre["eval"] + data, os.path.join(d, "results.json"), d + ".log")
+                + pre["sft"] + pre["eval"] + data, os.path.join(d, "results.json"), d + ".log",
+                title(i, f"{row}, seed {seed}"))
     print(f"pipeline finished in {(time.time() - t_start) / 60:.1f} min")
     report(args, out)
+
+
+T95 = {1: 12.71, 2: 4.30, 3: 3.18, 4: 2.78, 5: 2.57, 6: 2.45, 7: 2.36, 8: 2.31, 9: 2.26}  # two-sided t, df
+
+
+def paired_difference(a, b, seeds):
+    """a - b seed by seed (the same fine-tuning data order), their mean and 95% t-interval."""
+    diffs = [x - y for x, y in zip(a["accs"], b["accs"])]
+    mean = statistics.mean(diffs)
+    ci = None
+    if len(diffs) > 1:
+        half = T95.get(len(diffs) - 1, 2.0) * statistics.stdev(diffs) / len(diffs) ** 0.5
+        ci = [mean - half, mean + half]
+    return dict(pair=f"{a['row']} - {b['row']}", seeds=seeds, diffs=diffs, mean=mean, ci95=ci)
 
 
 def report(args, out):
@@ -204,7 +248,7 @@ def report(args, out):
             d = run_dir(out, args.task, seed, row)
             with open(os.path.join(d, "results.json")) as f:
                 accs.append(json.load(f)["metrics"]["ACC"])
-        sd = statistics.stdev(accs) if len(accs) > 1 else float("nan")
+        sd = statistics.stdev(accs) if len(accs) > 1 else None        # undefined for one seed: null
         rows.append(dict(row=row, tables=tables, task=args.task, n_seeds=len(accs), mean=statistics.mean(accs),
                          std=sd, accs=accs))
     for t, title in (("1", "Table 1"), ("5", "Table 5 (stages)"), ("6", "Table 6 (LD / AD)")):
@@ -213,18 +257,29 @@ def report(args, out):
             continue
         print(f"\n{title}: {args.task.upper()} validation accuracy (%), mean ± std over {len(args.seeds)} seed(s)")
         for r in sel:
-            print(f"  {r['row']:<30}{r['mean']:7.2f} ± {r['std']:.2f}   {r['accs']}")
+            spread = "n/a" if r["std"] is None else f"{r['std']:.2f}"
+            print(f"  {r['row']:<30}{r['mean']:7.2f} ± {spread:<6} seeds {args.seeds}: "
+                  + " / ".join(f"{a:.2f}" for a in r["accs"]))
+    by = {r["row"]: r for r in rows}
+    paired = [paired_difference(by["BitDistill"], by[base], args.seeds) for base in ("BitNet-SFT", "FP16-SFT")]
+    print("\nPaired differences (the same seed, point by point), mean with a 95% t-interval:")
+    for p in paired:
+        ci = "n/a (one seed)" if p["ci95"] is None else f"[{p['ci95'][0]:+.2f}, {p['ci95'][1]:+.2f}]"
+        print(f"  {p['pair']:<28}{p['mean']:+7.2f}  {ci}   per seed: " + " / ".join(f"{d:+.2f}" for d in p["diffs"]))
+    rows = rows + paired
     write_json(os.path.join(out, "results.json"), rows)
     buf = io.StringIO()
     w = csv.writer(buf)
     w.writerow(["row", "tables", "task", "n_seeds", "mean_acc", "std_acc", "accs"])
     for r in rows:
-        w.writerow([r["row"], r["tables"], r["task"], r["n_seeds"], f"{r['mean']:.2f}", f"{r['std']:.2f}",
-                    " ".join(f"{a:.2f}" for a in r["accs"])])
+        if "pair" in r:
+            continue
+        w.writerow([r["row"], r["tables"], r["task"], r["n_seeds"], f"{r['mean']:.2f}",
+                    "" if r["std"] is None else f"{r['std']:.2f}", " ".join(f"{a:.2f}" for a in r["accs"])])
     write_text(os.path.join(out, "results.csv"), buf.getvalue())
     stage2 = [(os.path.join(out, name, "metrics.json"), label)
               for name, label in (("ct", "with SubLN"), ("ct_nosubln", "without SubLN"))]
-    plot_toy(rows, [(p, label) for p, label in stage2 if os.path.exists(p)], os.path.join(out, "toy.png"))
+    plot_toy([r for r in rows if "pair" not in r], [(p, label) for p, label in stage2 if os.path.exists(p)], os.path.join(out, "toy.png"))
     print(f"wrote {out}/results.json, results.csv, toy.png")
 
 
