@@ -60,7 +60,7 @@ from model import Qwen3Config
 from recipe import RECIPES, apply_recipe
 from subln import build_model, convert_to_bitnet
 from tokenizer import load_tokenizer
-from training import (HelpFormatter, adamw, autocast_context, check_finite, check_resume, claim_out_dir, nonneg_float,
+from training import (HelpFormatter, adamw, provenance, autocast_context, check_finite, check_resume, claim_out_dir, nonneg_float,
                       nonneg_int, positive_float, positive_int, get_lr, get_rng_state, load_model, model_from,
                       read_checkpoint, resolve_dtype, run_cli, save_checkpoint, set_rng_state, setup_distributed,
                       write_json, write_text)
@@ -155,9 +155,11 @@ def run_label(args, config):
                           if config.subln_all else "1.58-bit, SubLN" if config.subln else "1.58-bit, no SubLN")
 
 
-def save_metrics(out_dir, log, label):
-    """metrics.json (the loss curve, validation loss/ppl) and the same as train_log.csv, atomically."""
-    write_json(os.path.join(out_dir, "metrics.json"), {"label": label, **log})
+def save_metrics(args, log, label):
+    """metrics.json (the loss curve, validation loss/ppl, where it came from) and train_log.csv, atomically."""
+    out_dir = args.out_dir
+    write_json(os.path.join(out_dir, "metrics.json"),
+               {"label": label, **log, "provenance": provenance(args.started), "args": vars(args)})
     val = {r["step"]: r for r in log["val"]}
     buf = io.StringIO()
     w = csv.writer(buf)
@@ -224,7 +226,9 @@ def parse_args(argv=None):
 
 
 def main(argv=None):
+    started = time.time()
     args = parse_args(argv)
+    args.started = started
     if args.plot:
         plot_loss_curves(args.plot, args.plot_out)
         print(f"wrote {args.plot_out}")
@@ -338,7 +342,7 @@ def checkpoint(args, ckpt_path, raw_model, optimizer, state, val_loss, tokens_pe
             "model": model_sd, "optimizer": optim_sd, "step": step, "config": raw_model.config.to_dict(),
             "args": vars(args), "rng": get_rng_state(), "tokens_seen": step * tokens_per_step, "log": log,
             "docs_read": docs_all})
-        save_metrics(args.out_dir, log, label)
+        save_metrics(args, log, label)
         print(f"step {step}/{args.max_steps} | val loss {val_loss:.4f} | val ppl {log['val'][-1]['ppl']:.2f}"
               f" | saved {ckpt_path}")
 

@@ -48,7 +48,7 @@ from recipe import RECIPES, TEACHER_LR, apply_recipe, distill_layers
 from tasks import (METHODS, TASKS, chat_tokens, collate, collect_results, encode_example, evaluate, get_task,
                    load_examples, print_table)
 from tokenizer import load_tokenizer
-from training import (HelpFormatter, adamw, autocast_context, check_finite, check_resume, claim_out_dir, nonneg_float,
+from training import (HelpFormatter, adamw, provenance, autocast_context, check_finite, check_resume, claim_out_dir, nonneg_float,
                       nonneg_int, positive_float, positive_int, get_lr, micro_batch, get_rng_state, model_from,
                       read_checkpoint, resolve_dtype, run_cli, save_checkpoint, set_rng_state, setup_distributed,
                       write_json)
@@ -153,7 +153,8 @@ def build_student(args, own):
         args.continued = own.args.get("continued", False)
         return model_from(own), args.tokenizer or own.tokenizer
     path = args.student if args.method == "bitdistill" else args.model
-    src = read_checkpoint(path)                   # opened once: config, weights, tokenizer
+    src = read_checkpoint(path)
+    args.loaded_from = src.path                   # what was loaded (the resolved folder of a hub id)                   # opened once: config, weights, tokenizer
     model = model_from(src)
     args.continued = model.config.bitnet          # a stage-2 (continue_train.py) 1.58-bit checkpoint
     if args.method != "fp16-sft" and not model.config.bitnet:
@@ -321,6 +322,7 @@ def train(args, model, student, teacher, tok, layers, ctx, device, dist, own=Non
                          f"processes = {per_step}")
     grad_accum = args.batch_size // per_step
     data = load_examples(args.task, "train", args.data_dir, args.train_limit)
+    args.n_train_rows = len(data)
     max_steps = args.max_steps or math.ceil(args.epochs * len(data) / args.batch_size)
     warmup = args.warmup_steps if args.warmup_steps is not None else int(args.warmup_ratio * max_steps)
     opt = adamw(student, args.lr, args.weight_decay, (0.9, args.beta2), 1e-8, device)
@@ -375,7 +377,8 @@ def report(args, student, tok, device, ctx, evals):
     """Greedy evaluation on the validation rows, results.json beside the checkpoint, Table 1/2 row."""
     metrics, speed, preds = evaluate(student, tok, args.task, evals, args.max_len, args.gen_len, args.eval_batch_size,
                                      device, ctx, chat_tokens(tok) if args.prompt == "chat" else None)
-    res = {"task": args.task, "method": args.method, "label": args.label, "metrics": metrics,
+    res = {"provenance": provenance(args.started), "task": args.task, "method": args.method, "label": args.label,
+           "metrics": metrics,
            "speed": speed, "memory_gb": weight_memory_gb(student), "n_eval": len(evals),
            "checkpoint": os.path.abspath(os.path.join(args.out_dir, "ckpt.pt")), "args": vars(args),
            "examples": preds[:5]}
@@ -391,7 +394,9 @@ RESUME_KEYS = ("task", "method", "recipe", "batch_size", "seed", "train_limit", 
 
 
 def main(argv=None):
+    started = time.time()
     args = get_args(argv)
+    args.started = started
     if args.table:
         return print_table(collect_results(args.table))
     check_pipeline(args)

@@ -18,10 +18,12 @@ def test_toy_pipeline_smoke(tmp_path, data_dir):
     for name, subln in (("ct", True), ("ct_nosubln", False)):
         student = load_model(str(out / name / "ckpt.pt"))  # strict load
         assert student.config.bitnet and student.config.subln == subln and student.config.subln_all == subln
-    rows = json.load(open(out / "results.json"))
-    assert [r["row"] for r in rows if "row" in r] == [r[0] for r in toy.sft_runs(True)]
-    assert [r["pair"] for r in rows if "pair" in r] == ["BitDistill - BitNet-SFT", "BitDistill - FP16-SFT"]
-    assert all(r["std"] is None for r in rows if "row" in r)   # one seed: no spread (null, not NaN)
+    res = json.load(open(out / "results.json"))
+    rows = res["rows"]
+    assert [r["row"] for r in rows] == [r[0] for r in toy.sft_runs(True)]
+    assert [r["pair"] for r in res["paired"]] == ["BitDistill - BitNet-SFT", "BitDistill - FP16-SFT"]
+    assert all(r["std"] is None for r in rows)             # one seed: no spread (null, not NaN)
+    assert res["provenance"]["commit"] and res["recipe"] == "authors" and res["seeds"] == [1]
     for row, _, method, *_ in toy.sft_runs(True):
         d = toy.run_dir(str(out), "sst2", 1, row)
         res = json.load(open(os.path.join(d, "results.json")))

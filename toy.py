@@ -42,7 +42,7 @@ from tqdm import tqdm
 
 from figures import plot_toy
 from tokenizer import save_tiktoken, train_bpe
-from training import HelpFormatter, write_json, write_text
+from training import HelpFormatter, provenance, write_json, write_text
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -266,20 +266,19 @@ def report(args, out):
     for p in paired:
         ci = "n/a (one seed)" if p["ci95"] is None else f"[{p['ci95'][0]:+.2f}, {p['ci95'][1]:+.2f}]"
         print(f"  {p['pair']:<28}{p['mean']:+7.2f}  {ci}   per seed: " + " / ".join(f"{d:+.2f}" for d in p["diffs"]))
-    rows = rows + paired
-    write_json(os.path.join(out, "results.json"), rows)
+    write_json(os.path.join(out, "results.json"), {
+        "provenance": provenance(), "task": args.task, "recipe": args.recipe, "seeds": args.seeds, "rows": rows,
+        "paired": paired, "runs": {r["row"]: [run_dir(out, args.task, s, r["row"]) for s in args.seeds] for r in rows}})
     buf = io.StringIO()
     w = csv.writer(buf)
     w.writerow(["row", "tables", "task", "n_seeds", "mean_acc", "std_acc", "accs"])
     for r in rows:
-        if "pair" in r:
-            continue
         w.writerow([r["row"], r["tables"], r["task"], r["n_seeds"], f"{r['mean']:.2f}",
                     "" if r["std"] is None else f"{r['std']:.2f}", " ".join(f"{a:.2f}" for a in r["accs"])])
     write_text(os.path.join(out, "results.csv"), buf.getvalue())
     stage2 = [(os.path.join(out, name, "metrics.json"), label)
               for name, label in (("ct", "with SubLN"), ("ct_nosubln", "without SubLN"))]
-    plot_toy([r for r in rows if "pair" not in r], [(p, label) for p, label in stage2 if os.path.exists(p)], os.path.join(out, "toy.png"))
+    plot_toy(rows, [(p, label) for p, label in stage2 if os.path.exists(p)], os.path.join(out, "toy.png"))
     print(f"wrote {out}/results.json, results.csv, toy.png")
 
 

@@ -30,6 +30,7 @@ import os
 import random
 import socket
 import sys
+import time
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 
@@ -245,6 +246,28 @@ def strict_json(obj):
     if isinstance(obj, (list, tuple)):
         return [strict_json(v) for v in obj]
     return obj
+
+
+def provenance(started=None):
+    """Where a results file comes from: the git commit (and whether the tree had uncommitted
+    changes), the command line, library versions, the machine, and when and how long it ran."""
+    import platform
+    import subprocess as sp
+    here = os.path.dirname(os.path.abspath(__file__))
+    git = lambda *a: sp.run(["git", "-C", here, *a], capture_output=True, text=True).stdout.strip()
+    try:
+        commit, dirty = git("rev-parse", "HEAD") or None, bool(git("status", "--porcelain", "--untracked-files=no"))
+    except OSError:
+        commit, dirty = None, None
+    cpu = next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")), None) \
+        if os.path.exists("/proc/cpuinfo") else platform.processor()
+    now = time.time()
+    return {"commit": commit, "dirty": dirty, "command": [os.path.basename(sys.argv[0])] + sys.argv[1:],
+            "python": platform.python_version(), "torch": torch.__version__, "numpy": np.__version__,
+            "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu", "cpu": cpu,
+            "threads": torch.get_num_threads(), "host": socket.gethostname(),
+            "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(started or now)),
+            "wall_s": round(now - started, 1) if started else None}
 
 
 def write_json(path, obj):
