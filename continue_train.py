@@ -60,10 +60,10 @@ from model import Qwen3Config
 from recipe import RECIPES, apply_recipe
 from subln import build_model, convert_to_bitnet
 from tokenizer import load_tokenizer
-from training import (HelpFormatter, adamw, provenance, autocast_context, check_finite, check_resume, claim_out_dir, nonneg_float,
-                      nonneg_int, positive_float, positive_int, get_lr, get_rng_state, load_model, model_from,
-                      read_checkpoint, resolve_dtype, run_cli, save_checkpoint, set_rng_state, setup_distributed,
-                      write_json, write_text)
+from training import (HelpFormatter, adamw, autocast_context, check_finite, check_resume, claim_out_dir,
+                      get_lr, get_rng_state, load_model, model_from, nonneg_float, nonneg_int,
+                      positive_float, positive_int, provenance, read_checkpoint, resolve_dtype, run_cli,
+                      save_checkpoint, set_rng_state, setup_distributed, write_json, write_text)
 
 # settings a resumed run must share with the run it continues (--tokens: may grow)
 RESUME_KEYS = ("init", "from_scratch", "model_config", "quant", "subln", "subln_at", "tokens", "block_size",

@@ -43,15 +43,15 @@ import torch.nn.functional as F
 
 from attn_relation import attention_relation_loss
 from bitlinear import weight_memory_gb
-from subln import convert_to_bitnet
 from recipe import RECIPES, TEACHER_LR, apply_recipe, distill_layers
+from subln import convert_to_bitnet
 from tasks import (METHODS, TASKS, chat_tokens, collate, collect_results, encode_example, evaluate, get_task,
                    load_examples, print_table)
 from tokenizer import load_tokenizer
-from training import (HelpFormatter, adamw, provenance, autocast_context, check_finite, check_resume, claim_out_dir, nonneg_float,
-                      nonneg_int, positive_float, positive_int, get_lr, micro_batch, get_rng_state, model_from,
-                      read_checkpoint, resolve_dtype, run_cli, save_checkpoint, set_rng_state, setup_distributed,
-                      write_json)
+from training import (HelpFormatter, adamw, autocast_context, check_finite, check_resume, claim_out_dir,
+                      get_lr, get_rng_state, micro_batch, model_from, nonneg_float, nonneg_int,
+                      positive_float, positive_int, provenance, read_checkpoint, resolve_dtype, run_cli,
+                      save_checkpoint, set_rng_state, setup_distributed, write_json)
 
 load_tokenizer = functools.lru_cache(maxsize=4)(load_tokenizer)  # teacher and student share one
 
