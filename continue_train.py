@@ -10,26 +10,19 @@ Documents are tokenized with the model's tokenizer, joined with <|endoftext|> an
 fixed-length blocks; a held-out slice of every file gives validation loss and perplexity.
 With --quant none the same loop trains a full-precision model (the toy pipeline's tiny teacher).
 
-The paper's setting, 8 GPUs (one GPU: `python continue_train.py ...`; the paper gives only the 10B
-tokens for this stage, the other hyper-parameters here are ours):
+The paper's setting: `python continue_train.py` with no arguments converts Qwen/Qwen3-0.6B (stage 1,
+--recipe authors: SubLN before all 7 projections) and trains it on FALCON RefinedWeb streamed from
+the hub, 10B tokens (with $BITDISTILL_DATA set: on <data_dir>/corpus). On 8 GPUs (the paper gives
+only the 10B tokens for this stage; the other hyper-parameters here are ours):
     torchrun --standalone --nproc_per_node=8 continue_train.py --init Qwen/Qwen3-0.6B \\
         --dataset tiiuae/falcon-refinedweb --tokens 10e9 --block_size 2048 --batch_size 8 \\
         --grad_accum 32 --lr 1e-4 --out_dir out/continue_train
-Offline on CPU, the toy pipeline (corpus: $BITDISTILL_DATA/corpus, i.e. ../shared/data/corpus):
-    # tiny.json = {"vocab_size": 151936, "hidden_size": 64, "intermediate_size": 192, "num_hidden_layers": 2,
-    #   "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 16, "rope_theta": 10000.0,
-    #   "tie_word_embeddings": true, "max_position_embeddings": 1024}
-    export BITDISTILL_DATA=../shared/data
-    python continue_train.py --from_scratch --model_config tiny.json --quant none \\
-        --tokenizer ../shared/data/tokenizers/qwen3 --tokens 12800 --block_size 64 --batch_size 4 \\
-        --lr 3e-3 --eval_interval 10 --eval_iters 4 --out_dir out/tiny_teacher   # full-precision teacher
-    python continue_train.py --init out/tiny_teacher/ckpt.pt --tokens 12800 --block_size 64 --batch_size 4 \\
-        --lr 1e-3 --eval_interval 10 --eval_iters 4 --seed 2 --out_dir out/subln   # its 1.58-bit student
-        # (another --seed: another data order; with the teacher's, the student re-reads its blocks)
+Offline on a CPU, `python toy.py` runs this script twice: a tiny full-precision LM from scratch
+(--from_scratch --model_config <its tiny.json> --quant none), then its 1.58-bit student (--init).
     torchrun --standalone --nproc_per_node=2 continue_train.py --grad_accum 2 ...         # DDP on CPU (gloo)
     torchrun --standalone --nproc_per_node=2 continue_train.py --grad_accum 2 --fsdp ...  # FSDP (sharded)
     (--grad_accum counts forward passes over all processes: at least the number of processes)
-Figure 3a (with / without SubLN): the student again with --no_subln --out_dir out/no_subln, then
+Figure 3a (with / without SubLN): a run with --out_dir out/subln, one with --no_subln --out_dir out/no_subln, then
     python continue_train.py --plot out/subln/metrics.json out/no_subln/metrics.json --plot_out fig3a.png
 Written to --out_dir: ckpt.pt (model, optimizer, step, RNG, config, args; loads with
 training.load_model), metrics.json + train_log.csv (loss curve, val loss/ppl), loss.png, and with

@@ -42,7 +42,7 @@ from tqdm import tqdm
 
 from figures import plot_toy
 from tokenizer import save_tiktoken, train_bpe
-from training import HelpFormatter, provenance, write_json, write_text
+from training import HelpFormatter, provenance, run_cli, write_json, write_text
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -168,7 +168,12 @@ def main(argv=None):
     p.add_argument("--distill_layer", default=None, help="student layer for L_AD (None: distill.py's)")
     p.add_argument("--recipe", default="authors", choices=("authors", "paper"),
                    help="passed to every stage after pretraining, whose runs go to <out>/<recipe>/")
+    p.add_argument("--compare", nargs="+", metavar="DIR", default=None,
+                   help="only print the README's side-by-side table from these toy results folders "
+                        "(each holds a results.json of toy.py, e.g. results/toy_recipes/authors)")
     args = p.parse_args(argv)
+    if args.compare:
+        return print(compare_table(args.compare))
     if not args.data_dir or not os.path.isdir(args.data_dir):
         sys.exit("no data folder: set BITDISTILL_DATA (e.g. export BITDISTILL_DATA=../shared/data) or pass --data_dir")
     pre, out = PRESETS[args.preset], os.path.abspath(args.out)
@@ -223,6 +228,40 @@ def main(argv=None):
                 title(i, f"{row}, seed {seed}"))
     print(f"pipeline finished in {(time.time() - t_start) / 60:.1f} min")
     report(args, out)
+
+
+def compare_table(folders):
+    """The README's table: each folder's toy results (mean ± std over seeds, each seed, and the paired
+    differences with their 95% interval) side by side, as markdown, from the results files only."""
+    res = []
+    for d in folders:
+        path = os.path.join(d, "results.json")
+        try:
+            with open(path) as f:
+                r = json.load(f)
+            assert isinstance(r, dict) and {"recipe", "task", "seeds", "rows", "paired"} <= set(r)
+        except (OSError, ValueError, AssertionError):
+            raise ValueError(f"{path} is not the results.json of a toy.py run (with its rows and paired "
+                             "differences): run python toy.py --out ... first") from None
+        res.append(r)
+    fmt = lambda v, s: f"{v:.2f}" + ("" if s is None else f" ± {s:.2f}")
+    head = [f"`--recipe {r['recipe']}`" for r in res]
+    lines = [f"| {res[0]['task'].upper()} validation accuracy (%), seeds {', '.join(map(str, res[0]['seeds']))} | "
+             + " | ".join(f"{h} | per seed" for h in head) + " |", "|---|" + "---:|---|" * len(res)]
+    for row in [r["row"] for r in res[0]["rows"]]:
+        cells = []
+        for r in res:
+            x = next(y for y in r["rows"] if y["row"] == row)
+            cells += [fmt(x["mean"], x["std"]), " / ".join(f"{a:.2f}" for a in x["accs"])]
+        lines.append(f"| {row} | " + " | ".join(cells) + " |")
+    for pair in [p["pair"] for p in res[0]["paired"]]:
+        cells = []
+        for r in res:
+            p = next(y for y in r["paired"] if y["pair"] == pair)
+            ci = "" if p["ci95"] is None else f" [{p['ci95'][0]:+.2f}, {p['ci95'][1]:+.2f}]"
+            cells += [f"{p['mean']:+.2f}{ci}", " / ".join(f"{d:+.2f}" for d in p["diffs"])]
+        lines.append(f"| {pair.replace(' - ', ' − ')} (paired, 95% interval) | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
 
 
 T95 = {1: 12.71, 2: 4.30, 3: 3.18, 4: 2.78, 5: 2.57, 6: 2.45, 7: 2.36, 8: 2.31, 9: 2.26}  # two-sided t, df
@@ -283,4 +322,4 @@ def report(args, out):
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)
