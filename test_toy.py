@@ -45,3 +45,12 @@ def test_toy_pipeline_smoke(tmp_path, data_dir):
     pm = PackedQwen3.from_bitnet(model, "fp32")
     idx = torch.randint(0, 512, (2, 12), generator=torch.Generator().manual_seed(0))
     assert torch.equal(pm.generate(idx, 16), model.generate(idx, 16))
+
+
+def test_readme_recipe_table_is_the_results_files():
+    # the README's recipe table is exactly what `python toy.py --compare results/toy_recipes/authors
+    # results/toy_recipes/paper` prints from the committed results files: a stale figure fails
+    here = os.path.dirname(os.path.abspath(__file__))
+    table = toy.compare_table([os.path.join(here, "results", "toy_recipes", r) for r in ("authors", "paper")])
+    with open(os.path.join(here, "README.md"), encoding="utf-8") as f:
+        assert table in f.read()

@@ -214,7 +214,7 @@ def main(argv=None):
     for flag in ("gamma_ad", "lambda_ld", "distill_layer"):
         if getattr(args, flag) is not None:
             extra += [f"--{flag}", str(getattr(args, flag))]
-    i = 2 + len(cts)
+    i = 1 + len(cts)
     for seed in args.seeds:
         for row, _, method, flags, init in sft_runs(args.ablations):
             i += 1
