@@ -252,6 +252,15 @@ def kernel_table(repeat, quick):
 # ---------------------------------------------------------------------------------------------
 # Report
 
+def load_results(path):
+    """A bench.json as print_report wants it (JSON keys are strings: prompt lengths back to ints)."""
+    with open(path) as f:
+        R = json.load(f)
+    for b in R["backends"]:
+        b["prefill"] = {int(k): v for k, v in b["prefill"].items()}
+    return R
+
+
 def fmt_mb(b):
     return f"{b / 1e6:8.1f} MB"
 
@@ -302,8 +311,12 @@ def main():
     ap.add_argument("--json", default=os.path.join("out", "bench.json"),
                     help="where the results go (results/bench.json is the README's: write there only on purpose)")
     ap.add_argument("--plot", default=os.path.join("out", "bench.png"), help="where the figure goes")
+    ap.add_argument("--report", metavar="JSON", default=None,
+                    help="only print the tables of an earlier run's JSON (the README's: results/bench.json)")
     ap.add_argument("--worker", help=argparse.SUPPRESS)  # internal: run one backend, print JSON
     args = ap.parse_args()
+    if args.report:
+        return print_report(load_results(args.report))
     torch.set_num_threads(args.threads)
     if args.quick:
         args.repeat, args.new_tokens = 2, 32

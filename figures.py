@@ -92,7 +92,8 @@ def plot_toy(rows, stage2_runs, out_png):
     a.set(xlim=(0, 100), xlabel=f"validation accuracy (%), {rows[0]['n_seeds']} seed(s); dots: single seeds")
     a.invert_yaxis()
     draw_loss_curves(b, [p for p, _ in stage2_runs], [label for _, label in stage2_runs], val=False)
-    label_axes(b, "stage-2 step", "training loss", "continued pre-training of the 1.58-bit student (Figure 3a)")
+    label_axes(b, "stage-2 step", "training loss", "stage 2 of the 1.58-bit student"
+               + (" with and without SubLN (Figure 3a's comparison)" if len(stage2_runs) > 1 else ""))
     save_figure(fig, out_png, dpi=110)
 
 

@@ -6,6 +6,7 @@ Tests of the packed ternary CPU path: ternary_cpu.c against the PyTorch integer 
 
 Builds the C extension on first use (build_ffi.py) and needs no data or network.
 """
+import os
 import threading
 import time
 
@@ -326,3 +327,16 @@ def test_save_load_two_bits_per_weight(tmp_path, one_thread):
     with pytest.raises(ValueError, match="not a packed model"):
         torch.save({"model": {}}, tmp_path / "x.pt")
         P.PackedQwen3.load(tmp_path / "x.pt")
+
+
+def test_readme_bench_tables_are_results_bench_json(capsys):
+    # every row of the README's two benchmark tables is what `python bench.py --report
+    # results/bench.json` prints from the committed file: a stale figure fails
+    import bench
+    here = os.path.dirname(os.path.abspath(__file__))
+    bench.print_report(bench.load_results(os.path.join(here, "results", "bench.json")))
+    rows = [l for l in capsys.readouterr().out.splitlines() if l.startswith("| ") and not l.startswith("| backend")
+            and not l.startswith("| kernel")]
+    with open(os.path.join(here, "README.md"), encoding="utf-8") as f:
+        readme = f.read()
+    assert len(rows) == 14 and all(r in readme for r in rows)

@@ -2,6 +2,7 @@
 checking that every stage hands a loadable checkpoint to the next and that the report is written."""
 import json
 import os
+import subprocess
 
 import torch
 
@@ -23,7 +24,14 @@ def test_toy_pipeline_smoke(tmp_path, data_dir):
     assert [r["row"] for r in rows] == [r[0] for r in toy.sft_runs(True)]
     assert [r["pair"] for r in res["paired"]] == ["BitDistill - BitNet-SFT", "BitDistill - FP16-SFT"]
     assert all(r["std"] is None for r in rows)             # one seed: no spread (null, not NaN)
-    assert res["provenance"]["commit"] and res["recipe"] == "authors" and res["seeds"] == [1]
+    assert res["recipe"] == "authors" and res["seeds"] == [1]
+    head = subprocess.run(["git", "-C", os.path.dirname(os.path.abspath(__file__)), "rev-parse", "HEAD"],
+                          capture_output=True, text=True).stdout.strip()
+    ft = json.load(open(os.path.join(toy.run_dir(str(out), "sst2", 1, "FP16-SFT"), "results.json")))
+    for prov in (res["provenance"], ft["provenance"]):   # where each results file came from
+        assert prov["commit"] == head and prov["threads"] >= 1 and prov["torch"] == torch.__version__
+    assert ft["args"]["loaded_from"] == str(out.parent / "pretrain" / "ckpt.pt")   # what was really loaded
+    assert ft["provenance"]["command"][0] == "distill.py" and ft["provenance"]["wall_s"] > 0
     for row, _, method, *_ in toy.sft_runs(True):
         d = toy.run_dir(str(out), "sst2", 1, row)
         res = json.load(open(os.path.join(d, "results.json")))
@@ -53,4 +61,10 @@ def test_readme_recipe_table_is_the_results_files():
     here = os.path.dirname(os.path.abspath(__file__))
     table = toy.compare_table([os.path.join(here, "results", "toy_recipes", r) for r in ("authors", "paper")])
     with open(os.path.join(here, "README.md"), encoding="utf-8") as f:
-        assert table in f.read()
+        readme = f.read()
+    assert table in readme
+    # the check bites: the same README with one figure changed (a copy, in memory) fails it
+    first_row = table.splitlines()[2]                     # | FP16-SFT | 75.46 ± 1.28 | ...
+    mean = first_row.split("|")[2].split("±")[0].strip()
+    stale = readme.replace(first_row, first_row.replace(mean, f"{float(mean) + 0.01:.2f}", 1))
+    assert stale != readme and table not in stale

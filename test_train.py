@@ -222,6 +222,16 @@ def test_tiny_teacher_from_scratch_then_its_student(tmp_path, data_dir):
     assert (tmp_path / "fig3a.png").stat().st_size > 1000
 
 
+def test_results_are_strict_json(tmp_path):
+    # every results writer goes through write_json: NaN / inf become null, never bare NaN
+    path = tmp_path / "r.json"
+    training.write_json(str(path), {"std": float("nan"), "x": [1.5, float("inf")], "n": {"m": -float("inf")}})
+    text = path.read_text()
+    assert "NaN" not in text and "Infinity" not in text
+    assert json.loads(text, parse_constant=lambda c: pytest.fail(f"non-strict JSON constant {c}")) == \
+        {"std": None, "x": [1.5, None], "n": {"m": None}}
+
+
 def test_training_helpers(tmp_path):
     lrs = [training.get_lr(s, 100, 10, 1e-3, 1e-4) for s in range(101)]
     assert lrs[0] == pytest.approx(1e-4) and lrs[9] == pytest.approx(1e-3)
