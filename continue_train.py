@@ -310,6 +310,7 @@ def setup_data(args, tok, files, ds, rank, world_size, docs_done, master):
     if (len(train_data) - 1) // T < 1 or (len(val) - 1) // T < 1:
         raise ValueError(f"the corpus has {len(train_data)} training and {len(val)} validation tokens: too "
                          f"few for one block of {T + 1} tokens in each; add text or lower --block_size")
+    args.corpus = {"files": files, "train_tokens": len(train_data), "val_tokens": len(val)}   # recorded
     if master:
         print(f"corpus: {len(train_data)} train, {len(val)} val tokens")
 

@@ -89,7 +89,7 @@ def plot_toy(rows, stage2_runs, out_png):
         a.text(1, i, f"{r['mean']:.2f}" + (f" ± {r['std']:.2f}" if r["std"] is not None else ""), va="center",
                color="white", fontsize=8)
     a.set_yticks(list(y), [r["row"] for r in rows])
-    a.set(xlim=(0, 100), xlabel=f"validation accuracy (%), {rows[0]['n_seeds']} seed(s); dots: single seeds")
+    a.set(xlim=(0, 100), xlabel=f"validation accuracy (%, axis from 0), {rows[0]['n_seeds']} seed(s); dots: single seeds")
     a.invert_yaxis()
     draw_loss_curves(b, [p for p, _ in stage2_runs], [label for _, label in stage2_runs], val=False)
     label_axes(b, "stage-2 step", "training loss", "stage 2 of the 1.58-bit student"
