@@ -4,8 +4,8 @@ mode: a real C extension, and cffi releases the GIL around every call into it).
 
     python build_ffi.py        # builds ./_ternary_cpu*.so, prints the flags and the SIMD path
 
-packed.py runs the same build on first use when the module is missing or older than
-ternary_cpu.c, so this step is optional. Needs a C compiler (gcc or clang); OpenMP is used when
+kernels.py runs the same build on first use when the module is missing, damaged (its digest in
+_ternary_cpu.sha256 does not match) or older than ternary_cpu.c, so this step is optional. Needs a C compiler (gcc or clang); OpenMP is used when
 the compiler supports -fopenmp, otherwise the kernels run on one thread (said loudly;
 BITDISTILL_NO_OPENMP=1 python build_ffi.py builds that way on purpose).
 No -march=native: the SIMD path (plain C / AVX2 / AVX-512 VNNI) is picked at run time.
@@ -137,10 +137,6 @@ def module_state():
     if path not in built or digest(path) != want:
         return "damaged"
     return "stale" if max(os.path.getmtime(SOURCE), os.path.getmtime(__file__)) > os.path.getmtime(path) else "ok"
-
-
-def needs_build():
-    return module_state() != "ok"
 
 
 def describe(lib):
