@@ -22,7 +22,6 @@ Run it on a quiet machine: other processes on the same cores distort every numbe
 import argparse
 import json
 import os
-import platform
 import resource
 import subprocess
 import sys
@@ -36,7 +35,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 from figures import plot_bench  # noqa: E402
 from model import Qwen3, Qwen3Config  # noqa: E402
-from training import provenance, write_json  # noqa: E402
+from training import cpu_name, provenance, write_json  # noqa: E402
 
 BACKENDS = ("torch-fp32", "torch-bf16", "ternary", "ternary-int8-head")
 
@@ -82,17 +81,6 @@ def cpu_flags():
     except OSError:
         pass
     return []
-
-
-def cpu_name():
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":")[1].strip()
-    except OSError:
-        pass
-    return platform.processor()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -333,7 +321,7 @@ def main():
     if load > 0.5:
         print(f"WARNING: load average {load:.1f}: other processes are running, every number below is "
               "noisy (a 2-thread C call waits for a scheduler slice whenever a core is taken)")
-    R = dict(provenance=provenance(started), cpu=cpu_name(), cpu_flags=cpu_flags(), threads=args.threads, simd=simd, torch=torch.__version__,
+    R = dict(cpu=cpu_name(), cpu_flags=cpu_flags(), threads=args.threads, simd=simd, torch=torch.__version__,
              load_average_at_start=load,
              prompt_lens=lens, new_tokens=args.new_tokens, repeat=args.repeat, backends=[],
              bandwidth_gb_s=dict(dram_1GiB=read_bandwidth(1 << 30), l3_128MiB=read_bandwidth(128 << 20, 15)))
@@ -365,7 +353,7 @@ def main():
         print("per-kernel table: 6 shapes x (best SIMD, plain C, torch fp32, torch bf16) ...", flush=True)
         R["kernels"] = kernel_table(args.repeat, args.quick)
     print_report(R)
-    R["provenance"] = provenance(started)   # now with the wall time
+    R["provenance"] = provenance(started)
     write_json(args.json, R)
     print(f"wrote {args.json}")
     plot_bench(R, args.plot)

@@ -116,11 +116,6 @@ def next_token_loss(logits, targets):
     return F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), targets.reshape(-1))
 
 
-def configure_optimizer(model, args, device):
-    """AdamW; weight decay on 2-D weights (linears, embeddings), none on norms and biases."""
-    return adamw(model, args.lr, args.weight_decay, (args.beta1, args.beta2), 1e-8, device)
-
-
 @torch.no_grad()
 def evaluate(model, val, args, ctx, device, rank, world_size, verbose):
     """Mean next-token loss over the first eval_iters * batch_size validation blocks (the same
@@ -277,7 +272,7 @@ def setup_model(args, ckpt_path, device, ddp, local_rank):
             fully_shard(block)
         fully_shard(model)                                     # also moves the shards to `device`
     raw_model = model.to(device)
-    optimizer = configure_optimizer(raw_model, args, device)
+    optimizer = adamw(raw_model, args.lr, args.weight_decay, (args.beta1, args.beta2), 1e-8, device)  # decay on 2-D weights only
     if args.resume:
         if not args.fsdp:
             optimizer.load_state_dict(ckpt["optimizer"])

@@ -27,8 +27,10 @@ import glob
 import json
 import math
 import os
+import platform
 import random
 import socket
+import subprocess
 import sys
 import time
 from contextlib import contextmanager, nullcontext
@@ -169,17 +171,17 @@ def clean_stale_tmp(folder):
     """Remove the temp files of writes that a killed process left behind (.<name>.tmp<pid>)."""
     for f in glob.glob(os.path.join(folder, ".*.tmp*")):
         pid = f.rsplit(".tmp", 1)[1]
-        if pid.isdigit() and not pid_alive(int(pid)):
+        if pid.isdigit() and not _alive(int(pid)):
             os.remove(f)
 
 
-def pid_alive(pid):
+def _alive(pid):
     try:
-        os.kill(pid, 0)
+        os.kill(pid, 0)                      # signal 0: only asks whether the process exists
     except ProcessLookupError:
         return False
-    except PermissionError:
-        return True
+    except PermissionError:                  # it exists, owned by someone else
+        pass
     return True
 
 
@@ -248,24 +250,34 @@ def strict_json(obj):
     return obj
 
 
-def provenance(started=None):
-    """Where a results file comes from: the git commit (and whether the tree had uncommitted
-    changes), the command line, library versions, the machine, and when and how long it ran."""
-    import platform
-    import subprocess as sp
+def cpu_name():
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next(line.split(":")[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        return platform.processor()
+
+
+@functools.lru_cache(maxsize=1)
+def _source_and_machine():
+    """The parts of provenance() that do not change while a process runs (read once)."""
     here = os.path.dirname(os.path.abspath(__file__))
-    git = lambda *a: sp.run(["git", "-C", here, *a], capture_output=True, text=True).stdout.strip()
+    git = lambda *a: subprocess.run(["git", "-C", here, *a], capture_output=True, text=True).stdout.strip()
     try:
         commit, dirty = git("rev-parse", "HEAD") or None, bool(git("status", "--porcelain", "--untracked-files=no"))
     except OSError:
         commit, dirty = None, None
-    cpu = next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")), None) \
-        if os.path.exists("/proc/cpuinfo") else platform.processor()
-    now = time.time()
     return {"commit": commit, "dirty": dirty, "command": [os.path.basename(sys.argv[0])] + sys.argv[1:],
             "python": platform.python_version(), "torch": torch.__version__, "numpy": np.__version__,
-            "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu", "cpu": cpu,
-            "threads": torch.get_num_threads(), "host": socket.gethostname(),
+            "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu", "cpu": cpu_name(),
+            "host": socket.gethostname()}
+
+
+def provenance(started=None):
+    """Where a results file comes from: the git commit (and whether the tree had uncommitted
+    changes), the command line, library versions, the machine, and when and how long it ran."""
+    now = time.time()
+    return {**_source_and_machine(), "threads": torch.get_num_threads(),
             "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(started or now)),
             "wall_s": round(now - started, 1) if started else None}
 
