@@ -46,7 +46,7 @@ from bitlinear import weight_memory_gb
 from recipe import RECIPES, TEACHER_LR, apply_recipe, distill_layers
 from subln import convert_to_bitnet
 from tasks import (METHODS, TASKS, chat_tokens, collate, collect_results, encode_example, evaluate, get_task,
-                   load_examples, print_table)
+                   print_table, task_splits)
 from tokenizer import load_tokenizer
 from training import (HelpFormatter, adamw, autocast_context, check_finite, check_resume, claim_out_dir,
                       get_lr, get_rng_state, micro_batch, model_from, nonneg_float, nonneg_int,
@@ -272,7 +272,10 @@ def get_args(argv=None):
     p.add_argument("--data_dir", default=os.environ.get("BITDISTILL_DATA"),
                    help="offline data folder (env BITDISTILL_DATA); unset = Hugging Face hub")
     p.add_argument("--train_limit", type=nonneg_int, default=0, help="use only the first N training rows (0: all)")
-    p.add_argument("--eval_limit", type=nonneg_int, default=0, help="evaluate on the first N validation rows (0: all)")
+    p.add_argument("--eval_limit", type=nonneg_int, default=0, help="evaluate on the first N evaluation rows (0: all)")
+    p.add_argument("--heldout", type=nonneg_int, default=0, help="the last N train rows never train (0: none)")
+    p.add_argument("--eval_on", default="validation", choices=("validation", "heldout"),
+                   help="score the validation rows (reported) or the --heldout train rows (to choose hyperparameters)")
     p.add_argument("--max_len", type=positive_int, default=512, help="tokens per training example (prompt cut to fit)")
     p.add_argument("--batch_size", type=positive_int, default=32, help="global batch (samples per optimizer step)")
     p.add_argument("--micro_batch_size", type=positive_int, default=4, help="samples per forward, per process")
@@ -311,7 +314,7 @@ def get_args(argv=None):
     return args
 
 
-def train(args, model, student, teacher, tok, layers, ctx, device, dist, own=None):
+def train(args, model, student, teacher, tok, layers, ctx, device, dist, data, own=None):
     """The flat loop: AdamW, warmup + cosine, gradient accumulation, clipping, one line per step.
     own: this run's checkpoint when resuming (model weights already loaded from it)."""
     ddp, rank, world_size, master = dist
@@ -321,7 +324,6 @@ def train(args, model, student, teacher, tok, layers, ctx, device, dist, own=Non
         raise ValueError(f"--batch_size {args.batch_size} must be a multiple of micro_batch_size x "
                          f"processes = {per_step}")
     grad_accum = args.batch_size // per_step
-    data = load_examples(args.task, "train", args.data_dir, args.train_limit)
     args.n_train_rows = len(data)
     max_steps = args.max_steps or math.ceil(args.epochs * len(data) / args.batch_size)
     warmup = args.warmup_steps if args.warmup_steps is not None else int(args.warmup_ratio * max_steps)
@@ -374,21 +376,21 @@ def train(args, model, student, teacher, tok, layers, ctx, device, dist, own=Non
 
 
 def report(args, student, tok, device, ctx, evals):
-    """Greedy evaluation on the validation rows, results.json beside the checkpoint, Table 1/2 row."""
+    """Greedy evaluation on the evaluation rows, results.json beside the checkpoint, Table 1/2 row."""
     metrics, speed, preds = evaluate(student, tok, args.task, evals, args.max_len, args.gen_len, args.eval_batch_size,
                                      device, ctx, chat_tokens(tok) if args.prompt == "chat" else None)
     res = {"provenance": provenance(args.started), "task": args.task, "method": args.method, "label": args.label,
-           "metrics": metrics,
+           "metrics": metrics, "eval_on": args.eval_on,
            "speed": speed, "memory_gb": weight_memory_gb(student), "n_eval": len(evals),
            "checkpoint": os.path.abspath(os.path.join(args.out_dir, "ckpt.pt")), "args": vars(args),
            "examples": preds[:5]}
     write_json(os.path.join(args.out_dir, "results.json"), res)
-    print(f"{args.label} {args.task} ({len(evals)} rows): " + ", ".join(f"{k} {v:.2f}" for k, v in metrics.items()))
+    print(f"{args.label} {args.task} ({len(evals)} {args.eval_on} rows): " + ", ".join(f"{k} {v:.2f}" for k, v in metrics.items()))
     print_table([res])   # this run only; several runs: python distill.py --table DIR ...
 
 
 # settings a resumed run must share with the run it continues (run length: may grow)
-RESUME_KEYS = ("task", "method", "recipe", "batch_size", "seed", "train_limit", "max_len", "max_steps", "epochs",
+RESUME_KEYS = ("task", "method", "recipe", "batch_size", "seed", "train_limit", "heldout", "max_len", "max_steps", "epochs",
                "lr", "min_lr_ratio", "warmup_ratio", "warmup_steps", "weight_decay", "beta2", "lambda_ld", "gamma_ad",
                "tau", "no_ld", "no_ad", "ld_form", "ce_form", "ad_norm", "qk_capture", "subln", "subln_at")
 
@@ -431,9 +433,10 @@ def run(args, ddp, rank, local_rank, world_size, device, master):
     if ddp:  # the student only; the teacher is never wrapped
         model = torch.nn.parallel.DistributedDataParallel(
             student, device_ids=[local_rank] if device.type == "cuda" else None)
-    evals = load_examples(args.task, "validation", args.data_dir, args.eval_limit)   # checked before training
+    # both checked before training; --eval_on heldout scores train rows that never trained
+    data, evals = task_splits(args.task, args.data_dir, args.train_limit, args.heldout, args.eval_on, args.eval_limit)
     if not args.eval_only:
-        train(args, model, student, teacher, tok, layers, ctx, device, (ddp, rank, world_size, master),
+        train(args, model, student, teacher, tok, layers, ctx, device, (ddp, rank, world_size, master), data,
               own if args.resume else None)
     if master:  # evaluation on rank 0 only; the others wait at the barrier below
         report(args, student, tok, device, ctx, evals)

@@ -79,6 +79,23 @@ def load_examples(task, split, data_dir=None, limit=None):
     return out
 
 
+def task_splits(task, data_dir=None, train_limit=0, heldout=0, eval_on="validation", eval_limit=0):
+    """(training rows, evaluation rows). heldout N: the last N rows of the train split never train;
+    eval_on "heldout" scores them (to choose hyperparameters), "validation" the validation rows (the
+    figures reported). train_limit N: the first N of the remaining training rows (few labels)."""
+    train = load_examples(task, "train", data_dir)
+    if heldout >= len(train):
+        raise ValueError(f"--heldout {heldout} leaves no training rows ({task} train has {len(train)}): lower it")
+    held, train = train[len(train) - heldout:], train[:len(train) - heldout]
+    if eval_on == "heldout":
+        if not heldout:
+            raise ValueError("--eval_on heldout needs --heldout N > 0 (the train rows held out to score)")
+        evals = held[:eval_limit or None]
+    else:
+        evals = load_examples(task, "validation", data_dir, eval_limit)
+    return train[:train_limit or None], evals
+
+
 def _read_tsv(path):
     """GLUE TSV (no quoting at all): [(line number, {column: value})]."""
     with open(path, encoding="utf-8", newline="") as f:

@@ -2,26 +2,35 @@
 The whole BitNet Distillation pipeline at toy scale, on a CPU, offline: the README's quick start.
 
 No Qwen3 weights can be downloaded here, so a tiny Qwen3-architecture teacher is pretrained from
-scratch by the project's own loop, and then the paper's pipeline runs on it, on SST-2:
+scratch by the project's own loop, built like the paper's setting: the "LLM" knows the domain (it
+is pretrained on the local corpus plus the GLUE tasks' *unlabeled* training text: sentences, never
+labels), and fine-tuning sees few labels (--labels, 1,000 by default). Then the paper's pipeline:
 
-    0. a 4,096-token byte-level BPE vocabulary trained on the corpus (tokenizer.train_bpe)
+    0. a 4,096-token byte-level BPE vocabulary trained on that text (tokenizer.train_bpe)
     1. continue_train.py --from_scratch --quant none          the tiny full-precision "LLM"
-    2. continue_train.py --init teacher (SubLN, 1.58-bit)     stage 1 + stage 2
+    2. continue_train.py --init teacher (SubLN, 1.58-bit)     stage 1 + stage 2, on the same text
     3. distill.py --method fp16-sft                            FP16-SFT, the teacher     (Table 1)
     4. distill.py --method bitnet-sft --no_subln               BitNet-SFT                (Table 1)
     5. distill.py --method bitdistill                          BitDistill                (Table 1)
-    with --ablations, also the rows of Table 5 and 6 and the no-SubLN stage-2 run (Figure 3a).
+    with --ablations, also the rows of Table 5 and 6 and the no-SubLN stage-2 run (Figure 3a);
+    with --layer_sweep, BitDistill with L_AD at every student layer (Figure 3b).
+
+Hyperparameters (learning rate per method, γ) were chosen by `--select`: a grid scored on the
+last --heldout rows of the *train* split, rows no run trains on; the reported accuracies are on
+the validation rows, which no choice ever saw. Seeds: the teacher's pretraining (seed 0) and
+stage 2 (seed 1) are fixed; --seeds vary the fine-tuning data order of all three methods.
 
 Every stage is one of the repo's own commands, printed before it runs; a finished stage is not
 run again, so an interrupted pipeline continues where it stopped (an unfinished stage starts over).
 Each stage shows its progress; its full output goes to the log named before it starts. Results:
-<out>/<recipe>/results.json, results.csv and toy.png (accuracy per method; stage-2 loss with and
-without SubLN).
+<out>/<recipe>/<task>/results.json, results.csv and toy.png.
 
     export BITDISTILL_DATA=../shared/data
-    python toy.py                                  # the quick start: one seed
-    python toy.py --ablations --seeds 1 2 3        # Tables 1, 5, 6 over three seeds
-    python toy.py --preset smoke --out out/smoke   # a few steps per stage (the CI test)
+    python toy.py                                   # the quick start: one seed of Table 1, SST-2
+    python toy.py --task qnli --seeds 1 2 3         # Table 1 on QNLI over three seeds
+    python toy.py --ablations --layer_sweep --seeds 1 2 3   # + Tables 5, 6 and Figure 3b
+    python toy.py --select                          # the held-out grid that chose the presets' values
+    python toy.py --preset smoke --out out/smoke    # a few steps per stage (the CI test)
 
 Why a small vocabulary: with Qwen's 151,936-row embedding the lm_head alone would cost a model
 this small more than all its layers together on a CPU. The vocabulary is trained with the same
@@ -30,6 +39,7 @@ byte-level BPE and Qwen's pre-tokenizer regex, and read back through tokenizer.l
 import argparse
 import csv
 import io
+import itertools
 import json
 import os
 import re
@@ -41,6 +51,7 @@ import time
 from tqdm import tqdm
 
 from figures import plot_toy
+from tasks import TASKS, load_examples
 from tokenizer import save_tiktoken, train_bpe
 from training import HelpFormatter, provenance, run_cli, write_json, write_text
 
@@ -53,24 +64,43 @@ def lm_stage(tokens, block, batch, lr, eval_interval, eval_iters):
             "--eval_interval", eval_interval, "--eval_iters", eval_iters]
 
 
-# quick: the README's quick start (~17 min on 2 cores); smoke: a few steps per stage (the CI test)
+# Each method's fine-tuning flags. quick's values are the grid points `python toy.py --select`
+# picked on SST-2's held-out train rows under --recipe authors (results/toy_fewlabels/selection.json;
+# test_toy checks they agree); they are used unchanged for QNLI and for --recipe paper.
+QUICK_HP = {"fp16-sft": {"lr": "1e-3"}, "bitnet-sft": {"lr": "3e-3"}, "bitdistill": {"lr": "3e-3", "gamma_ad": "1e5"}}
+GRID = {"fp16-sft": {"lr": ["3e-4", "1e-3", "3e-3"]}, "bitnet-sft": {"lr": ["1e-3", "3e-3", "1e-2"]},
+        "bitdistill": {"lr": ["1e-3", "3e-3", "1e-2"], "gamma_ad": ["1e3", "1e5"]}}
+# quick: the README's quick start (one seed ~15-20 min on 2 cores); gpu: bigger, for one GPU (not run
+# here: no GPU in the sessions that built it); smoke: a few steps per stage (the CI test)
 PRESETS = {
     "quick": dict(
         vocab=4096, model=dict(hidden_size=256, intermediate_size=768, num_hidden_layers=4,
                                num_attention_heads=4, num_key_value_heads=2, head_dim=64),
-        pretrain=lm_stage("1.5e6", "128", "16", "2e-3", "100", "10"),
+        pretrain=lm_stage("2.5e6", "128", "16", "2e-3", "100", "10"),
         ct=lm_stage("5e5", "128", "16", "1e-3", "50", "10"),
-        sft=["--max_steps", "300", "--batch_size", "32", "--micro_batch_size", "32", "--max_len", "128"],
-        lr_fp="1e-3", lr_bit="2e-3", eval=[]),
+        labels=1000, heldout=1000, hp=QUICK_HP, grid=GRID,
+        sft=["--epochs", "5", "--batch_size", "32", "--micro_batch_size", "32", "--max_len", "128",
+             "--eval_batch_size", "64"]),
+    "gpu": dict(
+        vocab=8192, model=dict(hidden_size=512, intermediate_size=1536, num_hidden_layers=8,
+                               num_attention_heads=8, num_key_value_heads=4, head_dim=64),
+        pretrain=lm_stage("2e7", "256", "64", "1e-3", "200", "20"),
+        ct=lm_stage("5e6", "256", "64", "5e-4", "100", "20"),
+        labels=2000, heldout=1000, hp=QUICK_HP, grid=GRID,
+        sft=["--epochs", "5", "--batch_size", "32", "--micro_batch_size", "32", "--max_len", "128",
+             "--eval_batch_size", "256"]),
     "smoke": dict(
         vocab=512, model=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                               num_attention_heads=2, num_key_value_heads=1, head_dim=16),
         pretrain=lm_stage("2048", "32", "8", "1e-3", "4", "1"),
         ct=lm_stage("1024", "32", "8", "1e-3", "2", "1"),
-        sft=["--max_steps", "2", "--batch_size", "4", "--micro_batch_size", "4", "--max_len", "64"],
-        lr_fp="1e-3", lr_bit="1e-3", eval=["--eval_limit", "8"]),
+        labels=16, heldout=8, hp=QUICK_HP, grid={"fp16-sft": {"lr": ["1e-3"]}, "bitnet-sft": {"lr": ["1e-3"]},
+                                                 "bitdistill": {"lr": ["1e-3"], "gamma_ad": ["1e3", "1e5"]}},
+        sft=["--max_steps", "2", "--batch_size", "4", "--micro_batch_size", "4", "--max_len", "64",
+             "--eval_limit", "8"]),
 }
 CORPUS = ("c4_sample.jsonl", "wikitext2_test.raw", "tinyshakespeare.txt")
+UNLABELED = ("sst2", "qnli", "mnli")   # whose train split's text (no label) the toy LLM reads
 
 
 def finished(done_file):
@@ -121,20 +151,32 @@ STEP = re.compile(r"^step (?P<done>\d+)/(?P<total>\d+) \| loss(?P<phase>)")     
 EVAL = re.compile(r"^(?P<phase>eval \w+|validation):\s+\d+%.*?\| (?P<done>\d+)/(?P<total>\d+) ")  # a tqdm bar
 
 
-def make_tokenizer(data_dir, vocab, out):
+def unlabeled_text(data_dir, out):
+    """The GLUE tasks' training sentences, one per line, without their labels: the domain text the
+    toy LLM is pretrained on (the paper's Qwen3 has read web text like it). Validation rows never."""
+    path = os.path.join(out, "unlabeled", "glue_train_text.txt")
+    if not os.path.exists(path):
+        lines = [ex[f] for task in UNLABELED for ex in load_examples(task, "train", data_dir)
+                 for f in TASKS[task]["fields"]]
+        write_text(path, "\n".join(lines) + "\n")
+    return path
+
+
+def make_tokenizer(data_dir, vocab, out, unlabeled):
     path = os.path.join(out, "tokenizer", "vocab.tiktoken")
     if not os.path.exists(path):
         texts = []
         for name in CORPUS:
             with open(os.path.join(data_dir, "corpus", name), encoding="utf-8") as f:
                 texts.append("".join(json.loads(l)["text"] + "\n" for l in f) if name.endswith(".jsonl") else f.read())
+        texts.append(open(unlabeled, encoding="utf-8").read())
         t0 = time.time()
         save_tiktoken(train_bpe("\n".join(texts), vocab - 3), os.path.dirname(path))  # + 3 added tokens
         print(f"trained a {vocab}-token BPE vocabulary in {time.time() - t0:.0f} s -> {path}")
     return path
 
 
-def sft_runs(ablations):
+def sft_runs(ablations, layers=()):
     """(row name, table(s), distill.py method and flags, which pretrained model it starts from)."""
     rows = [("FP16-SFT", "1", "fp16-sft", [], "teacher"),
             ("BitNet-SFT", "1,5", "bitnet-sft", ["--no_subln"], "teacher"),
@@ -144,7 +186,10 @@ def sft_runs(ablations):
             ("BitDistill w/o AD (LD only)", "6", "bitdistill", ["--no_ad"], "ct"),
             ("BitDistill w/o LD (AD only)", "6", "bitdistill", ["--no_ld"], "ct"),
             ("BitDistill", "1,5,6", "bitdistill", [], "ct")]   # table order: Tables 1, 5, 6 read top-down
-    return [r for r in rows if ablations or r[0] in ("FP16-SFT", "BitNet-SFT", "BitDistill")]
+    rows = [r for r in rows if ablations or r[0] in ("FP16-SFT", "BitNet-SFT", "BitDistill")]
+    # Figure 3b: L_AD at one other student layer each (the recipe's own layer is the BitDistill row)
+    return rows + [(f"BitDistill, L_AD at layer {i}", "3b", "bitdistill", ["--distill_layer", str(i)], "ct")
+                   for i in layers]
 
 
 def run_dir(out, task, seed, row):  # "BitDistill w/o AD (LD only)" -> <out>/sst2/seed1/bitdistill-wo-ad-ld-only
@@ -152,26 +197,34 @@ def run_dir(out, task, seed, row):  # "BitDistill w/o AD (LD only)" -> <out>/sst
     return os.path.join(out, task, f"seed{seed}", slug)
 
 
-def main(argv=None):
+def get_args(argv):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("--preset", default="quick", choices=sorted(PRESETS),
-                   help="quick: the README's quick start (4.2M-parameter model, ~20 min on 2 cores); smoke: a few "
-                        "steps per stage on a 2-layer model, the CI test")
+                   help="quick: the README's quick start (4.2M-parameter model, ~15-20 min a seed on 2 cores); gpu: "
+                        "a 29M-parameter model on 20M tokens, for one GPU; smoke: a few steps per stage, the CI test")
     p.add_argument("--out", default="out/toy", help="everything goes here")
     p.add_argument("--data_dir", default=os.environ.get("BITDISTILL_DATA"),
                    help="offline data folder (default: $BITDISTILL_DATA)")
     p.add_argument("--task", default="sst2", choices=("sst2", "mnli", "qnli"), help="the fine-tuning task")
-    p.add_argument("--seeds", type=int, nargs="+", default=[1], help="fine-tuning seeds (data order, 1.58-bit runs)")
+    p.add_argument("--labels", type=int, default=None, help="labeled training rows (None: the preset's, 1,000)")
+    p.add_argument("--seeds", type=int, nargs="+", default=[1], help="fine-tuning seeds (data order of every method)")
     p.add_argument("--ablations", action="store_true", help="also Table 5 / Table 6 rows and Figure 3a")
-    p.add_argument("--gamma_ad", default=None, help="γ for BitDistill (None: distill.py's, 1e5)")
+    p.add_argument("--layer_sweep", action="store_true", help="also BitDistill with L_AD at every other layer (Fig. 3b)")
+    p.add_argument("--select", action="store_true",
+                   help="only run the hyperparameter grid (first seed), scored on the held-out train rows, and "
+                        "write <out>/<recipe>/<task>/selection.json")
+    p.add_argument("--gamma_ad", default=None, help="γ for BitDistill (None: the preset's)")
     p.add_argument("--lambda_ld", default=None, help="λ for BitDistill (None: distill.py's, 10)")
-    p.add_argument("--distill_layer", default=None, help="student layer for L_AD (None: distill.py's)")
     p.add_argument("--recipe", default="authors", choices=("authors", "paper"),
                    help="passed to every stage after pretraining, whose runs go to <out>/<recipe>/")
     p.add_argument("--compare", nargs="+", metavar="DIR", default=None,
                    help="only print the README's side-by-side table from these toy results folders "
-                        "(each holds a results.json of toy.py, e.g. results/toy_recipes/authors)")
-    args = p.parse_args(argv)
+                        "(each holds a results.json of toy.py, e.g. results/toy_fewlabels/authors/sst2)")
+    return p.parse_args(argv)
+
+
+def main(argv=None):
+    args = get_args(argv)
     if args.compare:
         return print(compare_table(args.compare))
     if not args.data_dir or not os.path.isdir(args.data_dir):
@@ -180,18 +233,23 @@ def main(argv=None):
     os.makedirs(out, exist_ok=True)
     data = ["--data_dir", os.path.abspath(args.data_dir)]
     t_start = time.time()
-
-    n_runs = 1 + 1 + args.ablations + len(args.seeds) * len(sft_runs(args.ablations))
+    n_layers = pre["model"]["num_hidden_layers"]
+    sweep = [i for i in range(n_layers) if i != min(int(0.8 * n_layers), n_layers - 1)] if args.layer_sweep else []
+    runs = sft_runs(args.ablations, sweep)
+    n_runs = 1 + 1 + args.ablations + (len(args.seeds) * len(runs) if not args.select else
+                                       sum(len(list(itertools.product(*g.values()))) for g in pre["grid"].values()))
     title = lambda i, what: f"[toy {i}/{n_runs}] {what}"
-    # 0. vocabulary and model config
-    tok = make_tokenizer(args.data_dir, pre["vocab"], out)
+    # 0. the domain text, vocabulary and model config
+    unlabeled = unlabeled_text(args.data_dir, out)
+    tok = make_tokenizer(args.data_dir, pre["vocab"], out, unlabeled)
     cfg = os.path.join(out, "tiny.json")
     write_json(cfg, dict(pre["model"], vocab_size=pre["vocab"], tie_word_embeddings=True,
                          rope_theta=10000.0, max_position_embeddings=1024))
-    # 1. the full-precision "LLM", pretrained from scratch
+    text = ["--data"] + [os.path.join(os.path.abspath(args.data_dir), "corpus", c) for c in CORPUS] + [unlabeled]
+    # 1. the full-precision "LLM", pretrained from scratch on the corpus and the tasks' unlabeled text
     teacher = os.path.join(out, "pretrain", "ckpt.pt")
     run(["continue_train.py", "--from_scratch", "--model_config", cfg, "--quant", "none", "--tokenizer", tok,
-         "--out_dir", os.path.dirname(teacher), "--seed", "0"] + pre["pretrain"] + data,
+         "--out_dir", os.path.dirname(teacher), "--seed", "0"] + pre["pretrain"] + text,
         os.path.join(out, "pretrain", "DONE"), os.path.join(out, "pretrain.log"),
         title(1, "pretraining the full-precision toy LM (it plays the off-the-shelf model)"))
     open(os.path.join(out, "pretrain", "DONE"), "w").close()
@@ -203,31 +261,70 @@ def main(argv=None):
     for i, (name, flags) in enumerate(cts.items()):
         d = os.path.join(out, name)
         run(["continue_train.py", "--init", teacher, "--quant", "bitnet", "--out_dir", d, "--seed", "1"]
-            + recipe + flags + pre["ct"] + data, os.path.join(d, "DONE"), os.path.join(out, name + ".log"),
+            + recipe + flags + pre["ct"] + text, os.path.join(d, "DONE"), os.path.join(out, name + ".log"),
             title(2 + i, f"stages 1 + 2: 1.58-bit {'with' if i == 0 else 'without'} SubLN, continued pre-training"))
         open(os.path.join(d, "DONE"), "w").close()
+    # the toy LM was pretrained on plain text and never saw chat markup: plain prompts; few labels;
+    # the last --heldout train rows never train (they score --select's grid)
+    labels = pre["labels"] if args.labels is None else args.labels
+    common = recipe + ["--prompt", "plain", "--task", args.task, "--train_limit", str(labels),
+                       "--heldout", str(pre["heldout"])] + pre["sft"] + data
     start = {"teacher": teacher, "ct": os.path.join(out, "ct", "ckpt.pt")}
-    # the toy LM was pretrained on plain text and never saw chat markup: plain prompts
-    recipe += ["--prompt", "plain"]
-    # 3-5: FP16-SFT, BitNet-SFT, BitDistill (and the ablations) for each seed
-    extra = []
-    for flag in ("gamma_ad", "lambda_ld", "distill_layer"):
-        if getattr(args, flag) is not None:
-            extra += [f"--{flag}", str(getattr(args, flag))]
+
+    def finetune(i, row, method, flags, init, d, seed, hp, teacher_dir, eval_on="validation"):
+        src = ["--student", start[init]] if method == "bitdistill" else ["--model", start[init]]
+        if method == "bitdistill":
+            src += ["--teacher", os.path.join(teacher_dir, "ckpt.pt")]
+        hp = dict(hp, **{k: getattr(args, k) for k in ("gamma_ad", "lambda_ld") if getattr(args, k) is not None
+                         and method == "bitdistill"})
+        run(["distill.py", "--method", method, "--out_dir", d, "--seed", str(seed), "--eval_on", eval_on]
+            + [x for k, v in sorted(hp.items()) for x in (f"--{k}", str(v))] + src + flags + common,
+            os.path.join(d, "results.json"), d + ".log", title(i, f"{row}, seed {seed}" + (
+                f", {hp} scored on the held-out train rows" if eval_on == "heldout" else "")))
+
+    if args.select:
+        return select(args, pre, out, finetune, 2 + len(cts) - 1)
+    # 3-5: FP16-SFT, BitNet-SFT, BitDistill (and the ablations, the layer sweep) for each seed
     i = 1 + len(cts)
     for seed in args.seeds:
-        for row, _, method, flags, init in sft_runs(args.ablations):
+        for row, _, method, flags, init in runs:
             i += 1
-            d = run_dir(out, args.task, seed, row)
-            src = ["--student", start[init]] if method == "bitdistill" else ["--model", start[init]]
-            teach = ["--teacher", os.path.join(run_dir(out, args.task, seed, "FP16-SFT"), "ckpt.pt")]
-            lr = pre["lr_fp"] if method == "fp16-sft" else pre["lr_bit"]
-            run(["distill.py", "--task", args.task, "--method", method, "--out_dir", d, "--seed", str(seed),
-                 "--lr", lr] + recipe + src + (teach + extra if method == "bitdistill" else []) + flags
-                + pre["sft"] + pre["eval"] + data, os.path.join(d, "results.json"), d + ".log",
-                title(i, f"{row}, seed {seed}"))
+            finetune(i, row, method, flags, init, run_dir(out, args.task, seed, row), seed, pre["hp"][method],
+                     run_dir(out, args.task, seed, "FP16-SFT"))
     print(f"pipeline finished in {(time.time() - t_start) / 60:.1f} min")
-    report(args, out)
+    report(args, os.path.join(out, args.task), out, runs, labels, pre)
+
+
+def select(args, pre, out, finetune, i):
+    """The grid of every method's hyperparameters, first seed, each point scored on the held-out train
+    rows; BitDistill's teacher is the best FP16-SFT point. Writes selection.json; reports nothing on
+    the validation rows."""
+    seed, chosen, points = args.seeds[0], {}, []
+    for method in ("fp16-sft", "bitnet-sft", "bitdistill"):
+        grid = pre["grid"][method]
+        best = None
+        for values in itertools.product(*grid.values()):
+            i += 1
+            hp = dict(zip(grid, values))
+            d = os.path.join(out, args.task, "select", method + "".join(f"-{k}{v}" for k, v in hp.items()))
+            init = "ct" if method == "bitdistill" else "teacher"
+            flags = ["--no_subln"] if method == "bitnet-sft" else []
+            finetune(i, method, method, flags, init, d, seed, hp, chosen.get("fp16-sft", {}).get("dir"), "heldout")
+            with open(os.path.join(d, "results.json")) as f:
+                acc = json.load(f)["metrics"]["ACC"]
+            points.append(dict(method=method, hp=hp, heldout_acc=acc, run=d))
+            if best is None or acc > best[0]:     # ties: the first grid point
+                best = (acc, hp, d)
+        chosen[method] = dict(hp=best[1], heldout_acc=best[0], dir=best[2])
+    res = {"provenance": provenance(), "task": args.task, "recipe": args.recipe, "seed": seed,
+           "heldout_rows": pre["heldout"], "grid": pre["grid"], "points": points,
+           "chosen": {m: c["hp"] for m, c in chosen.items()}}
+    write_json(os.path.join(out, args.task, "selection.json"), res)
+    print("\nchosen on the held-out train rows (accuracy %):")
+    for p in points:
+        print(f"  {p['method']:<11} {json.dumps(p['hp']):<36} {p['heldout_acc']:6.2f}"
+              + ("   <- chosen" if p["hp"] == chosen[p["method"]]["hp"] else ""))
+    print(f"wrote {os.path.join(out, args.task, 'selection.json')}")
 
 
 def compare_table(folders):
@@ -278,20 +375,21 @@ def paired_difference(a, b, seeds):
     return dict(pair=f"{a['row']} - {b['row']}", seeds=seeds, diffs=diffs, mean=mean, ci95=ci)
 
 
-def report(args, out):
-    """Mean and spread over seeds per row; Tables 1, 5, 6; results.json/.csv; toy.png."""
+def report(args, task_out, out, runs, labels, pre):
+    """Mean and spread over seeds per row; Tables 1, 5, 6, Figure 3b; results.json/.csv; toy.png,
+    all in task_out (<out>/<recipe>/<task>)."""
     rows = []
-    for row, tables, *_ in sft_runs(args.ablations):
+    for row, tables, *_ in runs:
         accs = []
         for seed in args.seeds:
-            d = run_dir(out, args.task, seed, row)
-            with open(os.path.join(d, "results.json")) as f:
+            with open(os.path.join(run_dir(out, args.task, seed, row), "results.json")) as f:
                 accs.append(json.load(f)["metrics"]["ACC"])
         sd = statistics.stdev(accs) if len(accs) > 1 else None        # undefined for one seed: null
         rows.append(dict(row=row, tables=tables, task=args.task, n_seeds=len(accs), mean=statistics.mean(accs),
                          std=sd, accs=accs))
-    for t, title in (("1", "Table 1"), ("5", "Table 5 (stages)"), ("6", "Table 6 (LD / AD)")):
-        sel = [r for r in rows if t in r["tables"].split(",")]
+    for t, title in (("1", "Table 1"), ("5", "Table 5 (stages)"), ("6", "Table 6 (LD / AD)"),
+                     ("3b", "Figure 3b (L_AD layer; BitDistill is the recipe's layer)")):
+        sel = [r for r in rows if t in r["tables"].split(",") or (t == "3b" and r["row"] == "BitDistill")]
         if len(sel) < 2:
             continue
         print(f"\n{title}: {args.task.upper()} validation accuracy (%), mean ± std over {len(args.seeds)} seed(s)")
@@ -305,8 +403,10 @@ def report(args, out):
     for p in paired:
         ci = "n/a (one seed)" if p["ci95"] is None else f"[{p['ci95'][0]:+.2f}, {p['ci95'][1]:+.2f}]"
         print(f"  {p['pair']:<28}{p['mean']:+7.2f}  {ci}   per seed: " + " / ".join(f"{d:+.2f}" for d in p["diffs"]))
-    write_json(os.path.join(out, "results.json"), {
-        "provenance": provenance(), "task": args.task, "recipe": args.recipe, "seeds": args.seeds, "rows": rows,
+    write_json(os.path.join(task_out, "results.json"), {
+        "provenance": provenance(), "task": args.task, "recipe": args.recipe, "seeds": args.seeds,
+        "seeds_vary": "fine-tuning data order (teacher pretraining seed 0 and stage 2 seed 1 fixed)",
+        "labels": labels, "heldout_rows": pre["heldout"], "hyperparameters": pre["hp"], "rows": rows,
         "paired": paired, "runs": {r["row"]: [run_dir(out, args.task, s, r["row"]) for s in args.seeds] for r in rows}})
     buf = io.StringIO()
     w = csv.writer(buf)
@@ -314,11 +414,11 @@ def report(args, out):
     for r in rows:
         w.writerow([r["row"], r["tables"], r["task"], r["n_seeds"], f"{r['mean']:.2f}",
                     "" if r["std"] is None else f"{r['std']:.2f}", " ".join(f"{a:.2f}" for a in r["accs"])])
-    write_text(os.path.join(out, "results.csv"), buf.getvalue())
+    write_text(os.path.join(task_out, "results.csv"), buf.getvalue())
     stage2 = [(os.path.join(out, name, "metrics.json"), label)
               for name, label in (("ct", "with SubLN"), ("ct_nosubln", "without SubLN"))]
-    plot_toy(rows, [(p, label) for p, label in stage2 if os.path.exists(p)], os.path.join(out, "toy.png"))
-    print(f"wrote {out}/results.json, results.csv, toy.png")
+    plot_toy(rows, [(p, label) for p, label in stage2 if os.path.exists(p)], os.path.join(task_out, "toy.png"))
+    print(f"wrote {task_out}/results.json, results.csv, toy.png")
 
 
 if __name__ == "__main__":
