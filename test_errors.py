@@ -110,6 +110,8 @@ def cases(s, tmp):
          "--block_size", "16", "--lr", "1e-3", "--seed", "1", r"--block_size is 16 but .* used 32"),
         ("eval-iters-zero", *ct, "--eval_iters", "0", *x, r"--eval_iters: must be a positive integer"),
         ("lr-zero", *ft, "--lr", "0", *x, r"--lr: must be a positive number"),
+        ("heldout-everything", *ft, "--heldout", "67349", *x, r"--heldout 67349 leaves no training rows .* lower it"),
+        ("eval-on-heldout-without-rows", *ft, "--eval_on", "heldout", *x, r"--eval_on heldout needs --heldout N > 0"),
         # one line where a traceback was
         ("truncated-pt", *model("trunc.pt"), r"trunc.pt is not a readable checkpoint"),
         ("empty-pt", *model("empty.pt"), r"empty.pt is not a readable checkpoint"),

@@ -66,6 +66,23 @@ def test_unknown_task_and_missing_data(tmp_path, monkeypatch):
         tasks.load_examples("mnli", "validation", None)
 
 
+def test_heldout_train_rows_never_train(data_dir):
+    # few labels + the hyperparameter choice: the last N train rows are held out of training and are
+    # what --eval_on heldout scores; the validation rows are untouched by it
+    full = tasks.load_examples("qnli", "train", data_dir)
+    train, held = tasks.task_splits("qnli", data_dir, train_limit=100, heldout=500, eval_on="heldout")
+    assert train == full[:100] and held == full[-500:] and len(full) == 8999
+    key = lambda ex: (ex["question"], ex["sentence"])
+    train_all, _ = tasks.task_splits("qnli", data_dir, heldout=500)
+    assert len(train_all) == 8499 and not {key(e) for e in train_all} & {key(e) for e in held}
+    _, val = tasks.task_splits("qnli", data_dir, heldout=500, eval_on="validation", eval_limit=7)
+    assert val == tasks.load_examples("qnli", "validation", data_dir)[:7]
+    with pytest.raises(ValueError, match="needs --heldout"):
+        tasks.task_splits("sst2", data_dir, eval_on="heldout")
+    with pytest.raises(ValueError, match="leaves no training rows"):
+        tasks.task_splits("qnli", data_dir, heldout=8999)
+
+
 # ----------------------------------------------------------------------------- metrics
 
 def test_accuracy():

@@ -6,22 +6,31 @@ import subprocess
 
 import torch
 
+import tasks
 import toy
 from training import load_model
 
 
 def test_toy_pipeline_smoke(tmp_path, data_dir):
     out = tmp_path / "toy"
-    toy.main(["--preset", "smoke", "--out", str(out), "--data_dir", data_dir, "--ablations"])
+    toy.main(["--preset", "smoke", "--out", str(out), "--data_dir", data_dir, "--ablations", "--layer_sweep"])
     teacher = load_model(str(out / "pretrain" / "ckpt.pt"))
     assert not teacher.config.bitnet and teacher.config.vocab_size == 512
+    # the toy LLM read the tasks' training sentences, never a label and never a validation row
+    text = (out / "unlabeled" / "glue_train_text.txt").read_text(encoding="utf-8").splitlines()
+    sst2_train = tasks.load_examples("sst2", "train", data_dir)
+    assert text[:3] == [ex["sentence"] for ex in sst2_train[:3]] and not any("\t" in t for t in text)
+    assert not {ex["sentence"] for ex in tasks.load_examples("sst2", "validation", data_dir)} & set(text)
+    pre_args = json.load(open(out / "pretrain" / "metrics.json"))["args"]
+    assert any(f.endswith("glue_train_text.txt") for f in pre_args["data"])
     out = out / "authors"                                  # every stage after pretraining: --recipe authors
     for name, subln in (("ct", True), ("ct_nosubln", False)):
         student = load_model(str(out / name / "ckpt.pt"))  # strict load
         assert student.config.bitnet and student.config.subln == subln and student.config.subln_all == subln
-    res = json.load(open(out / "results.json"))
+    res = json.load(open(out / "sst2" / "results.json"))
     rows = res["rows"]
-    assert [r["row"] for r in rows] == [r[0] for r in toy.sft_runs(True)]
+    assert [r["row"] for r in rows] == [r[0] for r in toy.sft_runs(True, [0])]   # smoke: 2 layers, the recipe's is 1
+    assert rows[-1]["tables"] == "3b" and res["labels"] == 16 and res["heldout_rows"] == 8
     assert [r["pair"] for r in res["paired"]] == ["BitDistill - BitNet-SFT", "BitDistill - FP16-SFT"]
     assert all(r["std"] is None for r in rows)             # one seed: no spread (null, not NaN)
     assert res["recipe"] == "authors" and res["seeds"] == [1]
@@ -31,20 +40,33 @@ def test_toy_pipeline_smoke(tmp_path, data_dir):
     for prov in (res["provenance"], ft["provenance"]):   # where each results file came from
         assert prov["commit"] == head and prov["threads"] >= 1 and prov["torch"] == torch.__version__
     assert ft["args"]["loaded_from"] == str(out.parent / "pretrain" / "ckpt.pt")   # what was really loaded
+    assert ft["n_train_rows"] == 16 and ft["eval_on"] == "validation" and ft["args"]["heldout"] == 8
     assert ft["provenance"]["command"][0] == "distill.py" and ft["provenance"]["wall_s"] > 0
-    for row, _, method, *_ in toy.sft_runs(True):
+    for row, _, method, flags, _ in toy.sft_runs(True, [0]):
         d = toy.run_dir(str(out), "sst2", 1, row)
         res = json.load(open(os.path.join(d, "results.json")))
         assert res["method"] == method and res["n_eval"] == 8 and 0 <= res["metrics"]["ACC"] <= 100
         m = load_model(os.path.join(d, "ckpt.pt"))
         assert m.config.bitnet == (method != "fp16-sft")
+        if "--distill_layer" in flags:
+            assert res["args"]["distill_layer"] == 0
         with torch.no_grad():
             assert torch.isfinite(m(torch.tensor([[1, 2, 3]]))).all()
-    assert (out / "toy.png").stat().st_size > 10_000 and (out / "results.csv").exists()
+    assert (out / "sst2" / "toy.png").stat().st_size > 10_000 and (out / "sst2" / "results.csv").exists()
     # a finished stage is not run again: a second call only re-reads the results
     before = os.path.getmtime(out / "ct" / "ckpt.pt")
     toy.main(["--preset", "smoke", "--out", str(out.parent), "--data_dir", data_dir, "--ablations"])
     assert os.path.getmtime(out / "ct" / "ckpt.pt") == before
+    # --select: every grid point scored on the held-out train rows, none on the validation rows
+    toy.main(["--preset", "smoke", "--out", str(out.parent), "--data_dir", data_dir, "--select"])
+    sel = json.load(open(out / "sst2" / "selection.json"))
+    assert len(sel["points"]) == 4 and set(sel["chosen"]) == {"fp16-sft", "bitnet-sft", "bitdistill"}
+    for p in sel["points"]:
+        r = json.load(open(os.path.join(p["run"], "results.json")))
+        assert r["eval_on"] == "heldout" and r["n_eval"] == 8 and r["metrics"]["ACC"] == p["heldout_acc"]
+    best = max((p for p in sel["points"] if p["method"] == "bitdistill"), key=lambda p: p["heldout_acc"])
+    assert best["heldout_acc"] == max(p["heldout_acc"] for p in sel["points"] if p["hp"] == sel["chosen"]["bitdistill"]
+                                      and p["method"] == "bitdistill")
     # SubLN before all seven projections, through stage 2 -> stage 3 -> packed inference: the
     # BitDistill checkpoint packs, and its greedy tokens equal the fake-quantized model's
     from packed import PackedQwen3

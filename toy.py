@@ -64,10 +64,13 @@ def lm_stage(tokens, block, batch, lr, eval_interval, eval_iters):
             "--eval_interval", eval_interval, "--eval_iters", eval_iters]
 
 
-# Each method's fine-tuning flags. quick's values are the grid points `python toy.py --select`
-# picked on SST-2's held-out train rows under --recipe authors (results/toy_fewlabels/selection.json;
-# test_toy checks they agree); they are used unchanged for QNLI and for --recipe paper.
-QUICK_HP = {"fp16-sft": {"lr": "1e-3"}, "bitnet-sft": {"lr": "3e-3"}, "bitdistill": {"lr": "3e-3", "gamma_ad": "1e5"}}
+# Each method's fine-tuning flags, per task. quick's values are the grid points `python toy.py --select
+# --task T` picked on T's held-out train rows under --recipe authors (results/toy_fewlabels/authors/T/
+# selection.json; test_toy checks they agree); --recipe paper uses them unchanged, MNLI uses SST-2's.
+QUICK_HP = {"sst2": {"fp16-sft": {"lr": "1e-3"}, "bitnet-sft": {"lr": "3e-3"},
+                     "bitdistill": {"lr": "3e-3", "gamma_ad": "1e5"}},
+            "qnli": {"fp16-sft": {"lr": "1e-3"}, "bitnet-sft": {"lr": "3e-3"},
+                     "bitdistill": {"lr": "3e-3", "gamma_ad": "1e5"}}}
 GRID = {"fp16-sft": {"lr": ["3e-4", "1e-3", "3e-3"]}, "bitnet-sft": {"lr": ["1e-3", "3e-3", "1e-2"]},
         "bitdistill": {"lr": ["1e-3", "3e-3"], "gamma_ad": ["1e3", "1e5"]}}
 # quick: the README's quick start (one seed ~15-20 min on 2 cores); gpu: bigger, for one GPU (not run
@@ -285,14 +288,15 @@ def main(argv=None):
     if args.select:
         return select(args, pre, out, finetune, 2 + len(cts) - 1)
     # 3-5: FP16-SFT, BitNet-SFT, BitDistill (and the ablations, the layer sweep) for each seed
+    hps = pre["hp"].get(args.task, pre["hp"]["sst2"])
     i = 1 + len(cts)
     for seed in args.seeds:
         for row, _, method, flags, init in runs:
             i += 1
-            finetune(i, row, method, flags, init, run_dir(out, args.task, seed, row), seed, pre["hp"][method],
+            finetune(i, row, method, flags, init, run_dir(out, args.task, seed, row), seed, hps[method],
                      run_dir(out, args.task, seed, "FP16-SFT"))
     print(f"pipeline finished in {(time.time() - t_start) / 60:.1f} min")
-    report(args, os.path.join(out, args.task), out, runs, labels, pre)
+    report(args, os.path.join(out, args.task), out, runs, labels, pre["heldout"], hps)
 
 
 def select(args, pre, out, finetune, i):
@@ -375,7 +379,7 @@ def paired_difference(a, b, seeds):
     return dict(pair=f"{a['row']} - {b['row']}", seeds=seeds, diffs=diffs, mean=mean, ci95=ci)
 
 
-def report(args, task_out, out, runs, labels, pre):
+def report(args, task_out, out, runs, labels, heldout, hps):
     """Mean and spread over seeds per row; Tables 1, 5, 6, Figure 3b; results.json/.csv; toy.png,
     all in task_out (<out>/<recipe>/<task>)."""
     rows = []
@@ -406,7 +410,7 @@ def report(args, task_out, out, runs, labels, pre):
     write_json(os.path.join(task_out, "results.json"), {
         "provenance": provenance(), "task": args.task, "recipe": args.recipe, "seeds": args.seeds,
         "seeds_vary": "fine-tuning data order (teacher pretraining seed 0 and stage 2 seed 1 fixed)",
-        "labels": labels, "heldout_rows": pre["heldout"], "hyperparameters": pre["hp"], "rows": rows,
+        "labels": labels, "heldout_rows": heldout, "hyperparameters": hps, "rows": rows,
         "paired": paired, "runs": {r["row"]: [run_dir(out, args.task, s, r["row"]) for s in args.seeds] for r in rows}})
     buf = io.StringIO()
     w = csv.writer(buf)
