@@ -4,6 +4,7 @@ Every figure the project draws, in one place (matplotlib, written to PNG files):
     plot_loss_curves   Figure 3a: stage-2 loss with and without SubLN     (continue_train.py --plot)
     plot_weights       Figure 2: latent weights / Δ before and after stage 2 (continue_train.py --plot_weights)
     plot_toy           the toy's accuracy per method beside its Figure 3a  (toy.py)
+    plot_toy_summary   Table 1 per task and recipe, and Figure 3b           (toy.py --compare ... --figure)
     plot_bench         tokens/s of each backend                            (bench.py)
 
 Each reads plain data (metrics.json files, lists of dicts); none trains or measures anything.
@@ -94,6 +95,45 @@ def plot_toy(rows, stage2_runs, out_png):
     draw_loss_curves(b, [p for p, _ in stage2_runs], [label for _, label in stage2_runs], val=False)
     label_axes(b, "stage-2 step", "training loss", "stage 2 of the 1.58-bit student"
                + (" with and without SubLN (Figure 3a's comparison)" if len(stage2_runs) > 1 else ""))
+    save_figure(fig, out_png, dpi=110)
+
+
+def plot_toy_summary(results, out_png):
+    """One panel per task: Table 1's three rows, one bar per recipe (mean from 0, ± std, a dot per
+    seed); a last panel: accuracy against the L_AD layer (Figure 3b) from the runs that swept it.
+    results: toy.py results.json objects."""
+    tasks = list(dict.fromkeys(r["task"] for r in results))
+    sweeps = [r for r in results if any(x["tables"] == "3b" for x in r["rows"])]
+    fig, axes = new_figure(len(tasks) + bool(sweeps), (5.5 * (len(tasks) + bool(sweeps)), 4.5))
+    axes = np.atleast_1d(axes)
+    methods = ("FP16-SFT", "BitNet-SFT", "BitDistill")
+    for ax, task in zip(axes, tasks):
+        mine = [r for r in results if r["task"] == task]
+        width = 0.8 / len(mine)
+        for j, r in enumerate(mine):
+            rows = [next(x for x in r["rows"] if x["row"] == m) for m in methods]
+            xs = np.arange(len(methods)) + (j - (len(mine) - 1) / 2) * width
+            ax.bar(xs, [x["mean"] for x in rows], width, yerr=[x["std"] or 0 for x in rows], alpha=0.6,
+                   color=f"C{j}", label=f"--recipe {r['recipe']} ({len(r['seeds'])} seeds)")
+            for x0, x in zip(xs, rows):
+                ax.plot([x0] * len(x["accs"]), x["accs"], "k.", ms=4)
+                ax.text(x0, 2, f"{x['mean']:.1f}", ha="center", fontsize=8)
+        ax.set_xticks(range(len(methods)), methods)
+        label_axes(ax, "", "validation accuracy (%, axis from 0)", f"{task.upper()}, {mine[0].get('labels')} labels")
+        ax.set_ylim(0, 100)
+    if sweeps:
+        ax = axes[-1]
+        for j, r in enumerate(sweeps):
+            pts = sorted((x["distill_layer"], x) for x in r["rows"] if x.get("distill_layer") is not None
+                         and (x["tables"] == "3b" or x["row"] == "BitDistill"))
+            ax.errorbar([p[0] for p in pts], [p[1]["mean"] for p in pts], yerr=[p[1]["std"] or 0 for p in pts],
+                        marker="o", capsize=3, color=f"C{j}", label=f"{r['task'].upper()}, --recipe {r['recipe']}")
+            for layer, x in pts:
+                ax.plot([layer] * len(x["accs"]), x["accs"], "k.", ms=4)
+            base = next(x for x in r["rows"] if x["row"] == "BitNet-SFT")
+            ax.axhline(base["mean"], color=f"C{j}", ls=":", label="BitNet-SFT (no teacher)")
+        label_axes(ax, "student layer distilled by L_AD (0 = first)", "validation accuracy (%)",
+                   "Figure 3b at toy scale: the L_AD layer")
     save_figure(fig, out_png, dpi=110)
 
 

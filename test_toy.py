@@ -31,7 +31,9 @@ def test_toy_pipeline_smoke(tmp_path, data_dir):
     rows = res["rows"]
     assert [r["row"] for r in rows] == [r[0] for r in toy.sft_runs(True, [0])]   # smoke: 2 layers, the recipe's is 1
     assert rows[-1]["tables"] == "3b" and res["labels"] == 16 and res["heldout_rows"] == 8
-    assert [r["pair"] for r in res["paired"]] == ["BitDistill - BitNet-SFT", "BitDistill - FP16-SFT"]
+    assert [r["pair"] for r in res["paired"]] == ["BitDistill - BitNet-SFT", "BitDistill - FP16-SFT",
+                                                   "BitDistill - BitNet-SFT + SubLN + CT"]
+    assert [r["distill_layer"] for r in rows if r["row"].startswith("BitDistill")] == [1, None, 1, 1, 0]
     assert all(r["std"] is None for r in rows)             # one seed: no spread (null, not NaN)
     assert res["recipe"] == "authors" and res["seeds"] == [1]
     head = subprocess.run(["git", "-C", os.path.dirname(os.path.abspath(__file__)), "rev-parse", "HEAD"],
@@ -40,7 +42,7 @@ def test_toy_pipeline_smoke(tmp_path, data_dir):
     for prov in (res["provenance"], ft["provenance"]):   # where each results file came from
         assert prov["commit"] == head and prov["threads"] >= 1 and prov["torch"] == torch.__version__
     assert ft["args"]["loaded_from"] == str(out.parent / "pretrain" / "ckpt.pt")   # what was really loaded
-    assert ft["n_train_rows"] == 16 and ft["eval_on"] == "validation" and ft["args"]["heldout"] == 8
+    assert ft["args"]["n_train_rows"] == 16 and ft["eval_on"] == "validation" and ft["args"]["heldout"] == 8
     assert ft["provenance"]["command"][0] == "distill.py" and ft["provenance"]["wall_s"] > 0
     for row, _, method, flags, _ in toy.sft_runs(True, [0]):
         d = toy.run_dir(str(out), "sst2", 1, row)
@@ -49,7 +51,7 @@ def test_toy_pipeline_smoke(tmp_path, data_dir):
         m = load_model(os.path.join(d, "ckpt.pt"))
         assert m.config.bitnet == (method != "fp16-sft")
         if "--distill_layer" in flags:
-            assert res["args"]["distill_layer"] == 0
+            assert str(res["args"]["distill_layer"]) == "0"
         with torch.no_grad():
             assert torch.isfinite(m(torch.tensor([[1, 2, 3]]))).all()
     assert (out / "sst2" / "toy.png").stat().st_size > 10_000 and (out / "sst2" / "results.csv").exists()

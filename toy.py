@@ -47,10 +47,12 @@ import statistics
 import subprocess
 import sys
 import time
+from types import SimpleNamespace
 
 from tqdm import tqdm
 
-from figures import plot_toy
+from figures import plot_toy, plot_toy_summary
+from recipe import distill_layer_for
 from tasks import TASKS, load_examples
 from tokenizer import save_tiktoken, train_bpe
 from training import HelpFormatter, provenance, run_cli, write_json, write_text
@@ -195,6 +197,14 @@ def sft_runs(ablations, layers=()):
                    for i in layers]
 
 
+def ad_layer(row, runs, default):
+    """The student layer whose Q/K/V relations L_AD distils in this row (None: no L_AD)."""
+    _, _, method, flags, _ = next(r for r in runs if r[0] == row)
+    if method != "bitdistill" or "--no_ad" in flags:
+        return None
+    return int(flags[flags.index("--distill_layer") + 1]) if "--distill_layer" in flags else default
+
+
 def run_dir(out, task, seed, row):  # "BitDistill w/o AD (LD only)" -> <out>/sst2/seed1/bitdistill-wo-ad-ld-only
     slug = "-".join("".join(c for c in row.lower() if c.isalnum() or c == " ").split())
     return os.path.join(out, task, f"seed{seed}", slug)
@@ -223,12 +233,17 @@ def get_args(argv):
     p.add_argument("--compare", nargs="+", metavar="DIR", default=None,
                    help="only print the README's side-by-side table from these toy results folders "
                         "(each holds a results.json of toy.py, e.g. results/toy_fewlabels/authors/sst2)")
+    p.add_argument("--figure", default=None, metavar="PNG",
+                   help="with --compare: also draw Table 1 of every task and recipe and the layer sweep here")
     return p.parse_args(argv)
 
 
 def main(argv=None):
     args = get_args(argv)
     if args.compare:
+        if args.figure:
+            plot_toy_summary(load_toy_results(args.compare), args.figure)
+            print(f"wrote {args.figure}")
         return print(compare_table(args.compare))
     if not args.data_dir or not os.path.isdir(args.data_dir):
         sys.exit("no data folder: set BITDISTILL_DATA (e.g. export BITDISTILL_DATA=../shared/data) or pass --data_dir")
@@ -237,7 +252,8 @@ def main(argv=None):
     data = ["--data_dir", os.path.abspath(args.data_dir)]
     t_start = time.time()
     n_layers = pre["model"]["num_hidden_layers"]
-    sweep = [i for i in range(n_layers) if i != min(int(0.8 * n_layers), n_layers - 1)] if args.layer_sweep else []
+    layer = distill_layer_for(SimpleNamespace(**pre["model"]))       # the recipe's L_AD layer for this model
+    sweep = [i for i in range(n_layers) if i != layer] if args.layer_sweep else []
     runs = sft_runs(args.ablations, sweep)
     n_runs = 1 + 1 + args.ablations + (len(args.seeds) * len(runs) if not args.select else
                                        sum(len(list(itertools.product(*g.values()))) for g in pre["grid"].values()))
@@ -296,7 +312,7 @@ def main(argv=None):
             finetune(i, row, method, flags, init, run_dir(out, args.task, seed, row), seed, hps[method],
                      run_dir(out, args.task, seed, "FP16-SFT"))
     print(f"pipeline finished in {(time.time() - t_start) / 60:.1f} min")
-    report(args, os.path.join(out, args.task), out, runs, labels, pre["heldout"], hps)
+    report(args, os.path.join(out, args.task), out, runs, labels, pre["heldout"], hps, layer)
 
 
 def select(args, pre, out, finetune, i):
@@ -331,9 +347,7 @@ def select(args, pre, out, finetune, i):
     print(f"wrote {os.path.join(out, args.task, 'selection.json')}")
 
 
-def compare_table(folders):
-    """The README's table: each folder's toy results (mean ± std over seeds, each seed, and the paired
-    differences with their 95% interval) side by side, as markdown, from the results files only."""
+def load_toy_results(folders):
     res = []
     for d in folders:
         path = os.path.join(d, "results.json")
@@ -345,20 +359,32 @@ def compare_table(folders):
             raise ValueError(f"{path} is not the results.json of a toy.py run (with its rows and paired "
                              "differences): run python toy.py --out ... first") from None
         res.append(r)
+    return res
+
+
+def compare_table(folders):
+    """The README's table: each folder's toy results (mean ± std over seeds, each seed, and the paired
+    differences with their 95% interval) side by side, as markdown, from the results files only; a row
+    one folder lacks is "–" there."""
+    res = load_toy_results(folders)
     fmt = lambda v, s: f"{v:.2f}" + ("" if s is None else f" ± {s:.2f}")
     head = [f"`--recipe {r['recipe']}`" for r in res]
     lines = [f"| {res[0]['task'].upper()} validation accuracy (%), seeds {', '.join(map(str, res[0]['seeds']))} | "
              + " | ".join(f"{h} | per seed" for h in head) + " |", "|---|" + "---:|---|" * len(res)]
-    for row in [r["row"] for r in res[0]["rows"]]:
+    union = lambda key: list(dict.fromkeys(x[key] for r in res for x in r["rows" if key == "row" else "paired"]))
+    for row in union("row"):
         cells = []
         for r in res:
-            x = next(y for y in r["rows"] if y["row"] == row)
-            cells += [fmt(x["mean"], x["std"]), " / ".join(f"{a:.2f}" for a in x["accs"])]
+            x = next((y for y in r["rows"] if y["row"] == row), None)
+            cells += ["–", "–"] if x is None else [fmt(x["mean"], x["std"]), " / ".join(f"{a:.2f}" for a in x["accs"])]
         lines.append(f"| {row} | " + " | ".join(cells) + " |")
-    for pair in [p["pair"] for p in res[0]["paired"]]:
+    for pair in union("pair"):
         cells = []
         for r in res:
-            p = next(y for y in r["paired"] if y["pair"] == pair)
+            p = next((y for y in r["paired"] if y["pair"] == pair), None)
+            if p is None:
+                cells += ["–", "–"]
+                continue
             ci = "" if p["ci95"] is None else f" [{p['ci95'][0]:+.2f}, {p['ci95'][1]:+.2f}]"
             cells += [f"{p['mean']:+.2f}{ci}", " / ".join(f"{d:+.2f}" for d in p["diffs"])]
         lines.append(f"| {pair.replace(' - ', ' − ')} (paired, 95% interval) | " + " | ".join(cells) + " |")
@@ -379,7 +405,7 @@ def paired_difference(a, b, seeds):
     return dict(pair=f"{a['row']} - {b['row']}", seeds=seeds, diffs=diffs, mean=mean, ci95=ci)
 
 
-def report(args, task_out, out, runs, labels, heldout, hps):
+def report(args, task_out, out, runs, labels, heldout, hps, layer):
     """Mean and spread over seeds per row; Tables 1, 5, 6, Figure 3b; results.json/.csv; toy.png,
     all in task_out (<out>/<recipe>/<task>)."""
     rows = []
@@ -390,7 +416,7 @@ def report(args, task_out, out, runs, labels, heldout, hps):
                 accs.append(json.load(f)["metrics"]["ACC"])
         sd = statistics.stdev(accs) if len(accs) > 1 else None        # undefined for one seed: null
         rows.append(dict(row=row, tables=tables, task=args.task, n_seeds=len(accs), mean=statistics.mean(accs),
-                         std=sd, accs=accs))
+                         std=sd, accs=accs, distill_layer=ad_layer(row, runs, layer)))
     for t, title in (("1", "Table 1"), ("5", "Table 5 (stages)"), ("6", "Table 6 (LD / AD)"),
                      ("3b", "Figure 3b (L_AD layer; BitDistill is the recipe's layer)")):
         sel = [r for r in rows if t in r["tables"].split(",") or (t == "3b" and r["row"] == "BitDistill")]
@@ -402,7 +428,9 @@ def report(args, task_out, out, runs, labels, heldout, hps):
             print(f"  {r['row']:<30}{r['mean']:7.2f} ± {spread:<6} seeds {args.seeds}: "
                   + " / ".join(f"{a:.2f}" for a in r["accs"]))
     by = {r["row"]: r for r in rows}
-    paired = [paired_difference(by["BitDistill"], by[base], args.seeds) for base in ("BitNet-SFT", "FP16-SFT")]
+    # BitDistill against each baseline, and against the row that lacks only the teacher (SubLN + CT)
+    paired = [paired_difference(by["BitDistill"], by[base], args.seeds)
+              for base in ("BitNet-SFT", "FP16-SFT", "BitNet-SFT + SubLN + CT") if base in by]
     print("\nPaired differences (the same seed, point by point), mean with a 95% t-interval:")
     for p in paired:
         ci = "n/a (one seed)" if p["ci95"] is None else f"[{p['ci95'][0]:+.2f}, {p['ci95'][1]:+.2f}]"
