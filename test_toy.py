@@ -79,16 +79,38 @@ def test_toy_pipeline_smoke(tmp_path, data_dir):
     assert torch.equal(pm.generate(idx, 16), model.generate(idx, 16))
 
 
-def test_readme_recipe_table_is_the_results_files():
-    # the README's recipe table is exactly what `python toy.py --compare results/toy_recipes/authors
-    # results/toy_recipes/paper` prints from the committed results files: a stale figure fails
-    here = os.path.dirname(os.path.abspath(__file__))
-    table = toy.compare_table([os.path.join(here, "results", "toy_recipes", r) for r in ("authors", "paper")])
-    with open(os.path.join(here, "README.md"), encoding="utf-8") as f:
+RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "toy_fewlabels")
+
+
+def test_readme_tables_are_the_results_files():
+    # the README's toy tables are exactly what `python toy.py --compare results/toy_fewlabels/authors/T
+    # results/toy_fewlabels/paper/T` prints from the committed results files: a stale figure fails
+    with open(os.path.join(os.path.dirname(RESULTS), "..", "README.md"), encoding="utf-8") as f:
         readme = f.read()
-    assert table in readme
+    for task in ("sst2", "qnli"):
+        table = toy.compare_table([os.path.join(RESULTS, r, task) for r in ("authors", "paper")])
+        assert table in readme, task
+        assert toy.selection_table(os.path.join(RESULTS, "authors", task)) in readme, task
     # the check bites: the same README with one figure changed (a copy, in memory) fails it
     first_row = table.splitlines()[2]                     # | FP16-SFT | 75.46 ± 1.28 | ...
     mean = first_row.split("|")[2].split("±")[0].strip()
     stale = readme.replace(first_row, first_row.replace(mean, f"{float(mean) + 0.01:.2f}", 1))
     assert stale != readme and table not in stale
+
+
+def test_quick_preset_is_what_the_heldout_grid_chose():
+    # the quick preset's learning rates and γ are the points `toy.py --select` scored best on each
+    # task's held-out train rows (first grid point on a tie), over the grid toy.py still has
+    for task in ("sst2", "qnli"):
+        with open(os.path.join(RESULTS, "authors", task, "selection.json")) as f:
+            sel = json.load(f)
+        assert sel["grid"] == toy.GRID and sel["recipe"] == "authors"
+        assert sel["chosen"] == toy.PRESETS["quick"]["hp"][task]
+        for method, hp in sel["chosen"].items():
+            points = [p for p in sel["points"] if p["method"] == method]
+            assert max(points, key=lambda p: p["heldout_acc"])["hp"] == hp
+            for p in points:   # each point's accuracy is its run's, on held-out rows
+                with open(os.path.join(RESULTS, "authors", task, "select", os.path.basename(p["run"]),
+                                       "results.json")) as f:
+                    r = json.load(f)
+                assert r["eval_on"] == "heldout" and r["metrics"]["ACC"] == p["heldout_acc"]

@@ -69,8 +69,8 @@ def lm_stage(tokens, block, batch, lr, eval_interval, eval_iters):
 # Each method's fine-tuning flags, per task. quick's values are the grid points `python toy.py --select
 # --task T` picked on T's held-out train rows under --recipe authors (results/toy_fewlabels/authors/T/
 # selection.json; test_toy checks they agree); --recipe paper uses them unchanged, MNLI uses SST-2's.
-QUICK_HP = {"sst2": {"fp16-sft": {"lr": "1e-3"}, "bitnet-sft": {"lr": "3e-3"},
-                     "bitdistill": {"lr": "3e-3", "gamma_ad": "1e5"}},
+QUICK_HP = {"sst2": {"fp16-sft": {"lr": "3e-3"}, "bitnet-sft": {"lr": "3e-3"},
+                     "bitdistill": {"lr": "3e-3", "gamma_ad": "1e3"}},
             "qnli": {"fp16-sft": {"lr": "1e-3"}, "bitnet-sft": {"lr": "3e-3"},
                      "bitdistill": {"lr": "3e-3", "gamma_ad": "1e5"}}}
 GRID = {"fp16-sft": {"lr": ["3e-4", "1e-3", "3e-3"]}, "bitnet-sft": {"lr": ["1e-3", "3e-3", "1e-2"]},
@@ -244,7 +244,11 @@ def main(argv=None):
         if args.figure:
             plot_toy_summary(load_toy_results(args.compare), args.figure)
             print(f"wrote {args.figure}")
-        return print(compare_table(args.compare))
+        print(compare_table(args.compare))
+        for d in args.compare:     # and the held-out grid that chose the hyperparameters, where there is one
+            if os.path.exists(os.path.join(d, "selection.json")):
+                print("\n" + selection_table(d))
+        return
     if not args.data_dir or not os.path.isdir(args.data_dir):
         sys.exit("no data folder: set BITDISTILL_DATA (e.g. export BITDISTILL_DATA=../shared/data) or pass --data_dir")
     pre, out = PRESETS[args.preset], os.path.abspath(args.out)
@@ -388,6 +392,18 @@ def compare_table(folders):
             ci = "" if p["ci95"] is None else f" [{p['ci95'][0]:+.2f}, {p['ci95'][1]:+.2f}]"
             cells += [f"{p['mean']:+.2f}{ci}", " / ".join(f"{d:+.2f}" for d in p["diffs"])]
         lines.append(f"| {pair.replace(' - ', ' − ')} (paired, 95% interval) | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def selection_table(folder):
+    """The grid `toy.py --select` scored on the held-out train rows (selection.json), as markdown."""
+    with open(os.path.join(folder, "selection.json")) as f:
+        sel = json.load(f)
+    lines = [f"| {sel['task'].upper()}: method | hyperparameters | accuracy on {sel['heldout_rows']} held-out "
+             f"train rows (%), seed {sel['seed']} | chosen |", "|---|---|---:|:-:|"]
+    for p in sel["points"]:
+        hp = ", ".join(f"{k} {v}" for k, v in p["hp"].items())
+        lines.append(f"| {p['method']} | {hp} | {p['heldout_acc']:.2f} | {'✓' if p['hp'] == sel['chosen'][p['method']] else ''} |")
     return "\n".join(lines)
 
 
