@@ -71,8 +71,8 @@ def lm_stage(tokens, block, batch, lr, eval_interval, eval_iters):
 # selection.json; test_toy checks they agree); --recipe paper uses them unchanged, MNLI uses SST-2's.
 QUICK_HP = {"sst2": {"fp16-sft": {"lr": "3e-3"}, "bitnet-sft": {"lr": "3e-3"},
                      "bitdistill": {"lr": "3e-3", "gamma_ad": "1e3"}},
-            "qnli": {"fp16-sft": {"lr": "1e-3"}, "bitnet-sft": {"lr": "3e-3"},
-                     "bitdistill": {"lr": "3e-3", "gamma_ad": "1e5"}}}
+            "qnli": {"fp16-sft": {"lr": "1e-3"}, "bitnet-sft": {"lr": "1e-3"},
+                     "bitdistill": {"lr": "1e-3", "gamma_ad": "1e5"}}}
 GRID = {"fp16-sft": {"lr": ["3e-4", "1e-3", "3e-3"]}, "bitnet-sft": {"lr": ["1e-3", "3e-3", "1e-2"]},
         "bitdistill": {"lr": ["1e-3", "3e-3"], "gamma_ad": ["1e3", "1e5"]}}
 # quick: the README's quick start (one seed ~15-20 min on 2 cores); gpu: bigger, for one GPU (not run
