@@ -94,7 +94,7 @@ def plot_toy(rows, stage2_runs, out_png):
     a.invert_yaxis()
     draw_loss_curves(b, [p for p, _ in stage2_runs], [label for _, label in stage2_runs], val=False)
     label_axes(b, "stage-2 step", "training loss", "stage 2 of the 1.58-bit student"
-               + (" with and without SubLN (Figure 3a's comparison)" if len(stage2_runs) > 1 else ""))
+               + (",\nwith and without SubLN (Figure 3a's comparison)" if len(stage2_runs) > 1 else ""))
     save_figure(fig, out_png, dpi=110)
 
 
@@ -130,8 +130,11 @@ def plot_toy_summary(results, out_png):
                         marker="o", capsize=3, color=f"C{j}", label=f"{r['task'].upper()}, --recipe {r['recipe']}")
             for layer, x in pts:
                 ax.plot([layer] * len(x["accs"]), x["accs"], "k.", ms=4)
-            base = next(x for x in r["rows"] if x["row"] == "BitNet-SFT")
-            ax.axhline(base["mean"], color=f"C{j}", ls=":", label="BitNet-SFT (no teacher)")
+            names = [x["row"] for x in r["rows"]]
+            base = "BitNet-SFT + SubLN + CT" if "BitNet-SFT + SubLN + CT" in names else "BitNet-SFT"
+            ax.axhline(next(x for x in r["rows"] if x["row"] == base)["mean"], color=f"C{j}", ls=":",
+                       label=f"{base} (the same without a teacher)" if "CT" in base else base)
+            ax.set_xticks([p[0] for p in pts])
         label_axes(ax, "student layer distilled by L_AD (0 = first)", "validation accuracy (%)",
                    "Figure 3b at toy scale: the L_AD layer")
     save_figure(fig, out_png, dpi=110)
