@@ -114,3 +114,17 @@ def test_quick_preset_is_what_the_heldout_grid_chose():
                                        "results.json")) as f:
                     r = json.load(f)
                 assert r["eval_on"] == "heldout" and r["metrics"]["ACC"] == p["heldout_acc"]
+
+
+def test_presets_build():
+    # every preset's model is a valid Qwen3 config of the size its help states, and every method has
+    # its hyperparameters for every task the toy runs
+    from model import Qwen3, Qwen3Config
+    sizes = {}
+    for name, pre in toy.PRESETS.items():
+        cfg = Qwen3Config.from_dict(dict(pre["model"], vocab_size=pre["vocab"], tie_word_embeddings=True))
+        with torch.device("meta"):
+            sizes[name] = sum(p.numel() for p in Qwen3(cfg).parameters())
+        assert set(pre["hp"]["sst2"]) == set(pre["grid"]) == {"fp16-sft", "bitnet-sft", "bitdistill"}
+        assert pre["heldout"] > 0 and pre["labels"] > 0
+    assert round(sizes["quick"] / 1e6, 1) == 4.2 and round(sizes["gpu"] / 1e6) == 29
