@@ -371,6 +371,9 @@ def compare_table(folders):
     differences with their 95% interval) side by side, as markdown, from the results files only; a row
     one folder lacks is "–" there."""
     res = load_toy_results(folders)
+    tasks = list(dict.fromkeys(r["task"] for r in res))
+    if len(tasks) > 1:   # one table per task
+        return "\n\n".join(compare_table([d for d, r in zip(folders, res) if r["task"] == t]) for t in tasks)
     fmt = lambda v, s: f"{v:.2f}" + ("" if s is None else f" ± {s:.2f}")
     head = [f"`--recipe {r['recipe']}`" for r in res]
     lines = [f"| {res[0]['task'].upper()} validation accuracy (%), seeds {', '.join(map(str, res[0]['seeds']))} | "
