@@ -15,15 +15,11 @@ labels), and fine-tuning sees few labels (--labels, 1,000 by default). Then the 
     with --ablations, also the rows of Table 5 and 6 and the no-SubLN stage-2 run (Figure 3a);
     with --layer_sweep, BitDistill with L_AD at every student layer (Figure 3b).
 
-Hyperparameters (learning rate per method, γ) were chosen by `--select`: a grid scored on the
-last --heldout rows of the *train* split, rows no run trains on; the reported accuracies are on
-the validation rows, which no choice ever saw. Seeds: the teacher's pretraining (seed 0) and
-stage 2 (seed 1) are fixed; --seeds vary the fine-tuning data order of all three methods.
-
-Every stage is one of the repo's own commands, printed before it runs; a finished stage is not
-run again, so an interrupted pipeline continues where it stopped (an unfinished stage starts over).
-Each stage shows its progress; its full output goes to the log named before it starts. Results:
-<out>/<recipe>/<task>/results.json, results.csv and toy.png.
+Hyperparameters (learning rate per method, γ) were chosen by --select on the last --heldout rows
+of the *train* split, which no run trains on; reported accuracies are on the validation rows. Seeds
+vary the fine-tuning data order (pretraining: seed 0, stage 2: seed 1). Each stage is a repo command,
+printed with its log before it runs; a finished stage is skipped, so an interrupted pipeline goes on
+where it stopped. Results: <out>/<recipe>/<task>/results.json, results.csv and toy.png.
 
     export BITDISTILL_DATA=../shared/data
     python toy.py                                   # the quick start: one seed of Table 1, SST-2
@@ -32,9 +28,8 @@ Each stage shows its progress; its full output goes to the log named before it s
     python toy.py --select                          # the held-out grid that chose the presets' values
     python toy.py --preset smoke --out out/smoke    # a few steps per stage (the CI test)
 
-Why a small vocabulary: with Qwen's 151,936-row embedding the lm_head alone would cost a model
-this small more than all its layers together on a CPU. The vocabulary is trained with the same
-byte-level BPE and Qwen's pre-tokenizer regex, and read back through tokenizer.load_tokenizer.
+A small vocabulary (Qwen's 151,936-row head would outweigh all of a model this small), trained with
+the same byte-level BPE and pre-tokenizer regex, read back through tokenizer.load_tokenizer.
 """
 import argparse
 import csv
@@ -53,7 +48,7 @@ from tqdm import tqdm
 
 from figures import plot_toy, plot_toy_summary
 from recipe import distill_layer_for
-from tasks import TASKS, load_examples
+from tasks import TASKS, compare_table, load_examples, load_toy_results, paired_difference, selection_table
 from tokenizer import save_tiktoken, train_bpe
 from training import HelpFormatter, provenance, run_cli, write_json, write_text
 
@@ -349,79 +344,6 @@ def select(args, pre, out, finetune, i):
         print(f"  {p['method']:<11} {json.dumps(p['hp']):<36} {p['heldout_acc']:6.2f}"
               + ("   <- chosen" if p["hp"] == chosen[p["method"]]["hp"] else ""))
     print(f"wrote {os.path.join(out, args.task, 'selection.json')}")
-
-
-def load_toy_results(folders):
-    res = []
-    for d in folders:
-        path = os.path.join(d, "results.json")
-        try:
-            with open(path) as f:
-                r = json.load(f)
-            assert isinstance(r, dict) and {"recipe", "task", "seeds", "rows", "paired"} <= set(r)
-        except (OSError, ValueError, AssertionError):
-            raise ValueError(f"{path} is not the results.json of a toy.py run (with its rows and paired "
-                             "differences): run python toy.py --out ... first") from None
-        res.append(r)
-    return res
-
-
-def compare_table(folders):
-    """The README's table: each folder's toy results (mean ± std over seeds, each seed, and the paired
-    differences with their 95% interval) side by side, as markdown, from the results files only; a row
-    one folder lacks is "–" there."""
-    res = load_toy_results(folders)
-    tasks = list(dict.fromkeys(r["task"] for r in res))
-    if len(tasks) > 1:   # one table per task
-        return "\n\n".join(compare_table([d for d, r in zip(folders, res) if r["task"] == t]) for t in tasks)
-    fmt = lambda v, s: f"{v:.2f}" + ("" if s is None else f" ± {s:.2f}")
-    head = [f"`--recipe {r['recipe']}`" for r in res]
-    lines = [f"| {res[0]['task'].upper()} validation accuracy (%), seeds {', '.join(map(str, res[0]['seeds']))} | "
-             + " | ".join(f"{h} | per seed" for h in head) + " |", "|---|" + "---:|---|" * len(res)]
-    union = lambda key: list(dict.fromkeys(x[key] for r in res for x in r["rows" if key == "row" else "paired"]))
-    for row in union("row"):
-        cells = []
-        for r in res:
-            x = next((y for y in r["rows"] if y["row"] == row), None)
-            cells += ["–", "–"] if x is None else [fmt(x["mean"], x["std"]), " / ".join(f"{a:.2f}" for a in x["accs"])]
-        lines.append(f"| {row} | " + " | ".join(cells) + " |")
-    for pair in union("pair"):
-        cells = []
-        for r in res:
-            p = next((y for y in r["paired"] if y["pair"] == pair), None)
-            if p is None:
-                cells += ["–", "–"]
-                continue
-            ci = "" if p["ci95"] is None else f" [{p['ci95'][0]:+.2f}, {p['ci95'][1]:+.2f}]"
-            cells += [f"{p['mean']:+.2f}{ci}", " / ".join(f"{d:+.2f}" for d in p["diffs"])]
-        lines.append(f"| {pair.replace(' - ', ' − ')} (paired, 95% interval) | " + " | ".join(cells) + " |")
-    return "\n".join(lines)
-
-
-def selection_table(folder):
-    """The grid `toy.py --select` scored on the held-out train rows (selection.json), as markdown."""
-    with open(os.path.join(folder, "selection.json")) as f:
-        sel = json.load(f)
-    lines = [f"| {sel['task'].upper()}: method | hyperparameters | accuracy on {sel['heldout_rows']} held-out "
-             f"train rows (%), seed {sel['seed']} | chosen |", "|---|---|---:|:-:|"]
-    for p in sel["points"]:
-        hp = ", ".join(f"{k} {v}" for k, v in p["hp"].items())
-        lines.append(f"| {p['method']} | {hp} | {p['heldout_acc']:.2f} | {'✓' if p['hp'] == sel['chosen'][p['method']] else ''} |")
-    return "\n".join(lines)
-
-
-T95 = {1: 12.71, 2: 4.30, 3: 3.18, 4: 2.78, 5: 2.57, 6: 2.45, 7: 2.36, 8: 2.31, 9: 2.26}  # two-sided t, df
-
-
-def paired_difference(a, b, seeds):
-    """a - b seed by seed (the same fine-tuning data order), their mean and 95% t-interval."""
-    diffs = [x - y for x, y in zip(a["accs"], b["accs"])]
-    mean = statistics.mean(diffs)
-    ci = None
-    if len(diffs) > 1:
-        half = T95.get(len(diffs) - 1, 2.0) * statistics.stdev(diffs) / len(diffs) ** 0.5
-        ci = [mean - half, mean + half]
-    return dict(pair=f"{a['row']} - {b['row']}", seeds=seeds, diffs=diffs, mean=mean, ci95=ci)
 
 
 def report(args, task_out, out, runs, labels, heldout, hps, layer):
