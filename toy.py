@@ -70,28 +70,30 @@ QUICK_HP = {"sst2": {"fp16-sft": {"lr": "3e-3"}, "bitnet-sft": {"lr": "3e-3"},
                      "bitdistill": {"lr": "1e-3", "gamma_ad": "1e5"}}}
 GRID = {"fp16-sft": {"lr": ["3e-4", "1e-3", "3e-3"]}, "bitnet-sft": {"lr": ["1e-3", "3e-3", "1e-2"]},
         "bitdistill": {"lr": ["1e-3", "3e-3"], "gamma_ad": ["1e3", "1e5"]}}
+def shape(hidden, intermediate, layers, heads, kv_heads, head_dim):
+    """A Qwen3 config's shape (tiny.json; toy.py adds the vocabulary)."""
+    return dict(hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=layers,
+                num_attention_heads=heads, num_key_value_heads=kv_heads, head_dim=head_dim)
+
+
+SFT = ["--epochs", "3", "--batch_size", "32", "--micro_batch_size", "32", "--max_len", "128"]   # the recipe's 3 epochs
 # quick: the README's quick start (one seed ~15-20 min on 2 cores); gpu: bigger, for one GPU (not run
 # here: no GPU in the sessions that built it); smoke: a few steps per stage (the CI test)
 PRESETS = {
     "quick": dict(
-        vocab=4096, model=dict(hidden_size=256, intermediate_size=768, num_hidden_layers=4,
-                               num_attention_heads=4, num_key_value_heads=2, head_dim=64),
+        vocab=4096, model=shape(256, 768, layers=4, heads=4, kv_heads=2, head_dim=64),     # 4.2M parameters
         pretrain=lm_stage("2.5e6", "128", "16", "2e-3", "100", "10"),
         ct=lm_stage("5e5", "128", "16", "1e-3", "50", "10"),
         labels=1000, heldout=1000, hp=QUICK_HP, grid=GRID,
-        sft=["--epochs", "3", "--batch_size", "32", "--micro_batch_size", "32", "--max_len", "128",
-             "--eval_batch_size", "64"]),
+        sft=SFT + ["--eval_batch_size", "64"]),
     "gpu": dict(
-        vocab=8192, model=dict(hidden_size=512, intermediate_size=1536, num_hidden_layers=8,
-                               num_attention_heads=8, num_key_value_heads=4, head_dim=64),
+        vocab=8192, model=shape(512, 1536, layers=8, heads=8, kv_heads=4, head_dim=64),    # 29M parameters
         pretrain=lm_stage("2e7", "256", "64", "1e-3", "200", "20"),
         ct=lm_stage("5e6", "256", "64", "5e-4", "100", "20"),
         labels=2000, heldout=1000, hp=QUICK_HP, grid=GRID,
-        sft=["--epochs", "3", "--batch_size", "32", "--micro_batch_size", "32", "--max_len", "128",
-             "--eval_batch_size", "256"]),
+        sft=SFT + ["--eval_batch_size", "256"]),
     "smoke": dict(
-        vocab=512, model=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                              num_attention_heads=2, num_key_value_heads=1, head_dim=16),
+        vocab=512, model=shape(32, 64, layers=2, heads=2, kv_heads=1, head_dim=16),
         pretrain=lm_stage("2048", "32", "8", "1e-3", "4", "1"),
         ct=lm_stage("1024", "32", "8", "1e-3", "2", "1"),
         labels=16, heldout=8, hp=QUICK_HP, grid={"fp16-sft": {"lr": ["1e-3"]}, "bitnet-sft": {"lr": ["1e-3"]},
