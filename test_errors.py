@@ -88,7 +88,7 @@ def cases(s, tmp):
     ct = ["continue_train.py", "--init", s["pre"], "--tokens", "256", "--block_size", "32", "--batch_size", "2"]
     bd = ["distill.py", "--task", "sst2", "--method", "bitdistill", "--out_dir", s["bd"], "--resume", "--max_steps", "2",
           "--batch_size", "4", "--micro_batch_size", "4", "--max_len", "64", "--seed", "1", "--lr", "1e-3",
-          "--prompt", "plain", "--eval_limit", "8"]
+          "--prompt", "plain", "--eval_limit", "8", "--train_limit", "16", "--heldout", "8"]   # as the toy's smoke ran it
     data = lambda d: ["--data_dir", f"{tmp}/{d}"]
     model = lambda name: swap(ft, "--model", os.path.join(tmp, name)) + x
     return [
@@ -106,6 +106,7 @@ def cases(s, tmp):
         ("resume-fewer-steps", *swap(bd, "--max_steps", "1"), r"--max_steps is 1 but .* used 2: resume with --max_steps 2 or more"),
         ("resume-other-batch", *swap(bd, "--batch_size", "8"), r"--batch_size is 8 but .* used 4"),
         ("resume-other-seed", *swap(bd, "--seed", "2"), r"--seed is 2 but .* used 1"),
+        ("resume-other-heldout", *swap(bd, "--heldout", "4"), r"--heldout is 4 but .* used 8"),
         ("resume-ct-other-block", *swap(swap(ct, "--tokens", "1024"), "--batch_size", "8"), "--out_dir", s["ct"], "--resume",
          "--block_size", "16", "--lr", "1e-3", "--seed", "1", r"--block_size is 16 but .* used 32"),
         ("eval-iters-zero", *ct, "--eval_iters", "0", *x, r"--eval_iters: must be a positive integer"),
