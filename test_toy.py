@@ -59,6 +59,17 @@ def test_toy_pipeline_smoke(tmp_path, data_dir):
     before = os.path.getmtime(out / "ct" / "ckpt.pt")
     toy.main(["--preset", "smoke", "--out", str(out.parent), "--data_dir", data_dir, "--ablations"])
     assert os.path.getmtime(out / "ct" / "ckpt.pt") == before
+    # the paper's recipe: its own stage 2 (SubLN before o_proj and down_proj only) and stage 3 runs,
+    # each handing a strictly loadable checkpoint to the next
+    toy.main(["--preset", "smoke", "--out", str(out.parent), "--data_dir", data_dir, "--recipe", "paper"])
+    paper = out.parent / "paper"
+    student = load_model(str(paper / "ct" / "ckpt.pt"))
+    assert student.config.bitnet and student.config.subln and not student.config.subln_all
+    assert json.load(open(paper / "sst2" / "results.json"))["recipe"] == "paper"
+    for row, _, method, *_ in toy.sft_runs(False):
+        d = toy.run_dir(str(paper), "sst2", 1, row)
+        assert json.load(open(os.path.join(d, "results.json")))["args"]["recipe"] == "paper"
+        assert load_model(os.path.join(d, "ckpt.pt")).config.bitnet == (method != "fp16-sft")
     # --select: every grid point scored on the held-out train rows, none on the validation rows
     toy.main(["--preset", "smoke", "--out", str(out.parent), "--data_dir", data_dir, "--select"])
     sel = json.load(open(out / "sst2" / "selection.json"))
