@@ -6,18 +6,20 @@ head_dim 128, vocab 151936, tied embeddings).
 
     python bench.py                 # everything: ~10 minutes on 2 cores; out/bench.json + out/bench.png
     python bench.py --quick         # fewer repeats and tokens, a smoke run
-    python bench.py --threads 1
     python bench.py --json results/bench.json --plot results/bench.png   # the README's published figures
 
 Backends: torch-fp32 / torch-bf16 = model.py's Qwen3 in that dtype; ternary = packed.PackedQwen3
-(2-bit linears in C) with the embedding table / tied lm_head in bf16 (C bf16 kernel);
-ternary-int8-head = the same with that table in int8 (C int8 kernel), like llama.cpp's Q8_0 output.
+(2-bit linears in C) with the embedding table / tied lm_head in bf16; ternary-int8-head = the same
+with that table in int8, like llama.cpp's Q8_0 output. Both decode a token in one C call
+(decode_cpu.c), timed also at 1 thread and split into linears / lm_head / everything else;
+ternary-int8-head-pydecode runs the same model's PyTorch forward op by op, for comparison.
 Each backend runs in its own subprocess, so its peak RSS is its own. Timings: warm-up first, then
-repeats; medians with the 10-90% spread. Decode is timed token by token over 128 new tokens
-(tok/s = 1 / median token time). GB/s = weight bytes read per token x tokens/s, next to a read
-bandwidth measured here (summing a 1 GiB buffer, and a 128 MiB one that may sit in L3).
-Run it on a quiet machine: other processes on the same cores distort every number. The CPU peer
-(llama.cpp's TQ2_0 on the same geometry) is measured beside this script by ../shared/peer/run.sh.
+repeats; medians with the 10-90% spread. Decode: 128 new tokens timed one by one (tok/s = 1 /
+median). Read bandwidth: summing a 1 GiB buffer (and a 128 MiB one that may sit in L3) at 1 and 2
+threads; a decode token's floor = (weights + KV cache read) / that bandwidth. Each kernel's GMAC/s
+is also given against the ISA's int8 peak, measured by ternary_cpu.c's tl_peak_gmacs.
+Run it on a quiet machine: other processes distort every number. The CPU peer (llama.cpp's TQ2_0,
+same geometry) is measured beside this script by ../shared/peer/run.sh.
 """
 import argparse
 import json
@@ -37,7 +39,7 @@ from figures import plot_bench  # noqa: E402
 from model import Qwen3, Qwen3Config  # noqa: E402
 from training import cpu_name, provenance, write_json  # noqa: E402
 
-BACKENDS = ("torch-fp32", "torch-bf16", "ternary", "ternary-int8-head")
+BACKENDS = ("torch-fp32", "torch-bf16", "ternary", "ternary-int8-head", "ternary-int8-head-pydecode")
 
 
 def qwen3_06b():
@@ -70,19 +72,6 @@ def read_bandwidth(nbytes, repeat=7):
     return nbytes / st["median"] / 1e9
 
 
-def cpu_flags():
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("flags"):
-                    have = set(line.split(":")[1].split())
-                    return [fl for fl in ("avx2", "fma", "avx512f", "avx512bw", "avx512_vnni", "avx_vnni",
-                                          "avx512_bf16", "amx_int8") if fl in have]
-    except OSError:
-        pass
-    return []
-
-
 # ---------------------------------------------------------------------------------------------
 # Models with random weights
 
@@ -104,10 +93,11 @@ def random_packed(config, head):
                 m.scale.fill_(0.02)
         if head == "int8":  # filled in place: no fp32 table in the peak RSS
             e = pm.embed
-            e.w8[:, :config.hidden_size] = torch.randint(-127, 128, (config.vocab_size, config.hidden_size),
-                                                         dtype=torch.int8, generator=g)
-            for i in range(0, config.vocab_size, 8192):  # in slices: no int32 copy of the table
-                e.wsum[i:i + 8192] = e.w8[i:i + 8192].sum(dim=1, dtype=torch.int32)
+            for i in range(0, config.vocab_size, 8192):  # in slices: no full-size temporary
+                n = min(8192, config.vocab_size - i)
+                e.w8[i:i + n, :config.hidden_size] = torch.randint(-127, 128, (n, config.hidden_size),
+                                                                   dtype=torch.int8, generator=g)
+                e.wsum[i:i + n] = e.w8[i:i + n].sum(dim=1, dtype=torch.int32)
             e.scale.fill_(0.02 / 127)
         else:
             pm.embed_weight.normal_(0.0, 0.02, generator=g)
@@ -133,10 +123,34 @@ def linear_weight_bytes_torch(model):
 # ---------------------------------------------------------------------------------------------
 # One backend, in its own process
 
+def decode_tokens(fwd, cache, logits, n, warmup, timing=None):
+    """Greedy decode of warmup + n tokens, each timed alone: stats of the n, and with timing (a
+    function giving the C step's seconds in linears, head, whole call) the median split of a token."""
+    ts, split = [], []
+    for i in range(warmup + n):
+        nxt = logits[:, -1].argmax(-1, keepdim=True)                              # (1, 1)
+        t1 = time.perf_counter()
+        logits = fwd(nxt, cache, True)
+        if i >= warmup:
+            ts.append(time.perf_counter() - t1)
+            if timing is not None:
+                t = timing()
+                split.append((t[0], t[1], t[2]))
+    st = stats(ts)
+    out = dict(tok_s=1 / st["median"], tok_s_p10=1 / st["p90"], tok_s_p90=1 / st["p10"], tok_s_mean=len(ts) / sum(ts), **st)
+    if split:
+        med = lambda j: sorted(r[j] for r in split)[len(split) // 2]
+        out["split_ms"] = dict(linears=med(0) * 1e3, head=med(1) * 1e3, rest=(med(2) - med(0) - med(1)) * 1e3,
+                               call=med(2) * 1e3)
+    return out
+
+
 @torch.no_grad()
 def run_backend(name, prompt_lens, new_tokens, repeat):
     config = qwen3_06b()
+    baseline = peak_rss()   # the interpreter, torch and this script, before any model exists
     t0 = time.perf_counter()
+    pm = None
     if name.startswith("torch"):
         model = random_torch(config, torch.float32 if name == "torch-fp32" else torch.bfloat16)
         new_cache = lambda n: model.new_cache(1, n)
@@ -145,7 +159,8 @@ def run_backend(name, prompt_lens, new_tokens, repeat):
         total = sum(p.numel() * p.element_size() for p in model.parameters())  # tied: counted once
         head_bytes = model.lm_head.weight.numel() * model.lm_head.weight.element_size()
     else:
-        pm = random_packed(config, "int8" if name == "ternary-int8-head" else "bf16")
+        pm = random_packed(config, "bf16" if name == "ternary" else "int8")
+        pm.c_decode = not name.endswith("pydecode")   # the one-call C step, or PyTorch op by op
         new_cache = lambda n: pm.new_cache(1, n)
         fwd = lambda idx, cache, last: pm(idx, cache, last_only=last)
         mem = pm.memory()
@@ -154,26 +169,26 @@ def run_backend(name, prompt_lens, new_tokens, repeat):
     log = lambda msg: print(f"  [{name}] {msg}", file=sys.stderr, flush=True)
     log(f"model built in {build_s:.1f} s")
     res = dict(backend=name, threads=torch.get_num_threads(), build_s=build_s, prefill={}, weight_bytes=dict(
-        linears=lin, total=total, head=head_bytes, per_token=lin + head_bytes))
+        linears=lin, total=total, head=head_bytes, per_token=lin + head_bytes), baseline_rss=baseline)
     g = torch.Generator().manual_seed(0)
     for T in prompt_lens:
         idx = torch.randint(0, config.vocab_size, (1, T), generator=g)
         st = timeit(lambda: fwd(idx, new_cache(T), True), 1, repeat)
         res["prefill"][T] = dict(tok_s=T / st["median"], tok_s_p10=T / st["p90"], tok_s_p90=T / st["p10"], **st)
         log(f"prefill {T}: {res['prefill'][T]['tok_s']:.1f} tok/s")
-    # decode: a 16-token prompt, 8 warm-up tokens, then new_tokens timed one by one
-    cache = new_cache(16 + 8 + new_tokens)
-    logits = fwd(torch.randint(0, config.vocab_size, (1, 16), generator=g), cache, True)
-    ts = []
-    for i in range(8 + new_tokens):
-        nxt = logits[:, -1].argmax(-1, keepdim=True)                              # (1, 1)
-        t1 = time.perf_counter()
-        logits = fwd(nxt, cache, True)
-        if i >= 8:
-            ts.append(time.perf_counter() - t1)
-    st = stats(ts)
-    res["decode"] = dict(tok_s=1 / st["median"], tok_s_p10=1 / st["p90"], tok_s_p90=1 / st["p10"],
-                         tok_s_mean=len(ts) / sum(ts), **st)
+    # decode: a 16-token prompt, 8 warm-up tokens, then new_tokens timed one by one; the C step
+    # also at 1 thread (and 2), with its split of a token
+    prompt = torch.randint(0, config.vocab_size, (1, 16), generator=g)
+    kv = 2 * config.num_hidden_layers * config.num_key_value_heads * config.head_dim * 4   # bytes per position
+    res["kv_bytes_per_token"] = kv * (16 + 8 + (new_tokens - 1) / 2)   # cache read at the mean position
+    main_threads, res["decode_by_threads"] = torch.get_num_threads(), {}
+    for th in ([main_threads] if pm is None or not pm.c_decode else sorted({1, min(2, main_threads), main_threads})):
+        torch.set_num_threads(th)
+        cache = new_cache(16 + 8 + new_tokens)
+        timing = (lambda: pm._step.timing) if pm is not None and pm.c_decode else None
+        res["decode_by_threads"][th] = decode_tokens(fwd, cache, fwd(prompt, cache, True), new_tokens, 8, timing)
+    torch.set_num_threads(main_threads)
+    res["decode"] = res["decode_by_threads"][main_threads]
     res["peak_rss"] = peak_rss()
     return res
 
@@ -195,14 +210,18 @@ def peak_rss():
 # Per-kernel table: each projection shape of one layer, and the lm_head
 
 @torch.no_grad()
-def kernel_table(repeat, quick):
+def kernel_table(repeat, quick, bandwidth):
+    """Each projection shape of one layer and the lm_head, on the best SIMD path at every thread
+    count of `bandwidth` ({threads: GB/s}); plain C and PyTorch beside it at the last count."""
     import kernels as K_
     from packed import Int8Linear
     c = qwen3_06b()
     H, I, qd, kvd = c.hidden_size, c.intermediate_size, c.num_attention_heads * c.head_dim, c.num_key_value_heads * c.head_dim
     shapes = [("qkv (fused)", H, qd + 2 * kvd), ("o_proj", qd, H), ("gate_up (fused)", H, 2 * I),
               ("down_proj", I, H), ("lm_head int8", H, c.vocab_size), ("lm_head bf16", H, c.vocab_size)]
-    best = K_.lib()[0].tl_cpu_path()
+    L = K_.lib()[0]
+    best, counts = L.tl_cpu_path(), sorted(bandwidth)
+    peak = {th: L.tl_peak_gmacs(best, th, 20_000_000) for th in counts}   # the ISA's int8 peak, measured
     rows = []
     for name, K, N in tqdm(shapes, desc="kernels", unit="shape"):
         g = torch.Generator().manual_seed(0)
@@ -212,29 +231,32 @@ def kernel_table(repeat, quick):
         if name == "lm_head int8":
             lin = Int8Linear.from_weight(W)
             wbytes = lin.w8.numel()
-            run = lambda x, path: K_.int8_linear(x, lin.w8, lin.wsum, lin.scale, K, path)
+            run = lambda x, path, th=0: K_.int8_linear(x, lin.w8, lin.wsum, lin.scale, K, path, th)
         elif name == "lm_head bf16":
             wbytes = Wb.numel() * 2
-            run = lambda x, path: K_.bf16_linear(x, Wb, path)
+            run = lambda x, path, th=0: K_.bf16_linear(x, Wb, path, th)
         else:
             packed = K_.pack_ternary(torch.randint(-1, 2, (N, K), dtype=torch.int8, generator=g))
             scale = torch.full((N,), 0.02)
             wbytes = packed.numel()
-            run = lambda x, path: K_.ternary_linear(x, packed, scale, K, path)
+            run = lambda x, path, th=0: K_.ternary_linear(x, packed, scale, K, path, th)
         for M in ((1,) if head else (1, 128)):
             x = torch.randn(M, K, generator=g)
             xb = x.bfloat16()
             rep_slow = 2 if quick or (M > 1 or head) else 5
-            t = timeit(lambda: run(x, best), 2, repeat * 4)
             t_c = timeit(lambda: run(x, 0), 1, rep_slow)
             t_fp32 = timeit(lambda: F.linear(x, W), 1, rep_slow * 2)
             t_bf16 = timeit(lambda: F.linear(xb, Wb), 1, rep_slow * 2)
-            med = t["median"]
-            rows.append(dict(kernel=name, K=K, N=N, M=M, us=med * 1e6, us_p10=t["p10"] * 1e6, us_p90=t["p90"] * 1e6,
-                             gmac_s=M * N * K / med / 1e9, weight_gb_s=wbytes / med / 1e9,
-                             vs_torch_fp32=t_fp32["median"] / med, vs_torch_bf16=t_bf16["median"] / med,
-                             vs_plain_c=t_c["median"] / med, plain_c_us=t_c["median"] * 1e6))
-    return rows
+            for th in counts:
+                t = timeit(lambda: run(x, best, th), 2, repeat * 4)
+                med, gmac = t["median"], M * N * K / t["median"] / 1e9
+                rows.append(dict(kernel=name, K=K, N=N, M=M, threads=th, us=med * 1e6, us_p10=t["p10"] * 1e6,
+                                 us_p90=t["p90"] * 1e6, gmac_s=gmac, weight_gb_s=wbytes / med / 1e9,
+                                 x_isa_peak=None if name == "lm_head bf16" or not peak[th] else gmac / peak[th],
+                                 x_bandwidth=wbytes / med / 1e9 / bandwidth[th],
+                                 vs_torch_fp32=t_fp32["median"] / med, vs_torch_bf16=t_bf16["median"] / med,
+                                 vs_plain_c=t_c["median"] / med, plain_c_us=t_c["median"] * 1e6))
+    return rows, {str(th): p for th, p in peak.items()}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -246,6 +268,7 @@ def load_results(path):
         R = json.load(f)
     for b in R["backends"]:
         b["prefill"] = {int(k): v for k, v in b["prefill"].items()}
+        b["decode_by_threads"] = {int(k): v for k, v in b["decode_by_threads"].items()}
     return R
 
 
@@ -254,11 +277,13 @@ def fmt_mb(b):
 
 
 def print_report(R):
+    bws = R["bandwidth_gb_s"]
     print(f"\nCPU: {R['cpu']} | flags: {' '.join(R['cpu_flags'])} | threads: {R['threads']} | "
           f"kernels: {R['simd']}")
-    print(f"measured read bandwidth: {R['bandwidth_gb_s']['dram_1GiB']:.1f} GB/s (1 GiB buffer), "
-          f"{R['bandwidth_gb_s']['l3_128MiB']:.1f} GB/s (128 MiB buffer)")
-    bw = R["bandwidth_gb_s"]["dram_1GiB"]
+    print("measured read bandwidth: " + ", ".join(f"{v:.1f} GB/s at {th} thread{'s' * (th != '1')}"
+                                                  for th, v in bws["dram_1GiB_by_threads"].items()) +
+          f" (1 GiB buffer); {bws['l3_128MiB']:.1f} GB/s (128 MiB buffer)")
+    bw = bws["dram_1GiB"]
     lens = R["prompt_lens"]
     print("\n| backend | " + " | ".join(f"prefill {T} tok/s [p10-p90]" for T in lens) +
           " | decode tok/s [p10-p90] | weight MB read/token | decode GB/s (x of measured) | "
@@ -276,14 +301,69 @@ def print_report(R):
     print("linear weights = the 196 q/k/v/o/gate/up/down matrices (ternary: 2-bit codes + fp32 scales); "
           "whole model = every tensor held (tied embedding counted once; ternary: + embedding/lm_head in "
           "bf16 or int8 and the fp32 norms). weight MB read/token = linear weights + lm_head.")
+    print_decode_split(R)
     if R.get("kernels"):
-        print("\nper-kernel (best SIMD path; ratios are speed-ups: their time / ours)")
-        print("| kernel | K x N | tokens | µs [p10-p90] | GMAC/s | weight GB/s | vs torch fp32 | vs torch bf16 | vs our plain C |")
-        print("|---|---|---|---|---|---|---|---|---|")
+        main_th = R["threads"]
+        print("\nper-kernel (best SIMD path; x of ISA peak = GMAC/s over the path's int8 peak measured here: "
+              + ", ".join(f"{v:.0f} GMAC/s at {th} thr." for th, v in R["isa_peak_gmac_s"].items()) +
+              f"; speed-ups, their time / ours, at {main_th} threads)")
+        print("| kernel | K x N | tokens | threads | µs [p10-p90] | GMAC/s (x of ISA peak) | weight GB/s (x of bandwidth) "
+              "| vs torch fp32 | vs torch bf16 | vs our plain C |")
+        print("|---|---|---|---|---|---|---|---|---|---|")
         for k in R["kernels"]:
-            print(f"| {k['kernel']} | {k['K']}x{k['N']} | {k['M']} | {k['us']:.1f} [{k['us_p10']:.1f}-{k['us_p90']:.1f}] | "
-                  f"{k['gmac_s']:.1f} | {k['weight_gb_s']:.1f} | {k['vs_torch_fp32']:.2f}x | "
-                  f"{k['vs_torch_bf16']:.2f}x | {k['vs_plain_c']:.2f}x |")
+            vs = (f"{k['vs_torch_fp32']:.2f}x | {k['vs_torch_bf16']:.2f}x | {k['vs_plain_c']:.2f}x"
+                  if k["threads"] == main_th else "– | – | –")
+            peak = f" ({k['x_isa_peak']:.2f}x)" if k["x_isa_peak"] is not None else ""
+            print(f"| {k['kernel']} | {k['K']}x{k['N']} | {k['M']} | {k['threads']} | {k['us']:.1f} [{k['us_p10']:.1f}-"
+                  f"{k['us_p90']:.1f}] | {k['gmac_s']:.1f}{peak} | {k['weight_gb_s']:.1f} ({k['x_bandwidth']:.2f}x) | {vs} |")
+    print_goals(R)
+
+
+def print_decode_split(R):
+    """One decode token of the C step, split, at each thread count, against its bandwidth floor."""
+    rows = [(b, th, d) for b in R["backends"] for th, d in b["decode_by_threads"].items() if "split_ms" in d]
+    if not rows:
+        return
+    print("\ndecode, one token of the C step (medians; floor = the bytes a token must read, the weights plus the "
+          "KV cache at the mean position, over the read bandwidth measured at that thread count)")
+    print("| backend | threads | tok/s | ms/token | linears ms | lm_head ms | everything else ms | MB read/token "
+          "(weights + KV) | floor tok/s | x of floor |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for b, th, d in rows:
+        sp, nbytes = d["split_ms"], b["weight_bytes"]["per_token"] + b["kv_bytes_per_token"]
+        floor = R["bandwidth_gb_s"]["dram_1GiB_by_threads"][str(th)] * 1e9 / nbytes
+        print(f"| {b['backend']} | {th} | {d['tok_s']:.1f} | {1e3 / d['tok_s']:.2f} | {sp['linears']:.2f} | "
+              f"{sp['head']:.2f} | {sp['rest']:.2f} | {b['weight_bytes']['per_token'] / 1e6:.1f} + "
+              f"{b['kv_bytes_per_token'] / 1e6:.1f} | {floor:.1f} | {d['tok_s'] / floor:.2f}x |")
+
+
+def print_goals(R):
+    """The issue-15 goals this run can judge: reported, never asserted."""
+    B = {b["backend"]: b for b in R["backends"]}
+    out = []
+    int8 = B.get("ternary-int8-head")
+    if int8 and "split_ms" in int8["decode"]:
+        nbytes = int8["weight_bytes"]["per_token"] + int8["kv_bytes_per_token"]
+        floor = R["bandwidth_gb_s"]["dram_1GiB"] * 1e9 / nbytes
+        out.append(("decode (int8 head, C step) >= 80% of its bandwidth floor", int8["decode"]["tok_s"] / floor, 0.8))
+        out.append(("... everything outside the matrix kernels <= 3 ms per token (ms)",
+                    int8["decode"]["split_ms"]["rest"], 3.0))
+    torch_b = [B[n] for n in ("torch-fp32", "torch-bf16") if n in B]
+    packed = [b for n, b in B.items() if n.startswith("ternary") and 128 in b["prefill"]]
+    if torch_b and packed and 128 in torch_b[0]["prefill"]:
+        fastest = max(b["prefill"][128]["tok_s"] for b in torch_b)
+        out.append(("prefill 128 >= 2.65x the fastest PyTorch", max(b["prefill"][128]["tok_s"] for b in packed) / fastest, 2.65))
+    heads = [k for k in R.get("kernels", []) if k["kernel"] == "lm_head int8" and k["threads"] == R["threads"]]
+    if heads:
+        out.append(("int8 lm_head GEMV >= 80% of the measured read bandwidth", heads[0]["x_bandwidth"], 0.8))
+    if int8 and "torch-bf16" in B:
+        grown = lambda b: b["peak_rss"] - b["baseline_rss"]
+        out.append(("peak memory of the packed model (RSS growth over the bare process) <= 1/4 of bf16's",
+                    grown(int8) / grown(B["torch-bf16"]), 0.25))
+    print("\ngoals (issue 15; reported, not asserted)" * bool(out))
+    for text, value, target in out:
+        met = value <= target if "<=" in text else value >= target
+        print(f"  [{'met' if met else 'NOT met'}] {text}: {value:.2f} (target {target})")
 
 
 def main():
@@ -321,12 +401,17 @@ def main():
     if load > 0.5:
         print(f"WARNING: load average {load:.1f}: other processes are running, every number below is "
               "noisy (a 2-thread C call waits for a scheduler slice whenever a core is taken)")
-    R = dict(cpu=cpu_name(), cpu_flags=cpu_flags(), threads=args.threads, simd=simd, torch=torch.__version__,
+    R = dict(cpu=cpu_name(), cpu_flags=kernels.cpu_flags(), threads=args.threads, simd=simd, torch=torch.__version__,
              load_average_at_start=load,
              prompt_lens=lens, new_tokens=args.new_tokens, repeat=args.repeat, backends=[],
-             bandwidth_gb_s=dict(dram_1GiB=read_bandwidth(1 << 30), l3_128MiB=read_bandwidth(128 << 20, 15)))
-    print(f"read bandwidth: {R['bandwidth_gb_s']['dram_1GiB']:.1f} GB/s (1 GiB), "
-          f"{R['bandwidth_gb_s']['l3_128MiB']:.1f} GB/s (128 MiB)")
+             bandwidth_gb_s=dict(l3_128MiB=read_bandwidth(128 << 20, 15), dram_1GiB_by_threads={}))
+    for th in sorted({1, min(2, args.threads), args.threads}):   # the C step's decode runs at these
+        torch.set_num_threads(th)
+        R["bandwidth_gb_s"]["dram_1GiB_by_threads"][str(th)] = read_bandwidth(1 << 30)
+    torch.set_num_threads(args.threads)
+    R["bandwidth_gb_s"]["dram_1GiB"] = R["bandwidth_gb_s"]["dram_1GiB_by_threads"][str(args.threads)]
+    print("read bandwidth (1 GiB): " + ", ".join(f"{v:.1f} GB/s at {th} threads" for th, v in
+                                                 R["bandwidth_gb_s"]["dram_1GiB_by_threads"].items()))
     names = [b for b in args.backends.split(",") if b]
     for name in names:
         if name not in BACKENDS:
@@ -346,12 +431,14 @@ def main():
             sys.exit(f"backend {name} failed (exit {out.returncode}):\n{out.stdout[-2000:]}")
         res = json.loads(lines[-1][7:])
         res["prefill"] = {int(k): v for k, v in res["prefill"].items()}
+        res["decode_by_threads"] = {int(k): v for k, v in res["decode_by_threads"].items()}
         R["backends"].append(res)
         print(f"{name}: prefill " + ", ".join(f"{T}: {res['prefill'][T]['tok_s']:.1f}" for T in lens) +
               f" tok/s, decode {res['decode']['tok_s']:.1f} tok/s ({time.perf_counter() - t0:.0f} s)")
     if not args.no_kernels:
         print("per-kernel table: 6 shapes x (best SIMD, plain C, torch fp32, torch bf16) ...", flush=True)
-        R["kernels"] = kernel_table(args.repeat, args.quick)
+        bws = {int(th): v for th, v in R["bandwidth_gb_s"]["dram_1GiB_by_threads"].items()}
+        R["kernels"], R["isa_peak_gmac_s"] = kernel_table(args.repeat, args.quick, bws)
     print_report(R)
     R["provenance"] = provenance(started)
     write_json(args.json, R)

@@ -1,5 +1,5 @@
 """
-Compiles ternary_cpu.c into the Python extension module _ternary_cpu with cffi (out-of-line API
+Compiles ternary_cpu.c (with decode_cpu.c, one unit) into the Python extension module _ternary_cpu with cffi (out-of-line API
 mode: a real C extension, and cffi releases the GIL around every call into it).
 
     python build_ffi.py        # builds ./_ternary_cpu*.so, prints the flags and the SIMD path
@@ -20,7 +20,7 @@ import tempfile
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 MODULE = "_ternary_cpu"
-SOURCE = os.path.join(HERE, "ternary_cpu.c")
+SOURCES = [os.path.join(HERE, f) for f in ("ternary_cpu.c", "decode_cpu.c")]  # compiled as one unit
 PATH_NAMES = {0: "plain C", 1: "AVX2", 2: "AVX-512 VNNI"}
 
 # The C functions Python may call (ternary_cpu.c documents each one).
@@ -48,6 +48,34 @@ int tl_bf16_linear(const float *x, int M, int K, int pre, const float *normw, fl
                    const uint16_t *w, int N, float *y, int path, int nthreads);
 int tl_qk_norm_rope(float *qkv, int M, int row_stride, int n_q, int n_kv, int hd, const float *q_w,
                     const float *k_w, float eps, const float *cos, const float *sin, int nthreads);
+typedef struct {
+    const float *in_norm;
+    const uint8_t *qkv; const float *qkv_scale, *qkv_bias;
+    const float *q_norm, *k_norm;
+    const float *attn_subln;
+    const uint8_t *o; const float *o_scale;
+    const float *post_norm;
+    const uint8_t *gate_up; const float *gate_up_scale;
+    const float *mlp_subln;
+    const uint8_t *down; const float *down_scale;
+    float *k_cache, *v_cache;
+} tl_layer;
+typedef struct {
+    int dim, hidden, n_layers, n_q, n_kv, head_dim, vocab, max_len;
+    float eps;
+    const float *rope_cos, *rope_sin;
+    const tl_layer *layers;
+    const float *final_norm;
+    int head_kind;
+    const void *head_w; const int32_t *head_wsum; const float *head_scale;
+    const void *embed_w; const float *embed_scale;
+} tl_model;
+double tl_peak_gmacs(int path, int nthreads, long iters);
+int tl_attention(const float *q, const float *k_cache, const float *v_cache, int n_q, int n_kv, int hd,
+                 int max_len, int n, float *y, float *att, int path, int nthreads);
+size_t tl_decode_scratch_bytes(const tl_model *m);
+int tl_decode_token(const tl_model *m, int token, int pos, float *logits, void *scratch,
+                    double *timing, int path, int nthreads);
 """
 
 BASE_FLAGS = ["-O3", "-std=gnu11", "-ffp-contract=off"]  # no FMA contraction: exact fp32 scales
@@ -92,8 +120,9 @@ def build(verbose=True):
                   "the kernels will run on ONE thread.")
     ffi = FFI()
     ffi.cdef(CDEF)
-    # the generated wrapper #includes ternary_cpu.c, so compiler messages point into that file
-    ffi.set_source(MODULE, '#include "ternary_cpu.c"', include_dirs=[HERE], libraries=["m"],
+    # the generated wrapper #includes the sources, so compiler messages point into those files
+    ffi.set_source(MODULE, "".join(f'#include "{os.path.basename(f)}"\n' for f in SOURCES),
+                   include_dirs=[HERE], libraries=["m"],
                    extra_compile_args=cflags, extra_link_args=ldflags)
     tmp = os.path.join(HERE, "build")
     os.makedirs(tmp, exist_ok=True)
@@ -136,7 +165,8 @@ def module_state():
     path = os.path.join(HERE, name)
     if path not in built or digest(path) != want:
         return "damaged"
-    return "stale" if max(os.path.getmtime(SOURCE), os.path.getmtime(__file__)) > os.path.getmtime(path) else "ok"
+    newest = max(os.path.getmtime(f) for f in SOURCES + [__file__])
+    return "stale" if newest > os.path.getmtime(path) else "ok"
 
 
 def describe(lib):

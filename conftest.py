@@ -2,6 +2,7 @@
 the environment variable BITDISTILL_DATA (e.g. export BITDISTILL_DATA=../shared/data)."""
 import os
 import pytest
+import torch
 
 
 def data_dir_or_fail():
@@ -17,3 +18,13 @@ def data_dir_or_fail():
 @pytest.fixture(scope="session")
 def data_dir():
     return data_dir_or_fail()
+
+
+@pytest.fixture
+def one_thread():
+    """Model tests on one thread: a 2-thread OpenMP region on a busy 2-core machine waits for a
+    scheduler slice per C call (threads: the kernel tests and test_packed_model_heads_and_threads)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

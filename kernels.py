@@ -47,6 +47,17 @@ def lib():
     return _LIB
 
 
+def cpu_flags():
+    """The SIMD-related flags of this CPU (Linux /proc/cpuinfo; [] elsewhere)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            have = next((set(l.split(":")[1].split()) for l in f if l.startswith("flags")), set())
+    except OSError:
+        have = set()
+    return [fl for fl in ("avx2", "fma", "avx512f", "avx512bw", "avx512_vnni", "avx_vnni", "avx512_bf16",
+                          "amx_tile", "amx_int8", "amx_bf16") if fl in have]
+
+
 def padded_k(K):
     return lib()[0].tl_padded_k(K)
 
@@ -239,3 +250,85 @@ def qk_norm_rope(qkv, n_q, n_kv, head_dim, q_w, k_w, eps, cos, sin):
                                     _ptr(cos, "float *"), _ptr(sin, "float *"), torch.get_num_threads()),
            "tl_qk_norm_rope")
     return qkv
+
+
+def decode_attention(q, k_cache, v_cache, n, path=-1, threads=0):
+    """Attention of one new token (decode_cpu.c's tl_attention, the one the C decode step runs):
+    q (n_q*hd,) fp32 against the first n positions of k_cache / v_cache (n_kv, max_len, hd) fp32;
+    returns y (n_q*hd,). Equal to softmax(q kᵀ/√hd) v per head within fp32 rounding."""
+    _check(q, "q", torch.float32, 1), _check(k_cache, "k_cache", torch.float32, 3)
+    _check(v_cache, "v_cache", torch.float32, 3)
+    n_kv, max_len, hd = k_cache.shape
+    if v_cache.shape != k_cache.shape or q.shape[0] % (n_kv * hd) or not 0 < n <= max_len:
+        raise ValueError(f"shape mismatch: q {tuple(q.shape)}, caches {tuple(k_cache.shape)} / "
+                         f"{tuple(v_cache.shape)}, n {n}")
+    n_q = q.shape[0] // hd
+    y, att = torch.empty(n_q * hd), torch.empty(n_q * n)
+    _raise(lib()[0].tl_attention(_ptr(q, "float *"), _ptr(k_cache, "float *"), _ptr(v_cache, "float *"), n_q,
+                                 n_kv, hd, max_len, n, _ptr(y, "float *"), _ptr(att, "float *"), path,
+                                 threads or torch.get_num_threads()), "tl_attention")
+    return y
+
+
+# ---------------------------------------------------------------------------------------------
+# The decode step: one C call per token (decode_cpu.c) for a PackedQwen3
+
+class DecodeStep:
+    """Runs one decode token of a packed model (packed.PackedQwen3) in one C call: every layer,
+    the final norm and the lm_head (decode_cpu.c). Holds the tl_model struct of pointers into the
+    model's tensors (built once) and, per KV cache, the cache pointers, the RoPE table and the
+    scratch buffer. timing[0..2]: seconds in the linears, the lm_head and the whole last call."""
+
+    def __init__(self, pm, rope_table):
+        c = pm.config
+        L, ffi = lib()
+        self.pm, self.rope_table, self.cache, self.threads = pm, rope_table, None, None
+        ptr = lambda t, ct="float *": ffi.NULL if t is None else ffi.cast(ct, t.data_ptr())
+        w = lambda norm: None if isinstance(norm, torch.nn.Identity) else norm.weight.detach()
+        self.layers = ffi.new("tl_layer[]", c.num_hidden_layers)
+        for ly, pb in zip(self.layers, pm.layers):
+            ly.in_norm, ly.post_norm = ptr(w(pb.input_layernorm)), ptr(w(pb.post_attention_layernorm))
+            ly.qkv, ly.qkv_scale, ly.qkv_bias = ptr(pb.qkv.packed, "uint8_t *"), ptr(pb.qkv.scale), ptr(pb.qkv.bias)
+            ly.q_norm = ptr(None if pb.q_norm is None else w(pb.q_norm))
+            ly.k_norm = ptr(None if pb.k_norm is None else w(pb.k_norm))
+            ly.attn_subln, ly.mlp_subln = ptr(w(pb.attn_subln)), ptr(w(pb.mlp_subln))
+            ly.o, ly.o_scale = ptr(pb.o.packed, "uint8_t *"), ptr(pb.o.scale)
+            ly.gate_up, ly.gate_up_scale = ptr(pb.gate_up.packed, "uint8_t *"), ptr(pb.gate_up.scale)
+            ly.down, ly.down_scale = ptr(pb.down.packed, "uint8_t *"), ptr(pb.down.scale)
+        m = self.model = ffi.new("tl_model *")
+        m.dim, m.hidden, m.n_layers = c.hidden_size, c.intermediate_size, c.num_hidden_layers
+        m.n_q, m.n_kv, m.head_dim, m.vocab, m.eps = (c.num_attention_heads, c.num_key_value_heads, c.head_dim,
+                                                     c.vocab_size, c.rms_norm_eps)
+        m.layers, m.final_norm = self.layers, ptr(pm.norm.weight.detach())
+        if pm.head_kind == "int8":
+            head = pm.lm_head or pm.embed
+            m.head_kind, m.head_w, m.head_wsum = 2, ptr(head.w8, "void *"), ptr(head.wsum, "int32_t *")
+            m.head_scale, m.embed_w, m.embed_scale = ptr(head.scale), ptr(pm.embed.w8, "void *"), ptr(pm.embed.scale)
+        else:
+            head = pm.embed_weight if pm.lm_head_weight is None else pm.lm_head_weight
+            m.head_kind, m.head_w, m.embed_w = 1, ptr(head, "void *"), ptr(pm.embed_weight, "void *")
+        self.timing = ffi.new("double[3]")
+
+    def bind(self, cache):
+        """Point the layers at this cache's tensors (batch row 0) and size the scratch for it."""
+        L, ffi = lib()
+        for ly, k, v in zip(self.layers, cache.k, cache.v):
+            if k.dtype != torch.float32 or not (k.is_contiguous() and v.is_contiguous()) or k.shape[0] != 1:
+                raise ValueError("the C decode step needs a contiguous fp32 KV cache of batch size 1")
+            ly.k_cache, ly.v_cache = ffi.cast("float *", k.data_ptr()), ffi.cast("float *", v.data_ptr())
+        self.cos, self.sin = self.rope_table(cache.max_len)                     # (max_len, hd) each
+        self.model.max_len = cache.max_len
+        self.model.rope_cos, self.model.rope_sin = _ptr(self.cos, "float *"), _ptr(self.sin, "float *")
+        self.scratch = torch.empty(L.tl_decode_scratch_bytes(self.model), dtype=torch.uint8)
+        self.cache = cache
+
+    def __call__(self, token, cache, path=-1, threads=0):
+        """Logits (1, V) fp32 of `token` at position cache.length; appends its k/v to the cache."""
+        if cache is not self.cache or cache.max_len != self.model.max_len:
+            self.bind(cache)
+        L, ffi = lib()
+        logits = torch.empty(1, self.model.vocab)
+        _raise(L.tl_decode_token(self.model, int(token), cache.length, _ptr(logits, "float *"),
+                                 _ptr(self.scratch, "void *"), self.timing, path,
+                                 threads or torch.get_num_threads()), "tl_decode_token")
+        return logits

@@ -32,7 +32,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from bitlinear import BitLinear, weight_quant_int
-from kernels import as_matrix, bf16_call, lib, linear_call, pack_ternary, padded_k, qk_norm_rope
+from kernels import DecodeStep, as_matrix, bf16_call, decode_attention, lib, linear_call, pack_ternary, padded_k, qk_norm_rope
 from model import KVCache, Qwen3Config, RMSNorm, generate, rope_cos_sin
 from training import SaveError, atomic_write, model_from, nonneg_int, read_checkpoint, run_cli
 
@@ -176,9 +176,13 @@ class PackedBlock(nn.Module):
         if T > 1 and past > 0:  # a later chunk: query i (absolute past+i) sees keys j <= past+i
             mask = torch.arange(past + T)[None, :] <= torch.arange(past, past + T)[:, None]  # (T, S)
         # Eq. (6) with grouped-query attention (kv head h serves query heads h*rep .. h*rep+rep-1)
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=T > 1 and past == 0,
-                                           enable_gqa=True)                               # (B, nh, T, hd)
-        y = y.transpose(1, 2).reshape(B, T, nh * hd)                                      # (B, T, nh*hd)
+        if B == T == 1 and cache is not None:  # one decode token: the C attention the C step runs
+            y = decode_attention(qkv.view(-1)[:nh * hd], cache.k[layer_idx][0], cache.v[layer_idx][0],
+                                 past + 1).view(1, 1, nh * hd)                            # (1, 1, nh*hd)
+        else:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=T > 1 and past == 0,
+                                               enable_gqa=True)                           # (B, nh, T, hd)
+            y = y.transpose(1, 2).reshape(B, T, nh * hd)                                  # (B, T, nh*hd)
         x = x + self.o(y, norm=self.attn_subln)                                           # Eq. (4)
         gate_up = self.project(x, self.post_attention_layernorm, "gate_up")             # (B, T, 2I)
         return x + self.down(gate_up, norm=self.mlp_subln, swiglu=True)                   # Eq. (5)
@@ -196,6 +200,7 @@ class PackedQwen3(nn.Module):
         if not config.bitnet:
             raise ValueError("config.bitnet is False: pack a converted model (subln.convert_to_bitnet)")
         self.config, self.head_kind = config, head
+        self.c_decode, self._step = True, None   # decode tokens in one C call (decode_cpu.c); False: PyTorch
         V, C = config.vocab_size, config.hidden_size
         if head == "int8":
             self.embed = Int8Linear(C, V)
@@ -270,6 +275,12 @@ class PackedQwen3(nn.Module):
         if attention_mask is not None and not bool(attention_mask.all()):
             raise ValueError("the packed model takes no padding: batch prompts of equal length")
         past = cache.check_room(T) if cache is not None else 0
+        if self.c_decode and cache is not None and B == T == 1 and self.head_kind != "fp32" \
+                and not self.config.subln_all:   # one token, one C call: every layer and the head
+            self._step = self._step or DecodeStep(self, self.rope_table)
+            logits = self._step(idx[0, 0], cache)                                 # (1, V)
+            cache.length += 1
+            return logits.view(1, 1, -1)
         pos = torch.arange(past, past + T)[None].expand(B, T)                    # (B, T)
         cos, sin = rope_cos_sin(pos, self.config.head_dim, self.config.rope_theta)  # (B, T, hd)
         cos, sin = cos.reshape(B * T, -1).contiguous(), sin.reshape(B * T, -1).contiguous()
@@ -279,6 +290,11 @@ class PackedQwen3(nn.Module):
         if cache is not None:
             cache.length += T
         return self.logits(x[:, -1:] if last_only else x)   # the final norm is fused into logits
+
+    def rope_table(self, n):
+        """cos, sin (n, head_dim) for positions 0..n-1: the rows forward() computes, for the C step."""
+        cos, sin = rope_cos_sin(torch.arange(n)[None], self.config.head_dim, self.config.rope_theta)
+        return cos[0].contiguous(), sin[0].contiguous()
 
     def new_cache(self, batch_size, max_len):
         return KVCache(self.config, batch_size, max_len, "cpu", torch.float32)

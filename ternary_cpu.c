@@ -62,6 +62,7 @@ PATHS, chosen at run time (tl_cpu_path), all equal to the plain-C path bit for b
 #include <stdlib.h>
 #include <string.h>
 #include <math.h>
+#include <time.h>
 #ifdef _OPENMP
 #include <omp.h>
 #endif
@@ -231,36 +232,42 @@ static inline void store(int32_t a, int m, int n, int N, int32_t *acc, float *y,
 /* Plain C: the reference every SIMD path must equal. One output at a time, straight from the   */
 /* layout above.                                                                                */
 
-static void ternary_c(const int8_t *q, int M, int Kp, const uint8_t *w, int N, int32_t *acc,
-                      float *y, const float *srow, const float *scale, int nthreads) {
-    int rb = Kp / 4;
-    #pragma omp parallel for schedule(static) num_threads(nthreads)
-    for (int n = 0; n < N; n++) {
-        const uint8_t *wn = w + (size_t)n * rb;
-        for (int m = 0; m < M; m++) {
-            const int8_t *qm = q + (size_t)m * Kp;
+/* The arguments of one matrix product, shared by every path: q (M, Kp) int8 with qsum (M,) (and
+   qu = q + 128 for the int8 VNNI path), weights w (N, Kp/4 packed ternary, or N x Kp int8 with row
+   sums wsum), output acc (M, N) int32, or y (M, N) fp32 when y != NULL. */
+typedef struct {
+    const int8_t *q; const uint8_t *qu; const int32_t *qsum; int M, Kp;
+    const void *w; const int32_t *wsum; int N;
+    int32_t *acc; float *y; const float *srow, *scale;
+} gemm_args;
+
+/* Rows [lo, hi) of the output (every token), one output at a time, straight from the layout. */
+static void ternary_c_rows(const gemm_args *g, int lo, int hi) {
+    int rb = g->Kp / 4;
+    for (int n = lo; n < hi; n++) {
+        const uint8_t *wn = (const uint8_t *)g->w + (size_t)n * rb;
+        for (int m = 0; m < g->M; m++) {
+            const int8_t *qm = g->q + (size_t)m * g->Kp;
             int32_t a = 0;
-            for (int b = 0; b < Kp / QK; b++)
+            for (int b = 0; b < g->Kp / QK; b++)
                 for (int i = 0; i < 4; i++)
                     for (int j = 0; j < 64; j++) {
                         int c = ((wn[b * 64 + j] >> (2 * i)) & 3) - 1;     /* C in {-1,0,1} */
                         a += c * qm[b * QK + 64 * i + j];
                     }
-            store(a, m, n, N, acc, y, srow, scale);
+            store(a, m, n, g->N, g->acc, g->y, g->srow, g->scale);
         }
     }
 }
 
-static void int8_c(const int8_t *q, int M, int Kp, const int8_t *w, int N, int32_t *acc,
-                   float *y, const float *srow, const float *scale, int nthreads) {
-    #pragma omp parallel for schedule(static) num_threads(nthreads)
-    for (int n = 0; n < N; n++) {
-        const int8_t *wn = w + (size_t)n * Kp;
-        for (int m = 0; m < M; m++) {
-            const int8_t *qm = q + (size_t)m * Kp;
+static void int8_c_rows(const gemm_args *g, int lo, int hi) {
+    for (int n = lo; n < hi; n++) {
+        const int8_t *wn = (const int8_t *)g->w + (size_t)n * g->Kp;
+        for (int m = 0; m < g->M; m++) {
+            const int8_t *qm = g->q + (size_t)m * g->Kp;
             int32_t a = 0;
-            for (int k = 0; k < Kp; k++) a += wn[k] * qm[k];
-            store(a, m, n, N, acc, y, srow, scale);
+            for (int k = 0; k < g->Kp; k++) a += wn[k] * qm[k];
+            store(a, m, n, g->N, g->acc, g->y, g->srow, g->scale);
         }
     }
 }
@@ -333,7 +340,10 @@ T_512 INLINE void tile_int8_512(const int8_t *w, const uint8_t *qu, int Kp, cons
         for (int t = 0; t < T; t++) acc[r][t] = _mm512_setzero_si512();
     for (int k = 0; k < Kp; k += 64) {
         __m512i wv[4];
-        for (int r = 0; r < R; r++) wv[r] = _mm512_loadu_si512(w + (size_t)r * Kp + k);
+        for (int r = 0; r < R; r++) {
+            wv[r] = _mm512_loadu_si512(w + (size_t)r * Kp + k);
+            if (T == 1) _mm_prefetch((const char *)(w + (size_t)(r + PF_ROWS) * Kp + k), _MM_HINT_T0);
+        }
         for (int t = 0; t < T; t++) {
             __m512i a = _mm512_loadu_si512(qu + (size_t)t * Kp + k);   /* q + 128, unsigned */
             for (int r = 0; r < R; r++) acc[r][t] = _mm512_dpbusd_epi32(acc[r][t], a, wv[r]);
@@ -423,62 +433,130 @@ T_AVX2 INLINE void tile_int8_avx2(const int8_t *w, const int8_t *q, int Kp, int 
     case 11: CALL(1, 3); break; case 12: CALL(1, 4); break;                              \
     }
 
-/* OpenMP over output rows: thread i owns one contiguous range of row tiles (4 rows each). Inside
-   it, tokens go in groups of 4 (outer) and row tiles inner, so the group's activations stay in L1
-   while the thread's packed rows (4x smaller than int8 activations) stream from L2. */
-#define TILE_LOOP(BODY)                                                                  \
-    _Pragma("omp parallel num_threads(nthreads)")                                        \
-    {                                                                                    \
-        int nt = thread_count(), id = thread_id(), tiles = (N + 3) / 4;                  \
-        int per = (tiles + nt - 1) / nt, lo = id * per * 4;                              \
-        int hi = (id + 1) * per * 4 < N ? (id + 1) * per * 4 : N;                        \
-        for (int m0 = 0; m0 < M; m0 += 4) {                                              \
-            int T = M - m0 < 4 ? M - m0 : 4;                                             \
-            for (int n0 = lo; n0 < hi; n0 += 4) {                                        \
-                int R = hi - n0 < 4 ? hi - n0 : 4;                                       \
-                int32_t out[4][4];                                                       \
-                BODY                                                                     \
-                for (int r = 0; r < R; r++)                                              \
-                    for (int t = 0; t < T; t++)                                          \
-                        store(out[r][t], m0 + t, n0 + r, N, acc, y, srow, scale);        \
-            }                                                                            \
+/* Rows [lo, hi) of the output: tokens in groups of 4 (outer), row tiles of 4 (inner), so the
+   group's activations stay in L1 while the rows (4x smaller than int8 activations) stream from L2. */
+#define TILE_RANGE(BODY)                                                                 \
+    int M = g->M, Kp = g->Kp, N = g->N;                                                  \
+    for (int m0 = 0; m0 < M; m0 += 4) {                                                  \
+        int T = M - m0 < 4 ? M - m0 : 4;                                                 \
+        for (int n0 = lo; n0 < hi; n0 += 4) {                                            \
+            int R = hi - n0 < 4 ? hi - n0 : 4;                                           \
+            int32_t out[4][4];                                                           \
+            BODY                                                                         \
+            for (int r = 0; r < R; r++)                                                  \
+                for (int t = 0; t < T; t++)                                              \
+                    store(out[r][t], m0 + t, n0 + r, N, g->acc, g->y, g->srow, g->scale); \
         }                                                                                \
     }
 
-T_512 static void ternary_512(const int8_t *q, const int32_t *qsum, int M, int Kp,
-                              const uint8_t *w, int N, int32_t *acc, float *y,
-                              const float *srow, const float *scale, int nthreads) {
-    int rb = Kp / 4;
-#define CALL(RR, TT) if (TT == 1) tile_ternary_512_gemv(w + (size_t)n0 * rb, rb, q + (size_t)m0 * Kp, Kp, qsum + m0, RR, out); \
-                     else tile_ternary_512(w + (size_t)n0 * rb, rb, q + (size_t)m0 * Kp, Kp, qsum + m0, RR, TT, out)
-    TILE_LOOP(DISPATCH_RT(R, T, CALL))
+T_512 static void ternary_512_rows(const gemm_args *g, int lo, int hi) {
+    const uint8_t *w = g->w;
+    int rb = g->Kp / 4;
+#define CALL(RR, TT) if (TT == 1) tile_ternary_512_gemv(w + (size_t)n0 * rb, rb, g->q + (size_t)m0 * Kp, Kp, g->qsum + m0, RR, out); \
+                     else tile_ternary_512(w + (size_t)n0 * rb, rb, g->q + (size_t)m0 * Kp, Kp, g->qsum + m0, RR, TT, out)
+    TILE_RANGE(DISPATCH_RT(R, T, CALL))
 #undef CALL
 }
 
-T_AVX2 static void ternary_avx2(const int8_t *q, const int32_t *qsum, int M, int Kp,
-                                const uint8_t *w, int N, int32_t *acc, float *y,
-                                const float *srow, const float *scale, int nthreads) {
-    int rb = Kp / 4;
-#define CALL(RR, TT) tile_ternary_avx2(w + (size_t)n0 * rb, rb, q + (size_t)m0 * Kp, Kp, qsum + m0, RR, TT, out)
-    TILE_LOOP(DISPATCH_RT(R, T, CALL))
+T_AVX2 static void ternary_avx2_rows(const gemm_args *g, int lo, int hi) {
+    const uint8_t *w = g->w;
+    int rb = g->Kp / 4;
+#define CALL(RR, TT) tile_ternary_avx2(w + (size_t)n0 * rb, rb, g->q + (size_t)m0 * Kp, Kp, g->qsum + m0, RR, TT, out)
+    TILE_RANGE(DISPATCH_RT(R, T, CALL))
 #undef CALL
 }
 
-T_512 static void int8_512(const uint8_t *qu, int M, int Kp, const int8_t *w, const int32_t *wsum,
-                           int N, int32_t *acc, float *y, const float *srow, const float *scale,
-                           int nthreads) {
-#define CALL(RR, TT) tile_int8_512(w + (size_t)n0 * Kp, qu + (size_t)m0 * Kp, Kp, wsum + n0, RR, TT, out)
-    TILE_LOOP(DISPATCH_RT(R, T, CALL))
+T_512 static void int8_512_rows(const gemm_args *g, int lo, int hi) {
+    const int8_t *w = g->w;
+#define CALL(RR, TT) tile_int8_512(w + (size_t)n0 * Kp, g->qu + (size_t)m0 * Kp, Kp, g->wsum + n0, RR, TT, out)
+    TILE_RANGE(DISPATCH_RT(R, T, CALL))
 #undef CALL
 }
 
-T_AVX2 static void int8_avx2(const int8_t *q, int M, int Kp, const int8_t *w, int N, int32_t *acc,
-                             float *y, const float *srow, const float *scale, int nthreads) {
-#define CALL(RR, TT) tile_int8_avx2(w + (size_t)n0 * Kp, q + (size_t)m0 * Kp, Kp, RR, TT, out)
-    TILE_LOOP(DISPATCH_RT(R, T, CALL))
+T_AVX2 static void int8_avx2_rows(const gemm_args *g, int lo, int hi) {
+    const int8_t *w = g->w;
+#define CALL(RR, TT) tile_int8_avx2(w + (size_t)n0 * Kp, g->q + (size_t)m0 * Kp, Kp, RR, TT, out)
+    TILE_RANGE(DISPATCH_RT(R, T, CALL))
 #undef CALL
 }
 #endif /* TL_X86 */
+
+/* Rows [lo, hi) of a ternary (kind 0) or int8 (kind 1) product on the given path. */
+static void gemm_rows(int kind, int path, const gemm_args *g, int lo, int hi) {
+#ifdef TL_X86
+    if (path == TL_PATH_AVX512VNNI) { (kind ? int8_512_rows : ternary_512_rows)(g, lo, hi); return; }
+    if (path == TL_PATH_AVX2) { (kind ? int8_avx2_rows : ternary_avx2_rows)(g, lo, hi); return; }
+#endif
+    (kind ? int8_c_rows : ternary_c_rows)(g, lo, hi);
+}
+
+/* Called inside a parallel region: this thread's rows, one contiguous run of 4-row tiles. Every
+   row is computed by one thread in one order, so no result depends on the thread count. */
+static void my_rows(int N, int *lo, int *hi) {
+    int nt = thread_count(), id = thread_id(), tiles = (N + 3) / 4, per = (tiles + nt - 1) / nt;
+    *lo = id * per * 4 < N ? id * per * 4 : N;
+    *hi = (id + 1) * per * 4 < N ? (id + 1) * per * 4 : N;
+}
+
+static void gemm(int kind, int path, const gemm_args *g, int nthreads) {
+    #pragma omp parallel num_threads(nthreads)
+    {
+        int lo, hi;
+        my_rows(g->N, &lo, &hi);
+        gemm_rows(kind, path, g, lo, hi);
+    }
+}
+
+/* ------------------------------------------------------------------------------------------ */
+/* The ISA's peak, measured: the int8 multiply-accumulate rate of a path's core instruction with  */
+/* 12 independent accumulators and no memory traffic, on nthreads threads. bench.py divides each  */
+/* kernel's GMAC/s by it. VNNI: vpdpbusd, 64 MACs; AVX2: vpmaddubsw + vpaddw, 32 MACs.            */
+
+static double now_s(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return ts.tv_sec + ts.tv_nsec * 1e-9;
+}
+
+#ifdef TL_X86
+T_512 static int32_t peak_512(long iters) {
+    __m512i acc[12], a = _mm512_set1_epi8(1), b = _mm512_set1_epi8(2);
+    for (int i = 0; i < 12; i++) acc[i] = _mm512_set1_epi32(i);
+    for (long it = 0; it < iters; it++) {
+        for (int i = 0; i < 12; i++) acc[i] = _mm512_dpbusd_epi32(acc[i], a, b);
+        __asm__ volatile("" : "+v"(a));   /* keeps the loop from being folded */
+    }
+    for (int i = 1; i < 12; i++) acc[0] = _mm512_add_epi32(acc[0], acc[i]);
+    return _mm512_reduce_add_epi32(acc[0]);
+}
+
+T_AVX2 static int32_t peak_avx2(long iters) {
+    __m256i acc[12], a = _mm256_set1_epi8(1), b = _mm256_set1_epi8(2);
+    for (int i = 0; i < 12; i++) acc[i] = _mm256_set1_epi16((short)i);
+    for (long it = 0; it < iters; it++) {
+        for (int i = 0; i < 12; i++) acc[i] = _mm256_add_epi16(acc[i], _mm256_maddubs_epi16(a, b));
+        __asm__ volatile("" : "+x"(a));
+    }
+    for (int i = 1; i < 12; i++) acc[0] = _mm256_add_epi16(acc[0], acc[i]);
+    return _mm256_extract_epi16(acc[0], 0);
+}
+#endif
+
+/* GMAC/s of the path's core instruction; 0 for plain C (no ISA peak), -1 for a bad path. */
+double tl_peak_gmacs(int path, int nthreads, long iters) {
+    if (check_path(&path) || iters <= 0) return -1.0;
+    if (path == TL_PATH_C) return 0.0;
+    nthreads = threads_or_default(nthreads);
+    volatile int32_t sink = 0;
+    double t0 = now_s();
+#ifdef TL_X86
+    #pragma omp parallel num_threads(nthreads)
+    { int32_t r = path == TL_PATH_AVX512VNNI ? peak_512(iters) : peak_avx2(iters); sink += r; }
+#endif
+    double dt = now_s() - t0;
+    (void)sink;
+    return (double)iters * 12 * (path == TL_PATH_AVX512VNNI ? 64 : 32) * nthreads / dt / 1e9;
+}
 
 /* ------------------------------------------------------------------------------------------ */
 /* bf16 head: the 16 lanes of one row (order at the top of the file), then tail and fold.      */
@@ -552,11 +630,8 @@ int tl_ternary_gemm(const int8_t *q, const int32_t *qsum, int M, int Kp, const u
     if (err) return err;
     if (M < 0 || N < 0 || Kp <= 0 || Kp % QK) return -1;
     nthreads = threads_or_default(nthreads);
-#ifdef TL_X86
-    if (path == TL_PATH_AVX512VNNI) { ternary_512(q, qsum, M, Kp, w, N, acc, y, srow, scale, nthreads); return 0; }
-    if (path == TL_PATH_AVX2) { ternary_avx2(q, qsum, M, Kp, w, N, acc, y, srow, scale, nthreads); return 0; }
-#endif
-    ternary_c(q, M, Kp, w, N, acc, y, srow, scale, nthreads);
+    gemm_args g = {q, NULL, qsum, M, Kp, w, NULL, N, acc, y, srow, scale};
+    gemm(0, path, &g, nthreads);
     return 0;
 }
 
@@ -568,19 +643,15 @@ int tl_int8_gemm(const int8_t *q, int M, int Kp, const int8_t *w, const int32_t 
     if (err) return err;
     if (M < 0 || N < 0 || Kp <= 0 || Kp % QK) return -1;
     nthreads = threads_or_default(nthreads);
-#ifdef TL_X86
-    if (path == TL_PATH_AVX512VNNI) {
-        uint8_t *qu = aligned_alloc(64, (size_t)M * Kp + 64);
-        if (!qu) return -3;
+    gemm_args g = {q, NULL, NULL, M, Kp, w, wsum, N, acc, y, srow, scale};
+    uint8_t *qu = NULL;
+    if (path == TL_PATH_AVX512VNNI) {   /* VNNI multiplies unsigned x signed: q + 128 */
+        if (!(qu = aligned_alloc(64, (size_t)M * Kp + 64))) return -3;
         for (size_t i = 0; i < (size_t)M * Kp; i++) qu[i] = (uint8_t)(q[i] + 128);
-        int8_512(qu, M, Kp, w, wsum, N, acc, y, srow, scale, nthreads);
-        free(qu);
-        return 0;
+        g.qu = qu;
     }
-    if (path == TL_PATH_AVX2) { int8_avx2(q, M, Kp, w, N, acc, y, srow, scale, nthreads); return 0; }
-#endif
-    (void)wsum;
-    int8_c(q, M, Kp, w, N, acc, y, srow, scale, nthreads);
+    gemm(1, path, &g, nthreads);
+    free(qu);
     return 0;
 }
 
@@ -588,15 +659,41 @@ int tl_int8_gemm(const int8_t *q, int M, int Kp, const int8_t *w, const int32_t 
 /* Pre-ops fused in front of a linear, so that packed.py makes one C call per linear:            */
 /*   TL_PRE_RMSNORM  y = x * (1/sqrt(mean(x^2) + eps)) * w   (model.RMSNorm / SubLN; w NULL = 1) */
 /*   TL_PRE_SWIGLU   x rows hold (gate | up), 2K wide: h = silu(gate) * up  (applied first)      */
-/* Not bit-equal to PyTorch (sum order, expf): the int8 rounding right after may rarely differ.  */
+/* Not bit-equal to PyTorch (sum order, exp): the int8 rounding right after may rarely differ.  */
 
 enum { TL_PRE_RMSNORM = 1, TL_PRE_SWIGLU = 2 };
 
+/* The sum of squares in double, 8 lanes (lane l sums k = l mod 8, in increasing k), then folded
+   in a fixed order: vectorizable without reassociation, the same double on every path. */
 static void rmsnorm_row(const float *x, int K, const float *w, float eps, float *y) {
-    double ss = 0.0;
-    for (int k = 0; k < K; k++) ss += (double)x[k] * x[k];
+    double s8[8] = {0};
+    int k8 = K / 8 * 8;
+    for (int k = 0; k < k8; k += 8)
+        for (int l = 0; l < 8; l++) s8[l] = s8[l] + (double)x[k + l] * x[k + l];
+    for (int k = k8, l = 0; k < K; k++, l++) s8[l] = s8[l] + (double)x[k] * x[k];
+    double ss = ((s8[0] + s8[4]) + (s8[2] + s8[6])) + ((s8[1] + s8[5]) + (s8[3] + s8[7]));
     float r = 1.0f / sqrtf((float)(ss / K) + eps);
     for (int k = 0; k < K; k++) y[k] = w ? (x[k] * r) * w[k] : x[k] * r;
+}
+
+/* exp(x) for silu, in plain fp32 operations the compiler vectorizes (libm's expf is a scalar call,
+   ~0.7 ms of every decode token): x = n ln2 + r with n = round(x log2 e) and ln2 in two parts
+   (Cody-Waite), e^r by the degree-6 polynomial of Cephes' expf (|r| <= ln2/2, ~1 ulp), times
+   2^n built in the exponent bits. x is clamped to [-87, 88], where 2^n stays a normal float. */
+static inline float exp_fast(float x) {
+    x = x < -87.0f ? -87.0f : (x > 88.0f ? 88.0f : x);
+    float n = (x * 1.44269504089f + ROUND_MAGIC) - ROUND_MAGIC;
+    float r = (x - n * 0.693359375f) - n * -2.12194440e-4f;
+    float p = 1.9875691500e-4f;
+    p = p * r + 1.3981999507e-3f;
+    p = p * r + 8.3334519073e-3f;
+    p = p * r + 4.1665795894e-2f;
+    p = p * r + 1.6666665459e-1f;
+    p = p * r + 5.0000001201e-1f;
+    int32_t bits = ((int32_t)n + 127) << 23;
+    float two_n;
+    memcpy(&two_n, &bits, 4);
+    return ((p * (r * r) + r) + 1.0f) * two_n;
 }
 
 static void pre_op(const float *x, int M, int K, int pre, const float *normw, float eps,
@@ -606,7 +703,7 @@ static void pre_op(const float *x, int M, int K, int pre, const float *normw, fl
         float *o = out + (size_t)m * K;
         const float *xm = x + (size_t)m * K * (pre & TL_PRE_SWIGLU ? 2 : 1);
         if (pre & TL_PRE_SWIGLU) {
-            for (int k = 0; k < K; k++) o[k] = (xm[k] / (1.0f + expf(-xm[k]))) * xm[K + k];
+            for (int k = 0; k < K; k++) o[k] = (xm[k] / (1.0f + exp_fast(-xm[k]))) * xm[K + k];
             xm = o;
         }
         if (pre & TL_PRE_RMSNORM) rmsnorm_row(xm, K, normw, eps, o);

@@ -119,6 +119,49 @@ def test_simd_equals_plain_c_large():
         assert torch.equal(kernels.ternary_linear(x, packed, scale, 1024, path=path), y0)
 
 
+PATH_NAMES = {1: "AVX2", 2: "AVX-512 VNNI"}   # every SIMD path ternary_cpu.c has
+
+
+@pytest.mark.parametrize("path", sorted(PATH_NAMES))
+def test_simd_path_equals_plain_c_on_1000_random_shapes(path):
+    """Every kernel of a SIMD path (quantize, ternary and int8 products as exact int32 and as fp32,
+    bf16 head, decode attention) equals the plain C bit for bit on 1,000 random shapes, odd sizes
+    included. A path this CPU lacks is reported as a skip that names it."""
+    if path > LIB.tl_cpu_path():
+        pytest.skip(f"this CPU lacks the {PATH_NAMES[path]} path: not checked on this machine")
+    g = torch.Generator().manual_seed(100 + path)
+    rnd = lambda lo, hi: int(torch.randint(lo, hi + 1, (1,), generator=g))
+    for i in range(1000):
+        M, K, N = rnd(1, 9), rnd(1, 1100), rnd(1, 40)
+        threads = 1 + i % 2
+        x = torch.randn(M, K, generator=g) * 4
+        q0 = kernels.quantize(x, 0)
+        assert all(torch.equal(a, b) for a, b in zip(kernels.quantize(x, path, threads), q0)), (M, K)
+        q, qsum = torch.randint(-128, 128, (M, kernels.padded_k(K)), dtype=torch.int8, generator=g), None
+        q[:, K:] = 0
+        qsum = q.sum(1, dtype=torch.int32)
+        packed = kernels.pack_ternary(torch.randint(-1, 2, (N, K), dtype=torch.int8, generator=g))
+        assert torch.equal(kernels.ternary_gemm_int(q, qsum, packed, path, threads),
+                           kernels.ternary_gemm_int(q, qsum, packed, 0)), (M, K, N)
+        scale = torch.rand(N, generator=g)
+        assert torch.equal(kernels.ternary_linear(x, packed, scale, K, path, threads),
+                           kernels.ternary_linear(x, packed, scale, K, 0)), (M, K, N)
+        w8 = torch.zeros(N, kernels.padded_k(K), dtype=torch.int8)
+        w8[:, :K] = torch.randint(-127, 128, (N, K), dtype=torch.int8, generator=g)
+        wsum = w8.sum(1, dtype=torch.int32)
+        q[q == -128] = -127   # the quantizer never gives -128 (top of ternary_cpu.c)
+        assert torch.equal(kernels.int8_gemm_int(q, w8, wsum, path, threads), kernels.int8_gemm_int(q, w8, wsum, 0))
+        w16 = torch.randn(N, K, generator=g).bfloat16()
+        assert torch.equal(kernels.bf16_linear(x, w16, path, threads), kernels.bf16_linear(x, w16, 0))
+        hd, n_kv = 2 * rnd(1, 80), rnd(1, 3)
+        n_q, max_len = n_kv * rnd(1, 3), rnd(1, 40)
+        qv, kc, vc = torch.randn(n_q * hd, generator=g), torch.randn(n_kv, max_len, hd, generator=g), \
+            torch.randn(n_kv, max_len, hd, generator=g)
+        n = rnd(1, max_len)
+        assert torch.equal(kernels.decode_attention(qv, kc, vc, n, path, threads),
+                           kernels.decode_attention(qv, kc, vc, n, 0)), (n_q, n_kv, hd, n)
+
+
 @pytest.mark.parametrize("N,K", [(1, 1), (3, 5), (7, 300), (2, 512), (5, 1023)])
 def test_pack_unpack_round_trip(N, K):
     codes = torch.randint(-1, 2, (N, K), dtype=torch.int8)
@@ -231,16 +274,6 @@ def test_gil_is_released():
 
 # ---------------------------------------------------------------------------------------------
 # The packed model against the fake-quantized one
-
-@pytest.fixture
-def one_thread():
-    """Model tests on one thread: a 2-thread OpenMP region on a busy 2-core machine waits for a
-    scheduler slice per C call (threads are covered by the kernel tests and the one below)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 def tiny_bitnet(seed=0, **kw):
     torch.manual_seed(seed)

@@ -1,0 +1,276 @@
+/*
+decode_cpu.c -- one decode token of the packed 1.58-bit Qwen3 in one C call, in the manner of
+llama2.c's run.c: the whole forward of a single token (every layer, the final norm and the lm_head)
+on preallocated buffers, with no Python between the operations. Compiled together with
+ternary_cpu.c (build_ffi.py includes both), whose kernels and pre-ops it calls; packed.py fills the
+model struct below from a PackedQwen3 and keeps the readable PyTorch forward as the reference this
+step must equal (test_ternary.py: greedy tokens identical over 64 steps, logits within 1e-4).
+
+ONE TOKEN (x is the residual stream, C = hidden size; every buffer fp32 unless marked)
+  x (C)           = embedding row of the token (int8 row * its scale, or bf16 -> fp32)
+  per layer:
+    xb (C)        = RMSNorm(x) * input_layernorm                  } one int8 quantization (Eq. 3)
+    qkv (Nqkv)    = W_qkv . xb (+ bias)       Nqkv = (nq + 2 nkv) hd  ternary GEMV
+    q/k heads     : per-head RMSNorm (Qwen3) + RoPE at position pos, in place
+    k/v cache     : cache[l][g][pos] = k_g, v_g  (nkv, max_len, hd) each, batch row 0
+    att (nq, pos+1)  = softmax(q_h . k_g[t] / sqrt(hd))           g = h / (nq / nkv)  (GQA)
+    y (nq hd)     = sum_t att[h][t] v_g[t]                        (Eq. 6, the attention output)
+    x            += W_o . SubLN(y)                                 (Eq. 4)
+    gu (2I)       = W_gate_up . RMSNorm(x) * post_attention_layernorm
+    x            += W_down . SubLN(silu(gate) * up)                (Eq. 5)
+  logits (V)      = lm_head . RMSNorm(x) * norm                    int8 or bf16 head
+
+THREADS: one OpenMP parallel region per token. The matrix products split their output rows
+across the threads (my_rows, as ternary_cpu.c's own entry points do) and attention splits the
+query heads; the small vector operations run on one thread (omp single), with a barrier after
+each step. Every number is computed by one thread in one order: the result does not depend on the
+thread count. The operations are the same C functions the PyTorch reference calls through
+kernels.py (pre-ops, quantization, GEMV, q/k norm + RoPE), so only attention differs from it in
+rounding (SDPA sums in another order).
+*/
+/* One layer's weights (packed.py fills these from a PackedBlock; NULL where the model lacks one). */
+typedef struct {
+    const float *in_norm;                                   /* (C) input_layernorm */
+    const uint8_t *qkv; const float *qkv_scale, *qkv_bias;  /* (Nqkv, Cp/4), (Nqkv), (Nqkv) or NULL */
+    const float *q_norm, *k_norm;                           /* (hd) each, NULL without q/k norm */
+    const float *attn_subln;                                /* (nq hd) or NULL (no SubLN) */
+    const uint8_t *o; const float *o_scale;                 /* (C, Qp/4), (C) */
+    const float *post_norm;                                 /* (C) post_attention_layernorm */
+    const uint8_t *gate_up; const float *gate_up_scale;     /* (2I, Cp/4), (2I) */
+    const float *mlp_subln;                                 /* (I) or NULL */
+    const uint8_t *down; const float *down_scale;           /* (C, Ip/4), (C) */
+    float *k_cache, *v_cache;                               /* (nkv, max_len, hd) each */
+} tl_layer;
+
+typedef struct {
+    int dim, hidden, n_layers, n_q, n_kv, head_dim, vocab, max_len;
+    float eps;                                 /* rms_norm_eps of every norm */
+    const float *rope_cos, *rope_sin;          /* (max_len, hd): row p = position p */
+    const tl_layer *layers;                    /* (n_layers) */
+    const float *final_norm;                   /* (C) */
+    int head_kind;                             /* 1 = bf16 (V, C), 2 = int8 (V, Cp) */
+    const void *head_w; const int32_t *head_wsum; const float *head_scale;  /* wsum/scale: int8 */
+    const void *embed_w; const float *embed_scale;  /* the embedding table, same kind (tied: = head) */
+} tl_model;
+
+enum { TL_HEAD_BF16 = 1, TL_HEAD_INT8 = 2 };
+
+static int max3(int a, int b, int c) { return a > b ? (a > c ? a : c) : (b > c ? b : c); }
+
+/* Bytes of scratch tl_decode_token needs for this model (the caller allocates it once). */
+size_t tl_decode_scratch_bytes(const tl_model *m) {
+    int C = m->dim, I = m->hidden, Q = m->n_q * m->head_dim, Nqkv = (m->n_q + 2 * m->n_kv) * m->head_dim;
+    size_t floats = (size_t)C + max3(C, Q, I) + Nqkv + Q + 2 * (size_t)I + C
+                    + (size_t)m->n_q * m->max_len;
+    size_t bytes = (size_t)tl_padded_k(max3(C, Q, I));
+    return floats * 4 + 2 * bytes + 256;
+}
+
+/* The scratch, carved into its buffers (shapes as in the comment at the top). */
+typedef struct {
+    float *x, *xb, *qkv, *y, *gu, *ob, *att;
+    int8_t *q; uint8_t *qu; float srow; int32_t qsum;
+} bufs;
+
+static bufs carve(const tl_model *m, void *scratch) {
+    int C = m->dim, I = m->hidden, Q = m->n_q * m->head_dim, Nqkv = (m->n_q + 2 * m->n_kv) * m->head_dim;
+    bufs b;
+    float *f = scratch;
+    b.x = f;               f += C;                /* (C) residual */
+    b.xb = f;              f += max3(C, Q, I);    /* (max(C, Q, I)) the normalized input of a linear */
+    b.qkv = f;             f += Nqkv;             /* (Nqkv) q | k | v */
+    b.y = f;               f += Q;                /* (nq hd) attention output */
+    b.gu = f;              f += 2 * I;            /* (2I) gate | up */
+    b.ob = f;              f += C;                /* (C) o_proj / down_proj output */
+    b.att = f;             f += (size_t)m->n_q * m->max_len;  /* (nq, max_len) scores */
+    b.q = (int8_t *)f;                            /* (Kp) int8 activations */
+    b.qu = (uint8_t *)f + tl_padded_k(max3(C, Q, I));  /* (Kp) q + 128, the VNNI int8 head */
+    return b;
+}
+
+/* [pre-op] then Eq. (3) on one vector of K: b->q, b->srow, b->qsum (one thread). */
+static void prep(bufs *b, const float *x, int K, int pre, const float *normw, float eps) {
+    const float *src = x;
+    if (pre) { pre_op(x, 1, K, pre, normw, eps, b->xb, 1); src = b->xb; }
+    quantize_row(src, K, tl_padded_k(K), b->q, &b->srow, &b->qsum);
+}
+
+/* This thread's rows of y (N) = W . q, W ternary (N, Kp/4). Caller puts a barrier after it. */
+static void gemv_rows(int path, bufs *b, int Kp, const uint8_t *w, const float *scale, int N, float *y) {
+    gemm_args g = {b->q, NULL, &b->qsum, 1, Kp, w, NULL, N, NULL, y, &b->srow, scale};
+    int lo, hi;
+    my_rows(N, &lo, &hi);
+    gemm_rows(0, path, &g, lo, hi);
+}
+
+/* ATTENTION of one new token (Eq. 6 with grouped-query heads), the one both the C step and
+   packed.py's PyTorch forward use for a decode token. Sums in a fixed order, so that every path
+   gives the same floats: a dot product runs 16 lanes (lane l sums d = l mod 16 in increasing d,
+   product rounded then added), the tail d >= hd - hd%16 goes to lanes 0.. , then the lanes fold
+   l += l+8, +4, +2, +1; softmax sums in increasing t; y accumulates p_t * v_t in increasing t. */
+static inline __attribute__((always_inline)) float dot_lanes(const float *a, const float *b, int n) {
+    float s[16] = {0};
+    int n16 = n / 16 * 16;
+    for (int d = 0; d < n16; d += 16)
+        for (int l = 0; l < 16; l++) s[l] = s[l] + a[d + l] * b[d + l];
+    for (int d = n16, l = 0; d < n; d++, l++) s[l] = s[l] + a[d] * b[d];
+    for (int w = 8; w >= 1; w /= 2)
+        for (int l = 0; l < w; l++) s[l] = s[l] + s[l + w];
+    return s[0];
+}
+
+/* Query head h over cache positions 0..n-1: att (n) = softmax(q_h . k_t / sqrt(hd)), y_h = sum_t
+   att_t v_t. q (nq hd), caches (nkv, max_len, hd), y (nq hd). Compiled once per path (below). */
+#define ATTEND_HEAD                                                                         \
+    int g = h / (n_q / n_kv);                                                               \
+    const float *qh = q + (size_t)h * hd;                                                   \
+    const float *kc = k_cache + (size_t)g * max_len * hd, *vc = v_cache + (size_t)g * max_len * hd; \
+    float scale = 1.0f / sqrtf((float)hd), mx = -INFINITY, sum = 0.0f;                      \
+    for (int t = 0; t < n; t++) {                                                           \
+        att[t] = dot_lanes(qh, kc + (size_t)t * hd, hd) * scale;                            \
+        mx = att[t] > mx ? att[t] : mx;                                                     \
+    }                                                                                       \
+    for (int t = 0; t < n; t++) { att[t] = expf(att[t] - mx); sum = sum + att[t]; }         \
+    float *yh = y + (size_t)h * hd;                                                         \
+    for (int d = 0; d < hd; d++) yh[d] = 0.0f;                                              \
+    for (int t = 0; t < n; t++) {                                                           \
+        float p = att[t] / sum;                                                             \
+        for (int d = 0; d < hd; d++) yh[d] = yh[d] + p * vc[(size_t)t * hd + d];            \
+    }
+
+#define ATTEND_ARGS const float *q, const float *k_cache, const float *v_cache, int n_q, int n_kv, \
+                    int hd, int max_len, int n, int h, float *att, float *y
+static void attend_c(ATTEND_ARGS) { ATTEND_HEAD }
+#ifdef TL_X86
+__attribute__((target("avx512f"))) static void attend_512(ATTEND_ARGS) { ATTEND_HEAD }
+__attribute__((target("avx2"))) static void attend_avx2(ATTEND_ARGS) { ATTEND_HEAD }
+#endif
+
+static void attend(int path, ATTEND_ARGS) {
+#ifdef TL_X86
+    if (path == TL_PATH_AVX512VNNI) { attend_512(q, k_cache, v_cache, n_q, n_kv, hd, max_len, n, h, att, y); return; }
+    if (path == TL_PATH_AVX2) { attend_avx2(q, k_cache, v_cache, n_q, n_kv, hd, max_len, n, h, att, y); return; }
+#endif
+    attend_c(q, k_cache, v_cache, n_q, n_kv, hd, max_len, n, h, att, y);
+}
+
+/* Every query head of one token: y (nq hd) from q (nq hd) and the first n cache positions; att is
+   scratch (nq, n). Returns 0, -1 for a bad argument, -2 for a path this CPU lacks. */
+int tl_attention(const float *q, const float *k_cache, const float *v_cache, int n_q, int n_kv, int hd,
+                 int max_len, int n, float *y, float *att, int path, int nthreads) {
+    int err = check_path(&path);
+    if (err) return err;
+    if (n_q <= 0 || n_kv <= 0 || n_q % n_kv || hd <= 0 || n <= 0 || n > max_len) return -1;
+    nthreads = threads_or_default(nthreads);
+    #pragma omp parallel for schedule(static) num_threads(nthreads)
+    for (int h = 0; h < n_q; h++) attend(path, q, k_cache, v_cache, n_q, n_kv, hd, max_len, n, h, att + (size_t)h * n, y);
+    return 0;
+}
+
+/* After the qkv GEMV (one thread): bias, q/k norm + RoPE, append k and v to the cache. */
+static void qkv_post(const tl_model *m, const tl_layer *ly, float *qkv, int pos) {
+    int hd = m->head_dim, Q = m->n_q * hd, KV = m->n_kv * hd, Nqkv = Q + 2 * KV;
+    if (ly->qkv_bias)
+        for (int n = 0; n < Nqkv; n++) qkv[n] = qkv[n] + ly->qkv_bias[n];
+    tl_qk_norm_rope(qkv, 1, Nqkv, m->n_q, m->n_kv, hd, ly->q_norm, ly->k_norm, m->eps,
+                    m->rope_cos + (size_t)pos * hd, m->rope_sin + (size_t)pos * hd, 1);
+    for (int g = 0; g < m->n_kv; g++) {
+        memcpy(ly->k_cache + ((size_t)g * m->max_len + pos) * hd, qkv + Q + (size_t)g * hd, (size_t)hd * 4);
+        memcpy(ly->v_cache + ((size_t)g * m->max_len + pos) * hd, qkv + Q + KV + (size_t)g * hd, (size_t)hd * 4);
+    }
+}
+
+/* The lm_head rows of this thread: int8 (Eq. 3 activations, int8 weights) or bf16. */
+static void head_rows(const tl_model *m, int path, bufs *b, float *logits) {
+    int lo, hi, C = m->dim, Cp = tl_padded_k(C);
+    if (m->head_kind == TL_HEAD_INT8) {
+        gemm_args g = {b->q, b->qu, &b->qsum, 1, Cp, m->head_w, m->head_wsum, m->vocab, NULL, logits,
+                       &b->srow, m->head_scale};
+        my_rows(m->vocab, &lo, &hi);
+        gemm_rows(1, path, &g, lo, hi);
+        return;
+    }
+    float (*dot)(const float *, const uint16_t *, int) = bf16_dot_c;
+#ifdef TL_X86
+    if (path == TL_PATH_AVX512VNNI) dot = bf16_dot_512;
+    if (path == TL_PATH_AVX2) dot = bf16_dot_avx2;
+#endif
+    my_rows(m->vocab, &lo, &hi);
+    for (int n = lo; n < hi; n++) logits[n] = dot(b->xb, (const uint16_t *)m->head_w + (size_t)n * C, C);
+}
+
+/* One token at position pos (the cache holds positions 0..pos-1) -> logits (V). timing, when not
+   NULL, receives seconds spent in [0] the 196 linears (GEMVs), [1] the lm_head, [2] the whole call.
+   Returns 0, -1 for a bad argument, -2 for a path this CPU lacks. */
+int tl_decode_token(const tl_model *m, int token, int pos, float *logits, void *scratch,
+                    double *timing, int path, int nthreads) {
+    int err = check_path(&path);
+    if (err) return err;
+    if (token < 0 || token >= m->vocab || pos < 0 || pos >= m->max_len || m->n_q % m->n_kv ||
+        (m->head_kind != TL_HEAD_BF16 && m->head_kind != TL_HEAD_INT8)) return -1;
+    nthreads = threads_or_default(nthreads);
+    int C = m->dim, I = m->hidden, hd = m->head_dim, Q = m->n_q * hd, Nqkv = (m->n_q + 2 * m->n_kv) * hd;
+    int Cp = tl_padded_k(C), Qp = tl_padded_k(Q), Ip = tl_padded_k(I);
+    bufs b = carve(m, scratch);
+    double t_start = now_s(), t0 = 0, t_lin = 0, t_head = 0;
+    if (m->head_kind == TL_HEAD_INT8) {          /* embedding: the int8 row times its scale */
+        const int8_t *row = (const int8_t *)m->embed_w + (size_t)token * Cp;
+        for (int k = 0; k < C; k++) b.x[k] = (float)row[k] * m->embed_scale[token];
+    } else {
+        const uint16_t *row = (const uint16_t *)m->embed_w + (size_t)token * C;
+        for (int k = 0; k < C; k++) b.x[k] = bf16_to_f32(row[k]);
+    }
+    #pragma omp parallel num_threads(nthreads)
+    for (int l = 0; l < m->n_layers; l++) {
+        const tl_layer *ly = m->layers + l;
+        #pragma omp single
+        { prep(&b, b.x, C, TL_PRE_RMSNORM, ly->in_norm, m->eps); t0 = now_s(); }
+        gemv_rows(path, &b, Cp, ly->qkv, ly->qkv_scale, Nqkv, b.qkv);
+        #pragma omp barrier
+        #pragma omp single
+        { t_lin += now_s() - t0; qkv_post(m, ly, b.qkv, pos); }
+        #pragma omp for schedule(static)
+        for (int h = 0; h < m->n_q; h++)
+            attend(path, b.qkv, ly->k_cache, ly->v_cache, m->n_q, m->n_kv, hd, m->max_len, pos + 1, h,
+                   b.att + (size_t)h * m->max_len, b.y);
+        #pragma omp single
+        { prep(&b, b.y, Q, ly->attn_subln ? TL_PRE_RMSNORM : 0, ly->attn_subln, m->eps); t0 = now_s(); }
+        gemv_rows(path, &b, Qp, ly->o, ly->o_scale, C, b.ob);
+        #pragma omp barrier
+        #pragma omp single
+        {
+            t_lin += now_s() - t0;
+            for (int k = 0; k < C; k++) b.x[k] = b.x[k] + b.ob[k];                 /* Eq. (4) residual */
+            prep(&b, b.x, C, TL_PRE_RMSNORM, ly->post_norm, m->eps);
+            t0 = now_s();
+        }
+        gemv_rows(path, &b, Cp, ly->gate_up, ly->gate_up_scale, 2 * I, b.gu);
+        #pragma omp barrier
+        #pragma omp single
+        {
+            t_lin += now_s() - t0;
+            prep(&b, b.gu, I, TL_PRE_SWIGLU | (ly->mlp_subln ? TL_PRE_RMSNORM : 0), ly->mlp_subln, m->eps);
+            t0 = now_s();
+        }
+        gemv_rows(path, &b, Ip, ly->down, ly->down_scale, C, b.ob);
+        #pragma omp barrier
+        #pragma omp single
+        {
+            t_lin += now_s() - t0;
+            for (int k = 0; k < C; k++) b.x[k] = b.x[k] + b.ob[k];                 /* Eq. (5) residual */
+        }
+    }
+    /* the final norm and the lm_head */
+    if (m->head_kind == TL_HEAD_INT8) {
+        prep(&b, b.x, C, TL_PRE_RMSNORM, m->final_norm, m->eps);
+        for (int k = 0; k < Cp; k++) b.qu[k] = (uint8_t)(b.q[k] + 128);
+    } else {
+        pre_op(b.x, 1, C, TL_PRE_RMSNORM, m->final_norm, m->eps, b.xb, 1);
+    }
+    t0 = now_s();
+    #pragma omp parallel num_threads(nthreads)
+    head_rows(m, path, &b, logits);
+    t_head = now_s() - t0;
+    if (timing) { timing[0] = t_lin; timing[1] = t_head; timing[2] = now_s() - t_start; }
+    return 0;
+}

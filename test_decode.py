@@ -1,0 +1,84 @@
+"""
+Tests of the one-call C decode step (decode_cpu.c) and the decode attention it shares with the
+PyTorch forward of packed.py: bit for bit against that forward on Qwen3-0.6B's geometry and on
+small variants, greedy tokens against the fake-quantized model, attention against PyTorch's SDPA.
+The kernels under it are tested in test_ternary.py.
+
+    BITDISTILL_DATA=../shared/data python -m pytest -q test_decode.py
+"""
+import pytest
+import torch
+
+import kernels
+import packed as P
+from test_ternary import tiny_bitnet
+
+
+def test_decode_attention_equals_sdpa():
+    """tl_attention (the attention of a decode token, C step and PyTorch forward alike) against
+    PyTorch's scaled_dot_product_attention with grouped-query heads, within fp32 rounding."""
+    g = torch.Generator().manual_seed(11)
+    for n_q, n_kv, hd, max_len, n in ((16, 8, 128, 40, 33), (4, 1, 16, 5, 1), (6, 3, 34, 9, 9)):
+        q, kc, vc = torch.randn(n_q * hd, generator=g), torch.randn(n_kv, max_len, hd, generator=g), \
+            torch.randn(n_kv, max_len, hd, generator=g)
+        ref = torch.nn.functional.scaled_dot_product_attention(
+            q.view(1, n_q, 1, hd), kc[None, :, :n], vc[None, :, :n], enable_gqa=True).reshape(-1)
+        assert torch.allclose(kernels.decode_attention(q, kc, vc, n), ref, atol=1e-5, rtol=1e-5), (n_q, n_kv, hd, n)
+
+
+def greedy_steps(pm, idx, steps, c_decode):
+    """Greedy decode of `steps` tokens after the prompt idx (1, T): tokens and every step's logits."""
+    pm.c_decode = c_decode
+    cache = pm.new_cache(1, idx.shape[1] + steps)
+    logits, toks, out = pm(idx, cache, last_only=True), [], []
+    for _ in range(steps):
+        nxt = logits[:, -1].argmax(-1, keepdim=True)                            # (1, 1)
+        toks.append(int(nxt))
+        logits = pm(nxt, cache, last_only=True)
+        out.append(logits[0, -1])
+    return toks, torch.stack(out)
+
+
+@pytest.mark.parametrize("head", ["int8", "bf16"])
+def test_c_decode_step_equals_pytorch_forward_qwen3_06b(head):
+    """The one-call C decode step (decode_cpu.c) against the per-operation PyTorch forward of the
+    same packed model on Qwen3-0.6B's geometry (random ternary weights, 28 layers): 64 greedy
+    tokens identical, every step's logits equal bit for bit (the same kernels in the same order;
+    attention is the shared tl_attention), at 1 and 2 threads."""
+    import bench
+    c = bench.qwen3_06b()
+    pm = bench.random_packed(c, head)
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for mod in pm.modules():   # a different norm weight each, so that a wrong pointer shows
+            if isinstance(mod, P.RMSNorm):
+                mod.weight.uniform_(0.5, 1.5, generator=g)
+    idx = torch.randint(0, c.vocab_size, (1, 7), generator=torch.Generator().manual_seed(2))
+    n = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        ref_toks, ref = greedy_steps(pm, idx, 64, False)
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            toks, got = greedy_steps(pm, idx, 64, True)
+            assert toks == ref_toks and torch.equal(got, ref), threads
+    finally:
+        torch.set_num_threads(n)
+    lin, head_s, total = pm._step.timing
+    assert 0 < lin < total and 0 < head_s < total
+
+
+@pytest.mark.parametrize("kw", [dict(), dict(subln=False, tie_word_embeddings=False),
+                                dict(qkv_bias=True, qk_norm=False, num_key_value_heads=1)])
+def test_c_decode_step_on_small_models(kw, one_thread):
+    """Variants the 0.6B test lacks (no SubLN, untied head, Qwen2's q/k/v bias without q/k norm,
+    one KV head): C step = PyTorch forward bit for bit, and its greedy tokens = the fake-quantized
+    model's (which keeps its head in fp32)."""
+    model = tiny_bitnet(seed=6, **kw)
+    pm = P.PackedQwen3.from_bitnet(model, "int8")
+    idx = torch.randint(0, 300, (1, 5), generator=torch.Generator().manual_seed(3))
+    toks, got = greedy_steps(pm, idx, 24, True)
+    ref_toks, ref = greedy_steps(pm, idx, 24, False)
+    assert toks == ref_toks and torch.equal(got, ref)
+    pm.c_decode = True
+    assert torch.equal(pm.generate(idx, 24), model.generate(idx, 24))
