@@ -1,8 +1,7 @@
 """
 CPU inference benchmark on Qwen3-0.6B's geometry: PyTorch fp32 and bf16 against the packed
-1.58-bit model (ternary_cpu.c), with its lm_head in bf16 and in int8. Random weights: speed and
-memory depend on the shapes only (hidden 1024, intermediate 3072, 28 layers, 16 q / 8 kv heads,
-head_dim 128, vocab 151936, tied embeddings).
+1.58-bit model (ternary_cpu.c, decode_cpu.c). Random weights: speed and memory depend on the shapes
+only (hidden 1024, intermediate 3072, 28 layers, 16 q / 8 kv heads, head_dim 128, vocab 151936, tied).
 
     python bench.py                 # everything: ~10 minutes on 2 cores; out/bench.json + out/bench.png
     python bench.py --quick         # fewer repeats and tokens, a smoke run

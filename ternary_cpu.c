@@ -51,7 +51,7 @@ ENTRY POINTS (declared for Python in build_ffi.py)
   tl_qk_norm_rope                          Qwen3's per-head q/k RMSNorm + RoPE, in place
   The core runs a 4-row x 4-token register tile for prefill (many tokens per pass over the
   weights) and a 4-row x 1-token tile for decode (matrix-vector), which also prefetches the rows
-  PF_ROWS ahead: decode streams ~110 MB of packed weights per token, mostly from DRAM or L3.
+  PF_DIST bytes ahead: decode streams ~110 MB of packed weights per token, mostly from DRAM.
 
 PATHS, chosen at run time (tl_cpu_path), all equal to the plain-C path bit for bit:
   0 = plain C (the reference, written to be read), 1 = AVX2, 2 = AVX-512 VNNI.
@@ -72,8 +72,8 @@ PATHS, chosen at run time (tl_cpu_path), all equal to the plain-C path bit for b
 #endif
 
 #define QK 256   /* weights per packed block: 64 bytes */
-#ifndef PF_ROWS
-#define PF_ROWS 8  /* decode: prefetch the weights this many rows ahead (prefetches never fault) */
+#ifndef PF_DIST
+#define PF_DIST 8192  /* decode: prefetch the weights this many bytes ahead (prefetches never fault) */
 #endif
 
 enum { TL_PATH_C = 0, TL_PATH_AVX2 = 1, TL_PATH_AVX512VNNI = 2 };
@@ -280,6 +280,8 @@ static void int8_c_rows(const gemm_args *g, int lo, int hi) {
 #define T_512 __attribute__((target("avx512f,avx512bw,avx512vnni")))
 #define T_AVX2 __attribute__((target("avx2")))
 #define INLINE static inline __attribute__((always_inline))
+/* acc += u . q per 32-bit lane (u unsigned, q signed bytes): vpdpbusd */
+#define DPBUSD(acc, u, q) ((acc) = _mm512_dpbusd_epi32((acc), (u), (q)))
 
 T_512 INLINE void tile_ternary_512(const uint8_t *w, int rb, const int8_t *q, int Kp,
                                    const int32_t *qsum, int R, int T, int32_t out[4][4]) {
@@ -295,7 +297,7 @@ T_512 INLINE void tile_ternary_512(const uint8_t *w, int rb, const int8_t *q, in
             for (int r = 0; r < R; r++) u[r] = _mm512_and_si512(_mm512_srli_epi16(wv[r], 2 * i), m3);
             for (int t = 0; t < T; t++) {
                 __m512i a = _mm512_loadu_si512(q + (size_t)t * Kp + b * QK + 64 * i);
-                for (int r = 0; r < R; r++) acc[r][t] = _mm512_dpbusd_epi32(acc[r][t], u[r], a);
+                for (int r = 0; r < R; r++) DPBUSD(acc[r][t], u[r], a);
             }
         }
     }
@@ -318,12 +320,12 @@ T_512 INLINE void tile_ternary_512_gemv(const uint8_t *w, int rb, const int8_t *
         __m512i wv[4];
         for (int r = 0; r < R; r++) {
             wv[r] = _mm512_loadu_si512(w + (size_t)r * rb + b * 64);
-            _mm_prefetch((const char *)(w + (size_t)(r + PF_ROWS) * rb + b * 64), _MM_HINT_T0);
+            _mm_prefetch((const char *)(w + (size_t)r * rb + b * 64 + PF_DIST), _MM_HINT_T0);
         }
         for (int i = 0; i < 4; i++) {
             __m512i a = _mm512_loadu_si512(q + b * QK + 64 * i);
             for (int r = 0; r < R; r++)
-                acc[r][i] = _mm512_dpbusd_epi32(acc[r][i], _mm512_and_si512(wv[r], mask[i]), a);
+                DPBUSD(acc[r][i], _mm512_and_si512(wv[r], mask[i]), a);
         }
     }
     for (int r = 0; r < R; r++) {
@@ -342,11 +344,11 @@ T_512 INLINE void tile_int8_512(const int8_t *w, const uint8_t *qu, int Kp, cons
         __m512i wv[4];
         for (int r = 0; r < R; r++) {
             wv[r] = _mm512_loadu_si512(w + (size_t)r * Kp + k);
-            if (T == 1) _mm_prefetch((const char *)(w + (size_t)(r + PF_ROWS) * Kp + k), _MM_HINT_T0);
+            if (T == 1) _mm_prefetch((const char *)(w + (size_t)r * Kp + k + PF_DIST), _MM_HINT_T0);
         }
         for (int t = 0; t < T; t++) {
             __m512i a = _mm512_loadu_si512(qu + (size_t)t * Kp + k);   /* q + 128, unsigned */
-            for (int r = 0; r < R; r++) acc[r][t] = _mm512_dpbusd_epi32(acc[r][t], a, wv[r]);
+            for (int r = 0; r < R; r++) DPBUSD(acc[r][t], a, wv[r]);
         }
     }
     for (int r = 0; r < R; r++)
@@ -376,7 +378,7 @@ T_AVX2 INLINE void tile_ternary_avx2(const uint8_t *w, int rb, const int8_t *q, 
             __m256i wv[4];
             for (int r = 0; r < R; r++) {
                 wv[r] = _mm256_loadu_si256((const __m256i *)(w + (size_t)r * rb + b * 64 + 32 * h));
-                if (T == 1 && h == 0) _mm_prefetch((const char *)(w + (size_t)(r + PF_ROWS) * rb + b * 64), _MM_HINT_T0);
+                if (T == 1 && h == 0) _mm_prefetch((const char *)(w + (size_t)r * rb + b * 64 + PF_DIST), _MM_HINT_T0);
             }
             for (int i = 0; i < 4; i++) {
                 __m256i u[4];
@@ -523,8 +525,8 @@ T_512 static int32_t peak_512(long iters) {
     __m512i acc[12], a = _mm512_set1_epi8(1), b = _mm512_set1_epi8(2);
     for (int i = 0; i < 12; i++) acc[i] = _mm512_set1_epi32(i);
     for (long it = 0; it < iters; it++) {
-        for (int i = 0; i < 12; i++) acc[i] = _mm512_dpbusd_epi32(acc[i], a, b);
-        __asm__ volatile("" : "+v"(a));   /* keeps the loop from being folded */
+        for (int i = 0; i < 12; i++) DPBUSD(acc[i], a, b);
+        __asm__ volatile("" : "+v"(a));   /* a may change: the loop cannot be folded */
     }
     for (int i = 1; i < 12; i++) acc[0] = _mm512_add_epi32(acc[0], acc[i]);
     return _mm512_reduce_add_epi32(acc[0]);
