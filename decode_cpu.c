@@ -89,7 +89,7 @@ static bufs carve(const tl_model *m, void *scratch) {
 }
 
 /* [pre-op] then Eq. (3) on one vector of K: b->q, b->srow, b->qsum (one thread). */
-static void prep(bufs *b, const float *x, int K, int pre, const float *normw, float eps) {
+CLONES static void prep(bufs *b, const float *x, int K, int pre, const float *normw, float eps) {
     const float *src = x;
     if (pre) { pre_op(x, 1, K, pre, normw, eps, b->xb, 1); src = b->xb; }
     quantize_row(src, K, tl_padded_k(K), b->q, &b->srow, &b->qsum);
@@ -107,7 +107,8 @@ static void gemv_rows(int path, bufs *b, int Kp, const uint8_t *w, const float *
    packed.py's PyTorch forward use for a decode token. Sums in a fixed order, so that every path
    gives the same floats: a dot product runs 16 lanes (lane l sums d = l mod 16 in increasing d,
    product rounded then added), the tail d >= hd - hd%16 goes to lanes 0.. , then the lanes fold
-   l += l+8, +4, +2, +1; softmax sums in increasing t; y accumulates p_t * v_t in increasing t. */
+   l += l+8, +4, +2, +1; softmax: exp_fast, summed in increasing t; y accumulates p_t * v_t in
+   increasing t. */
 static inline __attribute__((always_inline)) float dot_lanes(const float *a, const float *b, int n) {
     float s[16] = {0};
     int n16 = n / 16 * 16;
@@ -130,7 +131,8 @@ static inline __attribute__((always_inline)) float dot_lanes(const float *a, con
         att[t] = dot_lanes(qh, kc + (size_t)t * hd, hd) * scale;                            \
         mx = att[t] > mx ? att[t] : mx;                                                     \
     }                                                                                       \
-    for (int t = 0; t < n; t++) { att[t] = expf(att[t] - mx); sum = sum + att[t]; }         \
+    for (int t = 0; t < n; t++) att[t] = exp_fast(att[t] - mx);                             \
+    for (int t = 0; t < n; t++) sum = sum + att[t];                                         \
     float *yh = y + (size_t)h * hd;                                                         \
     for (int d = 0; d < hd; d++) yh[d] = 0.0f;                                              \
     for (int t = 0; t < n; t++) {                                                           \
