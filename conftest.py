@@ -28,3 +28,10 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+def pytest_configure(config):
+    """Every skip is reported with its reason in the summary (-rs), so that nothing is skipped
+    silently: e.g. a SIMD path this CPU lacks."""
+    if "s" not in config.option.reportchars:
+        config.option.reportchars += "s"

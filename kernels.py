@@ -13,6 +13,7 @@ CPU has) that equal it bit for bit. build_ffi.py compiles it with cffi; lib() bu
     acc = kernels.ternary_gemm_int(*kernels.quantize(x)[::2], packed)   # exact int32 accumulators
 
 packed.py builds the 1.58-bit model from these; test_ternary.py checks them against PyTorch.
+decode_attention and DecodeStep wrap decode_cpu.c (one decode token in one C call; test_decode.py).
 """
 import importlib
 import os
@@ -277,7 +278,9 @@ class DecodeStep:
     """Runs one decode token of a packed model (packed.PackedQwen3) in one C call: every layer,
     the final norm and the lm_head (decode_cpu.c). Holds the tl_model struct of pointers into the
     model's tensors (built once) and, per KV cache, the cache pointers, the RoPE table and the
-    scratch buffer. timing[0..2]: seconds in the linears, the lm_head and the whole last call."""
+    scratch buffer. timing[0..2]: seconds in the linears, the lm_head and the whole last call.
+    One decode at a time per model (the scratch is shared); a module whose tensors are replaced
+    needs a new step (PackedQwen3._apply drops it)."""
 
     def __init__(self, pm, rope_table):
         c = pm.config

@@ -9,8 +9,10 @@ to int8 per token (Eq. 3) inside C; the products accumulate in int32 and one fp3
 finishes them. q/k/v are fused into one matrix and gate/up into another, and the RMSNorm (or
 SubLN, or silu(gate)·up) in front of each linear runs inside the same C call: a token costs four
 linear calls and one q/k-norm + RoPE call per layer; cffi releases the GIL while C runs. The KV
-cache, attention and the embedding lookup stay in PyTorch fp32; the lm_head is fp32 (PyTorch),
-bf16 or int8 (C kernels).
+cache is PyTorch fp32; the lm_head is fp32 (PyTorch), bf16 or int8 (C kernels). This forward,
+op by op, is the readable reference; a decode token (batch 1, bf16/int8 head) runs instead as ONE
+C call (decode_cpu.c, kernels.DecodeStep: every layer and the head, no Python in between), equal
+to it bit for bit (test_decode.py); c_decode = False runs the reference.
 Not bit-equal to the fake-quantized model (fp32 sums in another order can move an activation
 across an int8 rounding boundary), but greedy tokens match and logits are close (test_ternary.py).
 The C calls and their argument checks live in kernels.py; this file holds the modules and a CLI.
@@ -290,6 +292,11 @@ class PackedQwen3(nn.Module):
         if cache is not None:
             cache.length += T
         return self.logits(x[:, -1:] if last_only else x)   # the final norm is fused into logits
+
+    def _apply(self, fn, *args, **kwargs):
+        """.to() / .float() / ... may replace tensors: the C step's pointers are rebuilt on next use."""
+        self._step = None
+        return super()._apply(fn, *args, **kwargs)
 
     def rope_table(self, n):
         """cos, sin (n, head_dim) for positions 0..n-1: the rows forward() computes, for the C step."""

@@ -37,6 +37,9 @@ def test_build_reports_path():
     import build_ffi
     line = build_ffi.describe(LIB)
     assert "SIMD path" in line and LIB.tl_padded_k(1) == 256 and LIB.tl_padded_k(257) == 512
+    # the ISA peak bench.py divides by: a rate for each SIMD path, none for plain C, -1 for a bad path
+    assert LIB.tl_peak_gmacs(0, 1, 1000) == 0 and LIB.tl_peak_gmacs(7, 1, 1000) == -1
+    assert all(LIB.tl_peak_gmacs(p, 1, 100000) > 1 for p in PATHS[1:])
 
 
 @pytest.mark.parametrize("M,K,N", SHAPES)
