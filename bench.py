@@ -409,7 +409,7 @@ def main():
         R["bandwidth_gb_s"]["dram_1GiB_by_threads"][str(th)] = read_bandwidth(1 << 30)
     torch.set_num_threads(args.threads)
     R["bandwidth_gb_s"]["dram_1GiB"] = R["bandwidth_gb_s"]["dram_1GiB_by_threads"][str(args.threads)]
-    print("read bandwidth (1 GiB): " + ", ".join(f"{v:.1f} GB/s at {th} threads" for th, v in
+    print("read bandwidth (1 GiB): " + ", ".join(f"{v:.1f} GB/s at {th} thread{'s' * (th != '1')}" for th, v in
                                                  R["bandwidth_gb_s"]["dram_1GiB_by_threads"].items()))
     names = [b for b in args.backends.split(",") if b]
     for name in names:

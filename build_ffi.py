@@ -46,16 +46,21 @@ int tl_int8_linear(const float *x, int M, int K, int pre, const float *normw, fl
                    int path, int nthreads);
 int tl_bf16_linear(const float *x, int M, int K, int pre, const float *normw, float eps,
                    const uint16_t *w, int N, float *y, int path, int nthreads);
+int tl_rmsnorm(const float *x, int M, int K, const float *w, float eps, float *y, int nthreads);
 int tl_qk_norm_rope(float *qkv, int M, int row_stride, int n_q, int n_kv, int hd, const float *q_w,
                     const float *k_w, float eps, const float *cos, const float *sin, int nthreads);
 typedef struct {
+    const uint8_t *w; const float *scale, *bias, *norm;
+    int rows;
+} tl_part;
+typedef struct {
     const float *in_norm;
-    const uint8_t *qkv; const float *qkv_scale, *qkv_bias;
+    int n_qkv, n_gate_up;
+    tl_part qkv[3], gate_up[2];
     const float *q_norm, *k_norm;
     const float *attn_subln;
     const uint8_t *o; const float *o_scale;
     const float *post_norm;
-    const uint8_t *gate_up; const float *gate_up_scale;
     const float *mlp_subln;
     const uint8_t *down; const float *down_scale;
     float *k_cache, *v_cache;

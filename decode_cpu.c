@@ -28,15 +28,24 @@ thread count. The operations are the same C functions the PyTorch reference call
 kernels.py (pre-ops, quantization, GEMV, q/k norm + RoPE), so only attention differs from it in
 rounding (SDPA sums in another order).
 */
-/* One layer's weights (packed.py fills these from a PackedBlock; NULL where the model lacks one). */
+/* One projection's part: a ternary matrix with its row scales (Δ), an optional bias, and the SubLN
+   of its own in front (NULL: the block's norm is the only one). */
+typedef struct {
+    const uint8_t *w; const float *scale, *bias, *norm;     /* (rows, Kp/4), (rows), (rows)|NULL, (K)|NULL */
+    int rows;
+} tl_part;
+
+/* One layer's weights (packed.py fills these from a PackedBlock; NULL where the model lacks one).
+   q/k/v and gate/up are one fused part each, or, with a SubLN before every projection (the
+   authors' layout, config.subln_all), 3 and 2 parts with their own norms. */
 typedef struct {
     const float *in_norm;                                   /* (C) input_layernorm */
-    const uint8_t *qkv; const float *qkv_scale, *qkv_bias;  /* (Nqkv, Cp/4), (Nqkv), (Nqkv) or NULL */
+    int n_qkv, n_gate_up;                                   /* 1 and 1, or 3 and 2 */
+    tl_part qkv[3], gate_up[2];                             /* rows: q | k | v, gate | up */
     const float *q_norm, *k_norm;                           /* (hd) each, NULL without q/k norm */
     const float *attn_subln;                                /* (nq hd) or NULL (no SubLN) */
     const uint8_t *o; const float *o_scale;                 /* (C, Qp/4), (C) */
     const float *post_norm;                                 /* (C) post_attention_layernorm */
-    const uint8_t *gate_up; const float *gate_up_scale;     /* (2I, Cp/4), (2I) */
     const float *mlp_subln;                                 /* (I) or NULL */
     const uint8_t *down; const float *down_scale;           /* (C, Ip/4), (C) */
     float *k_cache, *v_cache;                               /* (nkv, max_len, hd) each */
@@ -61,14 +70,14 @@ static int max3(int a, int b, int c) { return a > b ? (a > c ? a : c) : (b > c ?
 size_t tl_decode_scratch_bytes(const tl_model *m) {
     int C = m->dim, I = m->hidden, Q = m->n_q * m->head_dim, Nqkv = (m->n_q + 2 * m->n_kv) * m->head_dim;
     size_t floats = (size_t)C + max3(C, Q, I) + Nqkv + Q + 2 * (size_t)I + C
-                    + (size_t)m->n_q * m->max_len;
+                    + (size_t)m->n_q * m->max_len + C;
     size_t bytes = (size_t)tl_padded_k(max3(C, Q, I));
     return floats * 4 + 2 * bytes + 256;
 }
 
 /* The scratch, carved into its buffers (shapes as in the comment at the top). */
 typedef struct {
-    float *x, *xb, *qkv, *y, *gu, *ob, *att;
+    float *x, *xb, *qkv, *y, *gu, *ob, *att, *h;
     int8_t *q; uint8_t *qu; float srow; int32_t qsum;
 } bufs;
 
@@ -83,6 +92,7 @@ static bufs carve(const tl_model *m, void *scratch) {
     b.gu = f;              f += 2 * I;            /* (2I) gate | up */
     b.ob = f;              f += C;                /* (C) o_proj / down_proj output */
     b.att = f;             f += (size_t)m->n_q * m->max_len;  /* (nq, max_len) scores */
+    b.h = f;               f += C;                /* (C) the block's norm, when parts have their own */
     b.q = (int8_t *)f;                            /* (Kp) int8 activations */
     b.qu = (uint8_t *)f + tl_padded_k(max3(C, Q, I));  /* (Kp) q + 128, the VNNI int8 head */
     return b;
@@ -169,16 +179,41 @@ int tl_attention(const float *q, const float *k_cache, const float *v_cache, int
     return 0;
 }
 
-/* After the qkv GEMV (one thread): bias, q/k norm + RoPE, append k and v to the cache. */
+/* After the q/k/v projection (one thread): q/k norm + RoPE, append k and v to the cache. */
 static void qkv_post(const tl_model *m, const tl_layer *ly, float *qkv, int pos) {
     int hd = m->head_dim, Q = m->n_q * hd, KV = m->n_kv * hd, Nqkv = Q + 2 * KV;
-    if (ly->qkv_bias)
-        for (int n = 0; n < Nqkv; n++) qkv[n] = qkv[n] + ly->qkv_bias[n];
     tl_qk_norm_rope(qkv, 1, Nqkv, m->n_q, m->n_kv, hd, ly->q_norm, ly->k_norm, m->eps,
                     m->rope_cos + (size_t)pos * hd, m->rope_sin + (size_t)pos * hd, 1);
     for (int g = 0; g < m->n_kv; g++) {
         memcpy(ly->k_cache + ((size_t)g * m->max_len + pos) * hd, qkv + Q + (size_t)g * hd, (size_t)hd * 4);
         memcpy(ly->v_cache + ((size_t)g * m->max_len + pos) * hd, qkv + Q + KV + (size_t)g * hd, (size_t)hd * 4);
+    }
+}
+
+/* A projection of x (K) into out, called by every thread of the region: each part's input is
+   RMSNorm(x) * norm, or, for a part with a SubLN of its own, SubLN(RMSNorm(x) * norm) -- the same
+   C pre-ops the PyTorch forward calls -- then Eq. (3) and the GEMV (+ bias). t_lin, t0: shared. */
+static void project(int path, bufs *b, const float *x, int K, const float *norm, float eps,
+                    const tl_part *parts, int n, float *out, double *t_lin, double *t0) {
+    for (int p = 0, off = 0; p < n; off += parts[p].rows, p++) {
+        #pragma omp single
+        {
+            if (parts[p].norm) {
+                if (p == 0) pre_op(x, 1, K, TL_PRE_RMSNORM, norm, eps, b->h, 1);
+                prep(b, b->h, K, TL_PRE_RMSNORM, parts[p].norm, eps);
+            } else {
+                prep(b, x, K, TL_PRE_RMSNORM, norm, eps);
+            }
+            *t0 = now_s();
+        }
+        gemv_rows(path, b, tl_padded_k(K), parts[p].w, parts[p].scale, parts[p].rows, out + off);
+        #pragma omp barrier
+        #pragma omp single
+        {
+            *t_lin += now_s() - *t0;
+            if (parts[p].bias)
+                for (int r = 0; r < parts[p].rows; r++) out[off + r] = out[off + r] + parts[p].bias[r];
+        }
     }
 }
 
@@ -210,8 +245,16 @@ int tl_decode_token(const tl_model *m, int token, int pos, float *logits, void *
     if (err) return err;
     if (token < 0 || token >= m->vocab || pos < 0 || pos >= m->max_len || m->n_q % m->n_kv ||
         (m->head_kind != TL_HEAD_BF16 && m->head_kind != TL_HEAD_INT8)) return -1;
-    nthreads = threads_or_default(nthreads);
     int C = m->dim, I = m->hidden, hd = m->head_dim, Q = m->n_q * hd, Nqkv = (m->n_q + 2 * m->n_kv) * hd;
+    for (int l = 0; l < m->n_layers; l++) {      /* the parts must tile q | k | v and gate | up */
+        const tl_layer *ly = m->layers + l;
+        int nq = 0, ng = 0;
+        if ((ly->n_qkv != 1 && ly->n_qkv != 3) || (ly->n_gate_up != 1 && ly->n_gate_up != 2)) return -1;
+        for (int p = 0; p < ly->n_qkv; p++) nq += ly->qkv[p].rows;
+        for (int p = 0; p < ly->n_gate_up; p++) ng += ly->gate_up[p].rows;
+        if (nq != Nqkv || ng != 2 * I) return -1;
+    }
+    nthreads = threads_or_default(nthreads);
     int Cp = tl_padded_k(C), Qp = tl_padded_k(Q), Ip = tl_padded_k(I);
     bufs b = carve(m, scratch);
     double t_start = now_s(), t0 = 0, t_lin = 0, t_head = 0;
@@ -225,12 +268,9 @@ int tl_decode_token(const tl_model *m, int token, int pos, float *logits, void *
     #pragma omp parallel num_threads(nthreads)
     for (int l = 0; l < m->n_layers; l++) {
         const tl_layer *ly = m->layers + l;
+        project(path, &b, b.x, C, ly->in_norm, m->eps, ly->qkv, ly->n_qkv, b.qkv, &t_lin, &t0);
         #pragma omp single
-        { prep(&b, b.x, C, TL_PRE_RMSNORM, ly->in_norm, m->eps); t0 = now_s(); }
-        gemv_rows(path, &b, Cp, ly->qkv, ly->qkv_scale, Nqkv, b.qkv);
-        #pragma omp barrier
-        #pragma omp single
-        { t_lin += now_s() - t0; qkv_post(m, ly, b.qkv, pos); }
+        qkv_post(m, ly, b.qkv, pos);
         #pragma omp for schedule(static)
         for (int h = 0; h < m->n_q; h++)
             attend(path, b.qkv, ly->k_cache, ly->v_cache, m->n_q, m->n_kv, hd, m->max_len, pos + 1, h,
@@ -243,14 +283,10 @@ int tl_decode_token(const tl_model *m, int token, int pos, float *logits, void *
         {
             t_lin += now_s() - t0;
             for (int k = 0; k < C; k++) b.x[k] = b.x[k] + b.ob[k];                 /* Eq. (4) residual */
-            prep(&b, b.x, C, TL_PRE_RMSNORM, ly->post_norm, m->eps);
-            t0 = now_s();
         }
-        gemv_rows(path, &b, Cp, ly->gate_up, ly->gate_up_scale, 2 * I, b.gu);
-        #pragma omp barrier
+        project(path, &b, b.x, C, ly->post_norm, m->eps, ly->gate_up, ly->n_gate_up, b.gu, &t_lin, &t0);
         #pragma omp single
         {
-            t_lin += now_s() - t0;
             prep(&b, b.gu, I, TL_PRE_SWIGLU | (ly->mlp_subln ? TL_PRE_RMSNORM : 0), ly->mlp_subln, m->eps);
             t0 = now_s();
         }

@@ -235,6 +235,17 @@ def as_matrix(x, width):
     return x2
 
 
+def rmsnorm(x, weight, eps):
+    """y (M, K) = RMSNorm of each row of x (M, K) fp32, times weight (K,): the C pre-op alone."""
+    _check(x, "x", torch.float32, 2), _check(weight, "weight", torch.float32, 1)
+    if weight.shape[0] != x.shape[1]:
+        raise ValueError(f"weight has {weight.shape[0]} entries, x has {x.shape[1]} features")
+    y = torch.empty_like(x)
+    _raise(lib()[0].tl_rmsnorm(_ptr(x, "float *"), x.shape[0], x.shape[1], _ptr(weight, "float *"), eps,
+                               _ptr(y, "float *"), torch.get_num_threads()), "tl_rmsnorm")
+    return y
+
+
 def qk_norm_rope(qkv, n_q, n_kv, head_dim, q_w, k_w, eps, cos, sin):
     """In place on qkv (M, row) fp32: per-head RMSNorm of the q and k heads (q_w None: none), then
     rotary embedding with cos/sin (M, head_dim) -- model.py's q_norm/k_norm + apply_rope in C."""
@@ -291,12 +302,17 @@ class DecodeStep:
         self.layers = ffi.new("tl_layer[]", c.num_hidden_layers)
         for ly, pb in zip(self.layers, pm.layers):
             ly.in_norm, ly.post_norm = ptr(w(pb.input_layernorm)), ptr(w(pb.post_attention_layernorm))
-            ly.qkv, ly.qkv_scale, ly.qkv_bias = ptr(pb.qkv.packed, "uint8_t *"), ptr(pb.qkv.scale), ptr(pb.qkv.bias)
+            for name, fused, parts, norms in (("qkv", "qkv", "qkv_parts", (0, 1, 2)), ("gate_up", "gate_up", "gate_up_parts", (3, 4))):
+                lins = list(getattr(pb, parts)) if pb.subln_all else [getattr(pb, fused)]
+                setattr(ly, "n_" + name, len(lins))
+                for i, (part, lin) in enumerate(zip(getattr(ly, name), lins)):   # one fused part, or 3 / 2 with SubLNs
+                    part.w, part.scale, part.bias, part.rows = (ptr(lin.packed, "uint8_t *"), ptr(lin.scale),
+                                                                ptr(lin.bias), lin.out_features)
+                    part.norm = ptr(w(pb.in_norms[norms[i]]) if pb.subln_all else None)
             ly.q_norm = ptr(None if pb.q_norm is None else w(pb.q_norm))
             ly.k_norm = ptr(None if pb.k_norm is None else w(pb.k_norm))
             ly.attn_subln, ly.mlp_subln = ptr(w(pb.attn_subln)), ptr(w(pb.mlp_subln))
             ly.o, ly.o_scale = ptr(pb.o.packed, "uint8_t *"), ptr(pb.o.scale)
-            ly.gate_up, ly.gate_up_scale = ptr(pb.gate_up.packed, "uint8_t *"), ptr(pb.gate_up.scale)
             ly.down, ly.down_scale = ptr(pb.down.packed, "uint8_t *"), ptr(pb.down.scale)
         m = self.model = ffi.new("tl_model *")
         m.dim, m.hidden, m.n_layers = c.hidden_size, c.intermediate_size, c.num_hidden_layers

@@ -34,7 +34,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from bitlinear import BitLinear, weight_quant_int
-from kernels import DecodeStep, as_matrix, bf16_call, decode_attention, lib, linear_call, pack_ternary, padded_k, qk_norm_rope
+from kernels import (DecodeStep, as_matrix, bf16_call, decode_attention, lib, linear_call, pack_ternary, padded_k,
+                     qk_norm_rope, rmsnorm)
 from model import KVCache, Qwen3Config, RMSNorm, generate, rope_cos_sin
 from training import SaveError, atomic_write, model_from, nonneg_int, read_checkpoint, run_cli
 
@@ -152,11 +153,11 @@ class PackedBlock(nn.Module):
     def project(self, x, norm, which):
         """x (B, T, C) -> the fused projection `which` ("qkv" or "gate_up"), (B, T, sum of outputs).
         Standard SubLN: one C call with the block's RMSNorm fused in. SubLN before all seven: the
-        block's RMSNorm in PyTorch, then one C call per projection with its own SubLN fused in."""
+        block's RMSNorm (C), then one C call per projection with its own SubLN fused in."""
         if not self.subln_all:
             return getattr(self, which)(x, norm=norm)
         parts, first = (self.qkv_parts, 0) if which == "qkv" else (self.gate_up_parts, 3)
-        h = norm(x)
+        h = rmsnorm(as_matrix(x.contiguous(), x.shape[-1]), norm.weight.detach(), norm.eps).view(x.shape)  # C
         return torch.cat([lin(h, norm=self.in_norms[first + i]) for i, lin in enumerate(parts)], dim=-1)
 
     def forward(self, x, cos, sin, cache, layer_idx):
@@ -277,8 +278,8 @@ class PackedQwen3(nn.Module):
         if attention_mask is not None and not bool(attention_mask.all()):
             raise ValueError("the packed model takes no padding: batch prompts of equal length")
         past = cache.check_room(T) if cache is not None else 0
-        if self.c_decode and cache is not None and B == T == 1 and self.head_kind != "fp32" \
-                and not self.config.subln_all:   # one token, one C call: every layer and the head
+        if self.c_decode and cache is not None and B == T == 1 and self.head_kind != "fp32":
+            # one token, one C call: every layer and the head
             self._step = self._step or DecodeStep(self, self.rope_table)
             logits = self._step(idx[0, 0], cache)                                 # (1, V)
             cache.length += 1

@@ -754,6 +754,14 @@ CLONES static void pre_op(const float *x, int M, int K, int pre, const float *no
     }
 }
 
+/* y (M, K) = RMSNorm of each row of x times w: the pre-op alone (packed.py's block norm in front
+   of projections that carry a SubLN of their own, the same operation decode_cpu.c runs). */
+int tl_rmsnorm(const float *x, int M, int K, const float *w, float eps, float *y, int nthreads) {
+    if (M < 0 || K <= 0) return -1;
+    pre_op(x, M, K, TL_PRE_RMSNORM, w, eps, y, threads_or_default(nthreads));
+    return 0;
+}
+
 /* In place on the (M, row_stride) output of the fused q/k/v projection: for each of the first
    n_q + n_kv heads (q then k; v is left alone) RMSNorm over head_dim with q_w / k_w (skipped when
    q_w is NULL: Qwen2), then rotary embedding in the "rotate half" layout of model.apply_rope:

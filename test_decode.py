@@ -69,11 +69,13 @@ def test_c_decode_step_equals_pytorch_forward_qwen3_06b(head):
 
 
 @pytest.mark.parametrize("kw", [dict(), dict(subln=False, tie_word_embeddings=False),
-                                dict(qkv_bias=True, qk_norm=False, num_key_value_heads=1)])
+                                dict(qkv_bias=True, qk_norm=False, num_key_value_heads=1),
+                                dict(subln_all=True), dict(subln_all=True, qkv_bias=True, tie_word_embeddings=False)])
 def test_c_decode_step_on_small_models(kw, one_thread):
     """Variants the 0.6B test lacks (no SubLN, untied head, Qwen2's q/k/v bias without q/k norm,
-    one KV head): C step = PyTorch forward bit for bit, and its greedy tokens = the fake-quantized
-    model's (which keeps its head in fp32)."""
+    one KV head, and the authors' SubLN before all seven projections, the default recipe's layout):
+    C step = PyTorch forward bit for bit, and its greedy tokens = the fake-quantized model's (which
+    keeps its head in fp32)."""
     model = tiny_bitnet(seed=6, **kw)
     pm = P.PackedQwen3.from_bitnet(model, "int8")
     idx = torch.randint(0, 300, (1, 5), generator=torch.Generator().manual_seed(3))

@@ -366,13 +366,15 @@ def test_save_load_two_bits_per_weight(tmp_path, one_thread):
 
 
 def test_readme_bench_tables_are_results_bench_json(capsys):
-    # every row of the README's two benchmark tables is what `python bench.py --report
-    # results/bench.json` prints from the committed file: a stale figure fails
+    # every row of the README's benchmark tables (backends, decode split, kernels) and every goal
+    # line is what `python bench.py --report results/bench.json` prints from the committed file:
+    # a stale figure fails
     import bench
     here = os.path.dirname(os.path.abspath(__file__))
     bench.print_report(bench.load_results(os.path.join(here, "results", "bench.json")))
-    rows = [l for l in capsys.readouterr().out.splitlines() if l.startswith("| ") and not l.startswith("| backend")
-            and not l.startswith("| kernel")]
+    out = capsys.readouterr().out.splitlines()
+    rows = [l for l in out if l.startswith("| ") and not l.startswith(("| backend", "| kernel"))]
+    goals = [l for l in out if l.startswith("  [")]
     with open(os.path.join(here, "README.md"), encoding="utf-8") as f:
         readme = f.read()
-    assert len(rows) == 14 and all(r in readme for r in rows)
+    assert len(rows) == 5 + 4 + 20 and len(goals) == 5 and all(r in readme for r in rows + goals)
