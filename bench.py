@@ -176,7 +176,7 @@ def run_backend(name, prompt_lens, new_tokens, repeat):
     # decode: a 16-token prompt, 8 warm-up tokens, then new_tokens timed one by one; the C step
     # also at 1 thread (and 2), with its split of a token
     prompt = torch.randint(0, config.vocab_size, (1, 16), generator=g)
-    kv = 2 * config.num_hidden_layers * config.num_key_value_heads * config.head_dim * 4   # bytes per position
+    kv = 2 * config.num_hidden_layers * config.num_key_value_heads * config.head_dim * new_cache(1).k[0].element_size()
     res["kv_bytes_per_token"] = kv * (16 + 8 + (new_tokens - 1) / 2)   # cache read at the mean position
     main_threads, res["decode_by_threads"] = torch.get_num_threads(), {}
     for th in ([main_threads] if pm is None or not pm.c_decode else sorted({1, min(2, main_threads), main_threads})):
@@ -324,7 +324,7 @@ def print_decode_split(R):
     if not rows:
         return
     print("\ndecode, one token of the C step (medians; floor = the bytes a token must read, the weights plus the "
-          "KV cache at the mean position, over the read bandwidth measured by the same process right after)")
+          "fp16 KV cache at the mean position, over the read bandwidth measured by the same process right after)")
     print("| backend | threads | tok/s | ms/token | linears ms | lm_head ms | everything else ms | MB read/token "
           "(weights + KV) | floor tok/s | x of floor |")
     print("|---|---|---|---|---|---|---|---|---|---|")

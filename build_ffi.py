@@ -63,7 +63,7 @@ typedef struct {
     const float *post_norm;
     const float *mlp_subln;
     const uint8_t *down; const float *down_scale;
-    float *k_cache, *v_cache;
+    uint16_t *k_cache, *v_cache;
 } tl_layer;
 typedef struct {
     int dim, hidden, n_layers, n_q, n_kv, head_dim, vocab, max_len;
@@ -76,7 +76,9 @@ typedef struct {
     const void *embed_w; const float *embed_scale;
 } tl_model;
 double tl_peak_gmacs(int path, int nthreads, long iters);
-int tl_attention(const float *q, const float *k_cache, const float *v_cache, int n_q, int n_kv, int hd,
+void tl_f32_to_f16(const float *x, size_t n, uint16_t *y);
+void tl_f16_to_f32(const uint16_t *x, size_t n, float *y);
+int tl_attention(const float *q, const uint16_t *k_cache, const uint16_t *v_cache, int n_q, int n_kv, int hd,
                  int max_len, int n, float *y, float *att, int path, int nthreads);
 size_t tl_decode_scratch_bytes(const tl_model *m);
 int tl_decode_token(const tl_model *m, int token, int pos, float *logits, void *scratch,

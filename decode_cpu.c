@@ -12,7 +12,7 @@ ONE TOKEN (x is the residual stream, C = hidden size; every buffer fp32 unless m
     xb (C)        = RMSNorm(x) * input_layernorm                  } one int8 quantization (Eq. 3)
     qkv (Nqkv)    = W_qkv . xb (+ bias)       Nqkv = (nq + 2 nkv) hd  ternary GEMV
     q/k heads     : per-head RMSNorm (Qwen3) + RoPE at position pos, in place
-    k/v cache     : cache[l][g][pos] = k_g, v_g  (nkv, max_len, hd) each, batch row 0
+    k/v cache     : cache[l][g][pos] = fp16(k_g), fp16(v_g)  (nkv, max_len, hd) each, batch row 0
     att (nq, pos+1)  = softmax(q_h . k_g[t] / sqrt(hd))           g = h / (nq / nkv)  (GQA)
     y (nq hd)     = sum_t att[h][t] v_g[t]                        (Eq. 6, the attention output)
     x            += W_o . SubLN(y)                                 (Eq. 4)
@@ -48,7 +48,7 @@ typedef struct {
     const float *post_norm;                                 /* (C) post_attention_layernorm */
     const float *mlp_subln;                                 /* (I) or NULL */
     const uint8_t *down; const float *down_scale;           /* (C, Ip/4), (C) */
-    float *k_cache, *v_cache;                               /* (nkv, max_len, hd) each */
+    uint16_t *k_cache, *v_cache;                            /* (nkv, max_len, hd) each, fp16 */
 } tl_layer;
 
 typedef struct {
@@ -113,6 +113,47 @@ static void gemv_rows(int path, bufs *b, int Kp, const uint8_t *w, const float *
     gemm_rows(0, path, &g, lo, hi);
 }
 
+/* THE KV CACHE holds fp16 (half the bytes of fp32: memory, and the reads of a long context).
+   Conversions in software, exact and the same on every path: fp16 -> fp32 is exact; fp32 -> fp16
+   rounds to nearest even like PyTorch's .half() (overflow to inf, subnormals kept, NaN -> 0x7e00).
+   The SIMD paths read the cache with the hardware conversion (F16C / AVX-512), which is exact too. */
+static inline float half_to_float(uint16_t h) {
+    uint32_t sign = (uint32_t)(h & 0x8000) << 16, e = (h >> 10) & 0x1f, man = h & 0x3ff, bits;
+    float f;
+    if (e == 0x1f) bits = sign | 0x7f800000u | (man << 13);            /* inf, NaN */
+    else if (e) bits = sign | ((e + 112) << 23) | (man << 13);           /* normal: bias 15 -> 127 */
+    else {                                                                /* zero, subnormal: man 2^-24 */
+        f = (float)man * 5.9604644775390625e-8f;
+        memcpy(&bits, &f, 4);
+        bits |= sign;
+    }
+    memcpy(&f, &bits, 4);
+    return f;
+}
+
+static inline uint16_t float_to_half(float f) {
+    uint32_t x, sign, ax;
+    memcpy(&x, &f, 4);
+    sign = (x >> 16) & 0x8000;
+    ax = x & 0x7fffffffu;
+    if (ax > 0x7f800000u) return (uint16_t)(sign | 0x7e00);             /* NaN */
+    if (ax >= 0x477ff000u) return (uint16_t)(sign | 0x7c00);            /* >= 65520 (or inf): inf */
+    if (ax < 0x38800000u) {                                              /* below 2^-14: subnormal */
+        float v;
+        memcpy(&v, &ax, 4);
+        return (uint16_t)(sign | (uint32_t)((v * 16777216.0f + ROUND_MAGIC) - ROUND_MAGIC));  /* v 2^24, RNE */
+    }
+    uint32_t m = ax - 0x38000000u;                                       /* exponent bias 127 -> 15 */
+    m += 0xfff + ((m >> 13) & 1);                                        /* round the 13 dropped bits, RNE */
+    return (uint16_t)(sign | (m >> 13));
+}
+
+/* n values, for tests: fp32 -> fp16 bits, and back. */
+void tl_f32_to_f16(const float *x, size_t n, uint16_t *y) { for (size_t i = 0; i < n; i++) y[i] = float_to_half(x[i]); }
+void tl_f16_to_f32(const uint16_t *x, size_t n, float *y) { for (size_t i = 0; i < n; i++) y[i] = half_to_float(x[i]); }
+
+#define TL_MAX_HD 512   /* attention converts one cache row at a time into a stack buffer */
+
 /* ATTENTION of one new token (Eq. 6 with grouped-query heads), the one both the C step and
    packed.py's PyTorch forward use for a decode token. Sums in a fixed order, so that every path
    gives the same floats: a dot product runs 16 lanes (lane l sums d = l mod 16 in increasing d,
@@ -130,52 +171,95 @@ static inline __attribute__((always_inline)) float dot_lanes(const float *a, con
     return s[0];
 }
 
-/* Query head h over cache positions 0..n-1: att (n) = softmax(q_h . k_t / sqrt(hd)), y_h = sum_t
-   att_t v_t. q (nq hd), caches (nkv, max_len, hd), y (nq hd). Compiled once per path (below). */
-#define ATTEND_HEAD                                                                         \
-    int g = h / (n_q / n_kv);                                                               \
-    const float *qh = q + (size_t)h * hd;                                                   \
-    const float *kc = k_cache + (size_t)g * max_len * hd, *vc = v_cache + (size_t)g * max_len * hd; \
-    float scale = 1.0f / sqrtf((float)hd), mx = -INFINITY, sum = 0.0f;                      \
+/* KV group g over cache positions 0..n-1: for each of its rep = n_q / n_kv query heads h = g rep
+   + r, att_h (n) = softmax(q_h . k_t / sqrt(hd)) and y_h = sum_t att_h,t v_t. Each cache row is
+   converted once and serves the group's heads (GQA); per head the operations and their order are
+   those of a single head. q (nq hd), caches (nkv, max_len, hd), att (rep rows of stride att_ld).
+   Compiled once per path (below). */
+#define TL_MAX_REP 64
+#define ATTEND_GROUP(ROW_TO_F32, DOT)                                                          \
+    int rep = n_q / n_kv;                                                                   \
+    const uint16_t *kc = k_cache + (size_t)g * max_len * hd, *vc = v_cache + (size_t)g * max_len * hd; \
+    float scale = 1.0f / sqrtf((float)hd), row[TL_MAX_HD], mx[TL_MAX_REP], sum[TL_MAX_REP]; \
+    for (int r = 0; r < rep; r++) { mx[r] = -INFINITY; sum[r] = 0.0f; }                     \
     for (int t = 0; t < n; t++) {                                                           \
-        att[t] = dot_lanes(qh, kc + (size_t)t * hd, hd) * scale;                            \
-        mx = att[t] > mx ? att[t] : mx;                                                     \
+        ROW_TO_F32(kc + (size_t)t * hd, row, hd);                                           \
+        for (int r = 0; r < rep; r++) {                                                     \
+            float s = DOT(q + (size_t)(g * rep + r) * hd, row, hd) * scale;                 \
+            att[(size_t)r * att_ld + t] = s;                                                \
+            mx[r] = s > mx[r] ? s : mx[r];                                                  \
+        }                                                                                   \
     }                                                                                       \
-    for (int t = 0; t < n; t++) att[t] = exp_fast(att[t] - mx);                             \
-    for (int t = 0; t < n; t++) sum = sum + att[t];                                         \
-    float *yh = y + (size_t)h * hd;                                                         \
-    for (int d = 0; d < hd; d++) yh[d] = 0.0f;                                              \
+    for (int r = 0; r < rep; r++) {                                                         \
+        float *ar = att + (size_t)r * att_ld;                                               \
+        for (int t = 0; t < n; t++) ar[t] = exp_fast(ar[t] - mx[r]);                        \
+        for (int t = 0; t < n; t++) sum[r] = sum[r] + ar[t];                                \
+        for (int d = 0; d < hd; d++) y[(size_t)(g * rep + r) * hd + d] = 0.0f;              \
+    }                                                                                       \
     for (int t = 0; t < n; t++) {                                                           \
-        float p = att[t] / sum;                                                             \
-        for (int d = 0; d < hd; d++) yh[d] = yh[d] + p * vc[(size_t)t * hd + d];            \
+        ROW_TO_F32(vc + (size_t)t * hd, row, hd);                                           \
+        for (int r = 0; r < rep; r++) {                                                     \
+            float p = att[(size_t)r * att_ld + t] / sum[r], *yh = y + (size_t)(g * rep + r) * hd; \
+            for (int d = 0; d < hd; d++) yh[d] = yh[d] + p * row[d];                        \
+        }                                                                                   \
     }
 
-#define ATTEND_ARGS const float *q, const float *k_cache, const float *v_cache, int n_q, int n_kv, \
-                    int hd, int max_len, int n, int h, float *att, float *y
-static void attend_c(ATTEND_ARGS) { ATTEND_HEAD }
+#define ATTEND_ARGS const float *q, const uint16_t *k_cache, const uint16_t *v_cache, int n_q, int n_kv, \
+                    int hd, int max_len, int n, int g, float *att, size_t att_ld, float *y
+#define ROW_C(src, dst, n) for (int d = 0; d < (n); d++) (dst)[d] = half_to_float((src)[d])
+static void attend_c(ATTEND_ARGS) { ATTEND_GROUP(ROW_C, dot_lanes) }
 #ifdef TL_X86
-__attribute__((target("avx512f"))) static void attend_512(ATTEND_ARGS) { ATTEND_HEAD }
-__attribute__((target("avx2"))) static void attend_avx2(ATTEND_ARGS) { ATTEND_HEAD }
+#define ROW_512(src, dst, n) do { int d = 0;                                                        \
+        for (; d + 16 <= (n); d += 16)                                                              \
+            _mm512_storeu_ps((dst) + d, _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)((src) + d)))); \
+        for (; d < (n); d++) (dst)[d] = half_to_float((src)[d]); } while (0)
+#define ROW_F16C(src, dst, n) do { int d = 0;                                                       \
+        for (; d + 8 <= (n); d += 8)                                                                \
+            _mm256_storeu_ps((dst) + d, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)((src) + d)))); \
+        for (; d < (n); d++) (dst)[d] = half_to_float((src)[d]); } while (0)
+/* dot_lanes with the 16 lanes in one register and the fold as vector adds of the same pairs
+   (l + 8, + 4, + 2, + 1): the same float as dot_lanes, without its 15 scalar adds. */
+__attribute__((target("avx512f"))) static inline float dot_lanes_512(const float *a, const float *b, int n) {
+    __m512 acc = _mm512_setzero_ps();
+    int n16 = n / 16 * 16;
+    for (int d = 0; d < n16; d += 16)
+        acc = _mm512_add_ps(acc, _mm512_mul_ps(_mm512_loadu_ps(a + d), _mm512_loadu_ps(b + d)));
+    if (n16 < n) {                                        /* the tail, to lanes 0.. in scalar */
+        float s[16];
+        _mm512_storeu_ps(s, acc);
+        for (int d = n16, l = 0; d < n; d++, l++) s[l] = s[l] + a[d] * b[d];
+        acc = _mm512_loadu_ps(s);
+    }
+    __m256 s8 = _mm256_add_ps(_mm512_castps512_ps256(acc),
+                              _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(acc), 1)));
+    __m128 s4 = _mm_add_ps(_mm256_castps256_ps128(s8), _mm256_extractf128_ps(s8, 1));
+    __m128 s2 = _mm_add_ps(s4, _mm_movehl_ps(s4, s4));
+    return _mm_cvtss_f32(_mm_add_ss(s2, _mm_shuffle_ps(s2, s2, 1)));
+}
+__attribute__((target("avx512f"))) static void attend_512(ATTEND_ARGS) { ATTEND_GROUP(ROW_512, dot_lanes_512) }
+__attribute__((target("avx2,f16c"))) static void attend_avx2(ATTEND_ARGS) { ATTEND_GROUP(ROW_F16C, dot_lanes) }
 #endif
 
 static void attend(int path, ATTEND_ARGS) {
 #ifdef TL_X86
-    if (path == TL_PATH_AVX512VNNI) { attend_512(q, k_cache, v_cache, n_q, n_kv, hd, max_len, n, h, att, y); return; }
-    if (path == TL_PATH_AVX2) { attend_avx2(q, k_cache, v_cache, n_q, n_kv, hd, max_len, n, h, att, y); return; }
+    if (path == TL_PATH_AVX512VNNI) { attend_512(q, k_cache, v_cache, n_q, n_kv, hd, max_len, n, g, att, att_ld, y); return; }
+    if (path == TL_PATH_AVX2) { attend_avx2(q, k_cache, v_cache, n_q, n_kv, hd, max_len, n, g, att, att_ld, y); return; }
 #endif
-    attend_c(q, k_cache, v_cache, n_q, n_kv, hd, max_len, n, h, att, y);
+    attend_c(q, k_cache, v_cache, n_q, n_kv, hd, max_len, n, g, att, att_ld, y);
 }
 
-/* Every query head of one token: y (nq hd) from q (nq hd) and the first n cache positions; att is
-   scratch (nq, n). Returns 0, -1 for a bad argument, -2 for a path this CPU lacks. */
-int tl_attention(const float *q, const float *k_cache, const float *v_cache, int n_q, int n_kv, int hd,
+/* Every query head of one token: y (nq hd) from q (nq hd) and the first n positions of the fp16
+   caches (n_kv, max_len, hd); att is scratch (nq, n). Returns 0, -1 for a bad argument, -2 for a path this CPU lacks. */
+int tl_attention(const float *q, const uint16_t *k_cache, const uint16_t *v_cache, int n_q, int n_kv, int hd,
                  int max_len, int n, float *y, float *att, int path, int nthreads) {
     int err = check_path(&path);
     if (err) return err;
-    if (n_q <= 0 || n_kv <= 0 || n_q % n_kv || hd <= 0 || n <= 0 || n > max_len) return -1;
+    if (n_q <= 0 || n_kv <= 0 || n_q % n_kv || n_q / n_kv > TL_MAX_REP || hd <= 0 || hd > TL_MAX_HD || n <= 0 ||
+        n > max_len) return -1;
     nthreads = threads_or_default(nthreads);
     #pragma omp parallel for schedule(static) num_threads(nthreads)
-    for (int h = 0; h < n_q; h++) attend(path, q, k_cache, v_cache, n_q, n_kv, hd, max_len, n, h, att + (size_t)h * n, y);
+    for (int g = 0; g < n_kv; g++)     /* one KV group (its n_q / n_kv query heads) per iteration */
+        attend(path, q, k_cache, v_cache, n_q, n_kv, hd, max_len, n, g, att + (size_t)g * (n_q / n_kv) * n, n, y);
     return 0;
 }
 
@@ -184,10 +268,11 @@ static void qkv_post(const tl_model *m, const tl_layer *ly, float *qkv, int pos)
     int hd = m->head_dim, Q = m->n_q * hd, KV = m->n_kv * hd, Nqkv = Q + 2 * KV;
     tl_qk_norm_rope(qkv, 1, Nqkv, m->n_q, m->n_kv, hd, ly->q_norm, ly->k_norm, m->eps,
                     m->rope_cos + (size_t)pos * hd, m->rope_sin + (size_t)pos * hd, 1);
-    for (int g = 0; g < m->n_kv; g++) {
-        memcpy(ly->k_cache + ((size_t)g * m->max_len + pos) * hd, qkv + Q + (size_t)g * hd, (size_t)hd * 4);
-        memcpy(ly->v_cache + ((size_t)g * m->max_len + pos) * hd, qkv + Q + KV + (size_t)g * hd, (size_t)hd * 4);
-    }
+    for (int g = 0; g < m->n_kv; g++)
+        for (int d = 0; d < hd; d++) {
+            ly->k_cache[((size_t)g * m->max_len + pos) * hd + d] = float_to_half(qkv[Q + (size_t)g * hd + d]);
+            ly->v_cache[((size_t)g * m->max_len + pos) * hd + d] = float_to_half(qkv[Q + KV + (size_t)g * hd + d]);
+        }
 }
 
 /* A projection of x (K) into out, called by every thread of the region: each part's input is
@@ -243,7 +328,8 @@ int tl_decode_token(const tl_model *m, int token, int pos, float *logits, void *
                     double *timing, int path, int nthreads) {
     int err = check_path(&path);
     if (err) return err;
-    if (token < 0 || token >= m->vocab || pos < 0 || pos >= m->max_len || m->n_q % m->n_kv ||
+    if (token < 0 || token >= m->vocab || pos < 0 || pos >= m->max_len || m->n_q % m->n_kv || m->head_dim > TL_MAX_HD ||
+        m->n_q / m->n_kv > TL_MAX_REP ||
         (m->head_kind != TL_HEAD_BF16 && m->head_kind != TL_HEAD_INT8)) return -1;
     int C = m->dim, I = m->hidden, hd = m->head_dim, Q = m->n_q * hd, Nqkv = (m->n_q + 2 * m->n_kv) * hd;
     for (int l = 0; l < m->n_layers; l++) {      /* the parts must tile q | k | v and gate | up */
@@ -272,9 +358,9 @@ int tl_decode_token(const tl_model *m, int token, int pos, float *logits, void *
         #pragma omp single
         qkv_post(m, ly, b.qkv, pos);
         #pragma omp for schedule(static)
-        for (int h = 0; h < m->n_q; h++)
-            attend(path, b.qkv, ly->k_cache, ly->v_cache, m->n_q, m->n_kv, hd, m->max_len, pos + 1, h,
-                   b.att + (size_t)h * m->max_len, b.y);
+        for (int g = 0; g < m->n_kv; g++)
+            attend(path, b.qkv, ly->k_cache, ly->v_cache, m->n_q, m->n_kv, hd, m->max_len, pos + 1, g,
+                   b.att + (size_t)g * (m->n_q / m->n_kv) * m->max_len, m->max_len, b.y);
         #pragma omp single
         { prep(&b, b.y, Q, ly->attn_subln ? TL_PRE_RMSNORM : 0, ly->attn_subln, m->eps); t0 = now_s(); }
         gemv_rows(path, &b, Qp, ly->o, ly->o_scale, C, b.ob);

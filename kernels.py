@@ -266,17 +266,17 @@ def qk_norm_rope(qkv, n_q, n_kv, head_dim, q_w, k_w, eps, cos, sin):
 
 def decode_attention(q, k_cache, v_cache, n, path=-1, threads=0):
     """Attention of one new token (decode_cpu.c's tl_attention, the one the C decode step runs):
-    q (n_q*hd,) fp32 against the first n positions of k_cache / v_cache (n_kv, max_len, hd) fp32;
+    q (n_q*hd,) fp32 against the first n positions of k_cache / v_cache (n_kv, max_len, hd) fp16;
     returns y (n_q*hd,). Equal to softmax(q kᵀ/√hd) v per head within fp32 rounding."""
-    _check(q, "q", torch.float32, 1), _check(k_cache, "k_cache", torch.float32, 3)
-    _check(v_cache, "v_cache", torch.float32, 3)
+    _check(q, "q", torch.float32, 1), _check(k_cache, "k_cache", torch.float16, 3)
+    _check(v_cache, "v_cache", torch.float16, 3)
     n_kv, max_len, hd = k_cache.shape
     if v_cache.shape != k_cache.shape or q.shape[0] % (n_kv * hd) or not 0 < n <= max_len:
         raise ValueError(f"shape mismatch: q {tuple(q.shape)}, caches {tuple(k_cache.shape)} / "
                          f"{tuple(v_cache.shape)}, n {n}")
     n_q = q.shape[0] // hd
     y, att = torch.empty(n_q * hd), torch.empty(n_q * n)
-    _raise(lib()[0].tl_attention(_ptr(q, "float *"), _ptr(k_cache, "float *"), _ptr(v_cache, "float *"), n_q,
+    _raise(lib()[0].tl_attention(_ptr(q, "float *"), _ptr(k_cache, "uint16_t *"), _ptr(v_cache, "uint16_t *"), n_q,
                                  n_kv, hd, max_len, n, _ptr(y, "float *"), _ptr(att, "float *"), path,
                                  threads or torch.get_num_threads()), "tl_attention")
     return y
@@ -332,9 +332,9 @@ class DecodeStep:
         """Point the layers at this cache's tensors (batch row 0) and size the scratch for it."""
         L, ffi = lib()
         for ly, k, v in zip(self.layers, cache.k, cache.v):
-            if k.dtype != torch.float32 or not (k.is_contiguous() and v.is_contiguous()) or k.shape[0] != 1:
-                raise ValueError("the C decode step needs a contiguous fp32 KV cache of batch size 1")
-            ly.k_cache, ly.v_cache = ffi.cast("float *", k.data_ptr()), ffi.cast("float *", v.data_ptr())
+            if k.dtype != torch.float16 or not (k.is_contiguous() and v.is_contiguous()) or k.shape[0] != 1:
+                raise ValueError("the C decode step needs a contiguous fp16 KV cache of batch size 1")
+            ly.k_cache, ly.v_cache = ffi.cast("uint16_t *", k.data_ptr()), ffi.cast("uint16_t *", v.data_ptr())
         self.cos, self.sin = self.rope_table(cache.max_len)                     # (max_len, hd) each
         self.model.max_len = cache.max_len
         self.model.rope_cos, self.model.rope_sin = _ptr(self.cos, "float *"), _ptr(self.sin, "float *")

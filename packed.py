@@ -9,7 +9,7 @@ to int8 per token (Eq. 3) inside C; the products accumulate in int32 and one fp3
 finishes them. q/k/v are fused into one matrix and gate/up into another, and the RMSNorm (or
 SubLN, or silu(gate)·up) in front of each linear runs inside the same C call: a token costs four
 linear calls and one q/k-norm + RoPE call per layer; cffi releases the GIL while C runs. The KV
-cache is PyTorch fp32; the lm_head is fp32 (PyTorch), bf16 or int8 (C kernels). This forward,
+cache holds fp16; the lm_head is fp32 (PyTorch), bf16 or int8 (C kernels). This forward,
 op by op, is the readable reference; a decode token (batch 1, bf16/int8 head) runs instead as ONE
 C call (decode_cpu.c, kernels.DecodeStep: every layer and the head, no Python in between), equal
 to it bit for bit (test_decode.py); c_decode = False runs the reference.
@@ -169,12 +169,14 @@ class PackedBlock(nn.Module):
         qk_w = (None, None) if self.q_norm is None else (self.q_norm.weight.detach(), self.k_norm.weight.detach())
         qk_norm_rope(qkv.view(B * T, -1), nh, nkv, hd, *qk_w, self.eps, cos, sin)  # in place
         q, k, v = qkv.view(B, T, nh + 2 * nkv, hd).transpose(1, 2).split([nh, nkv, nkv], dim=1)  # (B, h, T, hd)
-        past = 0
+        past = 0   # keys and values are held in fp16 (the cache's dtype): attention always sees them so
         if cache is not None:
             past = cache.length
             cache.k[layer_idx][:, :, past:past + T] = k
             cache.v[layer_idx][:, :, past:past + T] = v
-            k, v = cache.k[layer_idx][:, :, :past + T], cache.v[layer_idx][:, :, :past + T]
+            k, v = cache.k[layer_idx][:, :, :past + T].float(), cache.v[layer_idx][:, :, :past + T].float()
+        else:
+            k, v = k.half().float(), v.half().float()
         mask = None  # one new token (decode) sees every cached one; a first chunk is plain causal
         if T > 1 and past > 0:  # a later chunk: query i (absolute past+i) sees keys j <= past+i
             mask = torch.arange(past + T)[None, :] <= torch.arange(past, past + T)[:, None]  # (T, S)
@@ -305,7 +307,8 @@ class PackedQwen3(nn.Module):
         return cos[0].contiguous(), sin[0].contiguous()
 
     def new_cache(self, batch_size, max_len):
-        return KVCache(self.config, batch_size, max_len, "cpu", torch.float32)
+        """fp16 keys and values: half of fp32's memory and of the bytes a long-context token reads."""
+        return KVCache(self.config, batch_size, max_len, "cpu", torch.float16)
 
     def generate(self, idx, max_new_tokens, temperature=0.0, top_p=1.0, eos_token_id=None, generator=None):
         """model.generate, the one decoding loop: greedy at temperature 0, top-p sampling

@@ -87,7 +87,7 @@ int tl_cpu_path(void) {
     if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
         __builtin_cpu_supports("avx512vnni"))
         return TL_PATH_AVX512VNNI;
-    if (__builtin_cpu_supports("avx2")) return TL_PATH_AVX2;
+    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("f16c")) return TL_PATH_AVX2;
 #endif
     return TL_PATH_C;
 }

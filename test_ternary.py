@@ -158,8 +158,8 @@ def test_simd_path_equals_plain_c_on_1000_random_shapes(path):
         assert torch.equal(kernels.bf16_linear(x, w16, path, threads), kernels.bf16_linear(x, w16, 0))
         hd, n_kv = 2 * rnd(1, 80), rnd(1, 3)
         n_q, max_len = n_kv * rnd(1, 3), rnd(1, 40)
-        qv, kc, vc = torch.randn(n_q * hd, generator=g), torch.randn(n_kv, max_len, hd, generator=g), \
-            torch.randn(n_kv, max_len, hd, generator=g)
+        qv, kc, vc = torch.randn(n_q * hd, generator=g), torch.randn(n_kv, max_len, hd, generator=g).half(), \
+            torch.randn(n_kv, max_len, hd, generator=g).half()
         n = rnd(1, max_len)
         assert torch.equal(kernels.decode_attention(qv, kc, vc, n, path, threads),
                            kernels.decode_attention(qv, kc, vc, n, 0)), (n_q, n_kv, hd, n)
