@@ -52,6 +52,7 @@ from figures import latent_weights_over_delta, plot_loss_curves, plot_weights
 from model import Qwen3Config
 from recipe import RECIPES, apply_recipe
 from subln import build_model, convert_to_bitnet
+from profiling import Profiler, training_flops_per_token
 from tokenizer import load_tokenizer
 from training import (HelpFormatter, adamw, autocast_context, check_finite, check_resume, claim_out_dir,
                       get_lr, get_rng_state, load_model, model_from, nonneg_float, nonneg_int,
@@ -197,6 +198,8 @@ def parse_args(argv=None):
     p.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16"),
                    help="autocast dtype; auto: bfloat16 on GPUs that support it, else float32")
     p.add_argument("--compile", action="store_true", help="torch.compile the model")
+    p.add_argument("--profile", type=nonneg_int, default=0, metavar="N", help="only time 1 + N optimizer steps: "
+                   "tok/s, data/forward/backward/optimizer ms, peak memory, MFU (profiling.py); writes nothing")
     p.add_argument("--fsdp", action="store_true",
                    help="torchrun only: shard model, gradients and optimizer over the processes (FSDP2) instead of DDP")
     p.add_argument("--eval_interval", type=positive_int, default=500, help="validate and checkpoint every N steps")
@@ -225,8 +228,8 @@ def main(argv=None):
         raise ValueError(f"--val_fraction {args.val_fraction} leaves nothing to train on: use a fraction below 1")
     ddp, rank, local_rank, world_size, device, master = setup_distributed()
     try:   # rank 0 holds the output folder: writable, not in use, no earlier run replaced unasked
-        with claim_out_dir(args.out_dir, args.resume, args.overwrite, ("ckpt.pt", "metrics.json")) if master \
-                else nullcontext():
+        with claim_out_dir(args.out_dir, args.resume, args.overwrite, ("ckpt.pt", "metrics.json")) \
+                if master and not args.profile else nullcontext():      # --profile writes nothing
             train(args, ddp, rank, local_rank, world_size, device, master)
     finally:
         if ddp:
@@ -341,6 +344,7 @@ def train(args, ddp, rank, local_rank, world_size, device, master):
         raise ValueError("--fsdp shards the model over processes: run it under torchrun "
                          "(torchrun --standalone --nproc_per_node=N continue_train.py --fsdp ...)")
     accum, tokens_per_step, args.max_steps, warmup, min_lr = budget(args, world_size)
+    args.max_steps = args.profile + 1 if args.profile else args.max_steps   # --profile: 1 warm-up + N steps
     ckpt_path = os.path.join(args.out_dir, "ckpt.pt")
     if not (args.dataset or args.data or args.data_dir):     # no local corpus: the paper's, streamed
         args.dataset = "tiiuae/falcon-refinedweb"
@@ -358,15 +362,18 @@ def train(args, ddp, rank, local_rank, world_size, device, master):
     next_batch, val = setup_data(args, tok, files, ds, rank, world_size, state["docs_read"], master)
     label, step = run_label(args, raw_model.config), state["step"]
     if master:
-        os.makedirs(args.out_dir, exist_ok=True)
+        if not args.profile:
+            os.makedirs(args.out_dir, exist_ok=True)
         print(f"{label}: {sum(p.numel() for p in raw_model.parameters()) / 1e6:.2f}M parameters, {device} x "
               f"{world_size}, {dtype} | {args.max_steps} steps of {tokens_per_step} tokens (batch {args.batch_size}"
               f" x block {args.block_size} x accum {args.grad_accum}) | lr {args.lr:g} -> {min_lr:g}, warmup {warmup}")
 
     # ---- the loop (nanoGPT): validate + checkpoint every eval_interval steps, one optimizer step
     docs_read = state["docs_read"][rank] if state["docs_read"] else 0
+    prof = Profiler(args.profile, device, dtype, label)      # --profile: time steps, evaluate and save nothing
+    flops = args.batch_size * args.block_size * training_flops_per_token(raw_model.config, args.block_size)
     while True:
-        if step % args.eval_interval == 0 or step == args.max_steps:
+        if not args.profile and (step % args.eval_interval == 0 or step == args.max_steps):
             val_loss = evaluate(model, val, args, ctx, device, rank, world_size, master)
             check_finite(val_loss, step, ckpt_path)             # a model with a NaN loss is never saved
             docs_all = [docs_read] * world_size                 # --dataset: where each rank's stream is
@@ -382,9 +389,11 @@ def train(args, ddp, rank, local_rank, world_size, device, master):
         for group in optimizer.param_groups:
             group["lr"] = lr
         loss_sum = torch.zeros((), device=device)
+        prof.start()
         for micro in range(accum):
             x, y, docs_read = next_batch(step, micro)                               # (B, T) each
             x, y = x.to(device), y.to(device)
+            prof.mark("data")
             if ddp and not args.fsdp:   # all-reduce the gradients only after the last micro-batch (nanoGPT)
                 model.require_backward_grad_sync = micro == accum - 1
             # FSDP reduce-scatters every micro-batch's gradients (no set_requires_gradient_sync(False)):
@@ -392,7 +401,9 @@ def train(args, ddp, rank, local_rank, world_size, device, master):
             with ctx:
                 logits = model(x)                                                    # (B, T, V)
                 loss = next_token_loss(logits, y) / accum                           # Eq. (7)
+            prof.mark("forward", tokens=x.numel(), flops=flops)
             loss.backward()
+            prof.mark("backward")
             loss_sum += loss.detach()
         if ddp:
             dist.all_reduce(loss_sum)                           # gloo has no AVG: sum, then divide
@@ -402,6 +413,9 @@ def train(args, ddp, rank, local_rank, world_size, device, master):
             torch.nn.utils.clip_grad_norm_(raw_model.parameters(), args.grad_clip)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
+        prof.mark("optimizer")
+        if prof.step_done():
+            return
         dt = time.time() - t0
         if master:
             state["log"]["train"].append({"step": step, "tokens": (step + 1) * tokens_per_step, "loss": lossf,

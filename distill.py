@@ -47,7 +47,8 @@ from recipe import RECIPES, TEACHER_LR, apply_recipe, distill_layers
 from subln import convert_to_bitnet
 from tasks import (METHODS, TASKS, chat_tokens, collate, collect_results, encode_example, evaluate, get_task,
                    print_table, task_splits)
-from tokenizer import load_tokenizer
+from profiling import Profiler, training_flops_per_token
+from tokenizer import check_same_tokenizer, load_tokenizer
 from training import (HelpFormatter, adamw, autocast_context, check_finite, check_resume, claim_out_dir,
                       get_lr, get_rng_state, micro_batch, model_from, nonneg_float, nonneg_int,
                       positive_float, positive_int, provenance, read_checkpoint, resolve_dtype, run_cli,
@@ -126,24 +127,12 @@ def loss_terms(model, teacher, batch, tok, args, device, ctx, layers):
     seqs, n_prompts = zip(*[encode_example(tok, args.task, ex, args.max_len, chat) for ex in batch])
     idx, mask, answer = (t.to(device) for t in collate(seqs, tok.eot_token, n_prompts))  # (B, T) each
     s, t = forward_both(model, teacher, idx, mask, layers, args, ctx)
-    return distill_loss(s, t, idx, mask, answer, args)
+    loss, terms = distill_loss(s, t, idx, mask, answer, args)
+    return loss, dict(terms, positions=idx.shape)          # (B, T) processed: for --profile's FLOPs
 
 
 # ----------------------------------------------------------------------------------------------
 # Models
-
-def check_same_tokenizer(student, teacher, s_tok, t_tok):
-    """Logits distillation compares distributions over the same vocabulary: the teacher must use
-    the student's tokenizer (Qwen3 0.6B/1.7B/4B all do)."""
-    sv, tv = student.config.vocab_size, teacher.config.vocab_size
-    if sv != tv:
-        raise ValueError(f"teacher vocab_size {tv} != student vocab_size {sv}: the teacher must use the "
-                         "student's tokenizer (logits distillation compares the same vocabulary)")
-    probe = "BitNet Distillation: 1.58-bit students, 你好, émigré!"
-    if t_tok is not None and t_tok.encode(probe) != s_tok.encode(probe):
-        raise ValueError("the teacher's tokenizer encodes text differently from the student's: "
-                         "logits distillation needs one shared tokenizer")
-
 
 def build_student(args, own):
     """(student, tokenizer path). own: this run's checkpoint (--resume, --eval_only), else None:
@@ -294,6 +283,8 @@ def get_args(argv=None):
                    help="autocast dtype; auto = bfloat16 on CUDA GPUs that support it, else float32")
     p.add_argument("--out_dir", default=None, help="None: out/<task>-<method>")
     p.add_argument("--save_every", type=nonneg_int, default=0, help="checkpoint every N steps (0: at the end)")
+    p.add_argument("--profile", type=nonneg_int, default=0, metavar="N", help="only time 1 + N optimizer steps: "
+                   "tok/s, forward/backward/optimizer ms, peak memory, MFU (profiling.py); evaluates and writes nothing")
     p.add_argument("--resume", action="store_true", help="continue from <out_dir>/ckpt.pt")
     p.add_argument("--overwrite", action="store_true", help="start over in an --out_dir that holds an earlier run")
     p.add_argument("--eval_only", action="store_true", help="evaluate <out_dir>/ckpt.pt, no training")
@@ -346,9 +337,14 @@ def train(args, model, student, teacher, tok, layers, ctx, device, dist, data, o
         save_checkpoint(ckpt_path, {"model": student.state_dict(), "optimizer": opt.state_dict(), "step": step,
                                     "config": student.config.to_dict(), "args": vars(args), "rng": get_rng_state()})
 
+    if args.profile:   # one warm-up step and --profile timed ones; nothing saved, nothing evaluated
+        step, max_steps = 0, args.profile + 1
+    prof = Profiler(args.profile, device, args.dtype, args.label)
+    flops = lambda B, T: B * T * training_flops_per_token(student.config, T, teacher.config if teacher else None)
     student.train()
     while step < max_steps:
         t0 = time.time()
+        prof.start()
         lr = get_lr(step, max_steps, warmup, args.lr, args.lr * args.min_lr_ratio)
         for g in opt.param_groups:
             g["lr"] = lr
@@ -358,20 +354,26 @@ def train(args, model, student, teacher, tok, layers, ctx, device, dist, data, o
                 model.require_backward_grad_sync = micro == grad_accum - 1
             batch = micro_batch(data, step, micro, rank, args.micro_batch_size, grad_accum, world_size, args.seed)
             loss, terms = loss_terms(model, teacher, batch, tok, args, device, ctx, layers)   # Eq. (13)
+            B, T = terms.pop("positions")
+            prof.mark("forward", tokens=B * T, flops=flops(B, T))
             check_finite(loss, step, ckpt_path)    # NaN/inf: stop, keep the last good checkpoint
             (loss / grad_accum).backward()
+            prof.mark("backward")
             for k, v in terms.items():
                 logged[k] = logged.get(k, 0.0) + v / grad_accum
         norm = torch.nn.utils.clip_grad_norm_(student.parameters(), args.grad_clip or float("inf"))  # 0: off
         opt.step()
         opt.zero_grad(set_to_none=True)
+        prof.mark("optimizer")
         step += 1
+        if prof.step_done():
+            return
         if master:  # rank 0's values; loss = ce + λ·ld + γ·ad, the terms printed unweighted
             total = logged["ce"] + args.lambda_ld * logged.get("ld", 0.0) + args.gamma_ad * logged.get("ad", 0.0)
             parts = " | ".join(f"{k} {v:.4g}" for k, v in logged.items())
             print(f"step {step}/{max_steps} | loss {total:.4f} | {parts} | lr {lr:.2e} | "
                   f"norm {norm.item():.3f} | {(time.time() - t0) * 1000:.0f} ms", flush=True)
-            if step == max_steps or (args.save_every and step % args.save_every == 0):
+            if not args.profile and (step == max_steps or (args.save_every and step % args.save_every == 0)):
                 save(step)
 
 
@@ -405,7 +407,7 @@ def main(argv=None):
     ddp, rank, local_rank, world_size, device, master = setup_distributed()
     try:   # rank 0 holds the output folder: writable, not in use, no earlier run replaced unasked
         with claim_out_dir(args.out_dir, args.resume or args.eval_only, args.overwrite, ("ckpt.pt", "results.json")) \
-                if master else nullcontext():
+                if master and not args.profile else nullcontext():      # --profile writes nothing
             run(args, ddp, rank, local_rank, world_size, device, master)
     finally:
         if ddp:
@@ -438,7 +440,7 @@ def run(args, ddp, rank, local_rank, world_size, device, master):
     if not args.eval_only:
         train(args, model, student, teacher, tok, layers, ctx, device, (ddp, rank, world_size, master), data,
               own if args.resume else None)
-    if master:  # evaluation on rank 0 only; the others wait at the barrier below
+    if master and not args.profile:  # evaluation on rank 0 only; the others wait at the barrier below
         report(args, student, tok, device, ctx, evals)
     if ddp:
         torch.distributed.barrier()

@@ -249,3 +249,35 @@ def test_training_helpers(tmp_path):
         f.truncate(20)
     with pytest.raises(ValueError, match="not a readable checkpoint.*truncated or corrupt"):
         training.load_checkpoint(path)
+
+
+def test_profile_times_the_step_and_writes_nothing(tmp_path, data_dir, byte_tok, tiny_hf, capsys):
+    """--profile N: one warm-up + N optimizer steps, the split into data / forward / backward /
+    optimizer, peak memory and MFU printed (and as a PROFILE json line); no output folder written."""
+    out = tmp_path / "prof"
+    ct.main(["--init", tiny_hf, "--tokenizer", byte_tok, "--data", os.path.join(data_dir, "corpus", "tinyshakespeare.txt"),
+             "--block_size", "32", "--batch_size", "2", "--grad_accum", "2", "--profile", "3", "--out_dir", str(out)])
+    res = json.loads(next(l for l in capsys.readouterr().out.splitlines() if l.startswith("PROFILE "))[8:])
+    assert res["steps"] == 3 and res["tokens_per_step"] == 2 * 2 * 32
+    assert all(res["step_ms"][p] > 0 for p in ("data", "forward", "backward", "optimizer"))
+    assert 0 < res["mfu"] < 1 and res["peak_memory_gb"] > 0 and res["measured_peak_tflops"] > 0
+    assert not out.exists()
+
+
+def test_model_flops_equal_pytorch_flop_counter(tiny_hf):
+    """profiling's model FLOPs (6N + 12 L T d_attn per token) against PyTorch's own count of one
+    forward + backward: the linears of the 1.58-bit model exactly (FlopCounterMode does not count
+    the CPU's fused attention kernel), attention through its two matmuls written out."""
+    from torch.utils.flop_counter import FlopCounterMode
+    import profiling
+    from subln import convert_to_bitnet
+    model = convert_to_bitnet(load_model(tiny_hf))
+    c, (B, T) = model.config, (2, 48)
+    with FlopCounterMode(display=False) as fc:
+        model(torch.randint(0, c.vocab_size, (B, T))).float().sum().backward()
+    assert fc.get_total_flops() == 3 * B * T * profiling.linear_flops_per_token(c)
+    q, k, v = (torch.randn(B, c.num_attention_heads, T, c.head_dim, requires_grad=True) for _ in range(3))
+    with FlopCounterMode(display=False) as fc:
+        (torch.softmax(q @ k.transpose(-1, -2), -1) @ v).sum().backward()
+    assert fc.get_total_flops() * c.num_hidden_layers == 3 * B * T * profiling.attention_flops_per_token(c, T)
+    assert profiling.training_flops_per_token(c, T) == 3 * profiling.matmul_flops_per_token(c, T)

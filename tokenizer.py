@@ -275,3 +275,16 @@ def save_tiktoken(ranks, folder, added_tokens=("<|endoftext|>", "<|im_start|>", 
     with open(os.path.join(folder, "tokenizer_config.json"), "w") as f:
         json.dump({"added_tokens_decoder": decoder, "eos_token": eos_token, "pad_token": pad_token}, f, indent=1)
     return os.path.join(folder, "vocab.tiktoken")
+
+
+def check_same_tokenizer(student, teacher, s_tok, t_tok):
+    """Logits distillation compares distributions over the same vocabulary: the teacher must use
+    the student's tokenizer (Qwen3 0.6B/1.7B/4B all do)."""
+    sv, tv = student.config.vocab_size, teacher.config.vocab_size
+    if sv != tv:
+        raise ValueError(f"teacher vocab_size {tv} != student vocab_size {sv}: the teacher must use the "
+                         "student's tokenizer (logits distillation compares the same vocabulary)")
+    probe = "BitNet Distillation: 1.58-bit students, 你好, émigré!"
+    if t_tok is not None and t_tok.encode(probe) != s_tok.encode(probe):
+        raise ValueError("the teacher's tokenizer encodes text differently from the student's: "
+                         "logits distillation needs one shared tokenizer")

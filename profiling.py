@@ -1,0 +1,140 @@
+"""
+Training speed, one command away (issue 16): `--profile N` in continue_train.py and distill.py runs
+one warm-up optimizer step and then N timed ones, and prints tokens/s, the step split into forward
+/ backward / optimizer, peak memory and model FLOPs utilisation (MFU). It evaluates nothing and
+writes nothing: the output folder is not touched.
+
+    python continue_train.py --init Qwen/Qwen3-0.6B --block_size 2048 --batch_size 4 --profile 10
+    python distill.py --task sst2 --method bitdistill --student ... --teacher ... --profile 10
+
+MFU = model FLOPs per second / the device's peak. Model FLOPs per token (PaLM, appendix B): 6 N for
+the trained model's forward and backward (N = its parameters in matmuls: every linear and the
+lm_head, not the embedding lookup) + 12 L T d_attn for attention's two matmuls (L layers, T
+positions, d_attn = heads x head_dim; 6 x 2 L T d_attn with causal masking ignored, as PaLM does),
+and 2 N_t + 4 L_t T d_attn,t for a teacher that only runs forward (distill.py). The peak is
+MEASURED here, not read off a spec sheet: the best rate of a large matmul in the training dtype
+(bf16 on a GPU that has it, else fp32), so MFU reads "fraction of what this device's matmul
+reaches". Phases are separated by device synchronisations, which cost a little speed: profile
+numbers are for understanding a step, the training log's tok/s for the run itself.
+"""
+import json
+import resource
+import sys
+import time
+
+import torch
+
+
+def linear_flops_per_token(config):
+    """2 N: every linear of every layer (q, k, v, o, gate, up, down) and the lm_head, forward."""
+    c = config
+    q, kv = c.num_attention_heads * c.head_dim, c.num_key_value_heads * c.head_dim
+    per_layer = c.hidden_size * (q + 2 * kv) + q * c.hidden_size + 3 * c.hidden_size * c.intermediate_size
+    return 2 * (c.num_hidden_layers * per_layer + c.hidden_size * c.vocab_size)
+
+
+def attention_flops_per_token(config, T):
+    """4 L T d_attn: q k^T and att v of every layer at sequence length T, forward, no causal discount."""
+    return 4 * config.num_hidden_layers * T * config.num_attention_heads * config.head_dim
+
+
+def matmul_flops_per_token(config, T):
+    """Forward FLOPs per token of one model at sequence length T."""
+    return linear_flops_per_token(config) + attention_flops_per_token(config, T)
+
+
+def training_flops_per_token(config, T, teacher_config=None):
+    """Forward + backward of the trained model (3x its forward) + the teacher's forward."""
+    return 3 * matmul_flops_per_token(config, T) + (matmul_flops_per_token(teacher_config, T) if teacher_config else 0)
+
+
+def measured_peak_flops(device, dtype, seconds=0.5):
+    """FLOP/s of the best of repeated n x n matmuls in `dtype` (n = 8192 on a GPU, 1024 on a CPU)."""
+    n = 8192 if device.type == "cuda" else 1024
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    best, t_end = float("inf"), time.perf_counter() + seconds
+    for i in range(1000):
+        sync(device)
+        t0 = time.perf_counter()
+        a @ b
+        sync(device)
+        best = min(best, time.perf_counter() - t0)
+        if i >= 2 and time.perf_counter() > t_end:
+            break
+    return 2 * n ** 3 / best
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def peak_memory_bytes(device):
+    """GPU: the most memory PyTorch held at once; CPU: the process's peak resident set."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device)
+    try:
+        with open("/proc/self/status") as f:
+            return next(int(l.split()[1]) * 1024 for l in f if l.startswith("VmHWM:"))
+    except (OSError, StopIteration):
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)
+
+
+class Profiler:
+    """Times the phases of each optimizer step. steps = 0: every method is a no-op (no syncs).
+    In the loop: start() when a step begins; mark(phase) when a phase ends ("data", "forward",
+    "backward", "optimizer"), the forward's with the tokens (positions) it processed and their
+    model FLOPs; step_done() at the end of the step: True when the profile is complete (after it
+    has printed the report). The first step is a warm-up and is not counted."""
+
+    PHASES = ("data", "forward", "backward", "optimizer")
+
+    def __init__(self, steps, device, dtype, label):
+        dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype      # "bfloat16" -> torch.bfloat16
+        self.steps, self.device, self.dtype, self.label = steps, device, dtype, label
+        self.done_steps, self.times, self.tokens, self.flops, self.t_last = -1, dict.fromkeys(self.PHASES, 0.0), 0, 0.0, None
+        if steps and device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+
+    def start(self):
+        if self.steps:
+            sync(self.device)
+            self.t_last = time.perf_counter()
+
+    def mark(self, phase, tokens=0, flops=0.0):
+        if not self.steps:
+            return
+        sync(self.device)
+        now = time.perf_counter()
+        if self.done_steps >= 0:                     # step -1 is the warm-up
+            self.times[phase] += now - self.t_last
+            self.tokens, self.flops = self.tokens + tokens, self.flops + flops
+        self.t_last = now
+
+    def step_done(self):
+        if not self.steps:
+            return False
+        self.done_steps += 1
+        if self.done_steps < self.steps:
+            return False
+        self.report()
+        return True
+
+    def report(self):
+        step_s = sum(self.times.values())
+        tok_s, peak = self.tokens / step_s, measured_peak_flops(self.device, self.dtype)
+        res = dict(label=self.label, device=str(self.device), dtype=str(self.dtype).replace("torch.", ""),
+                   steps=self.steps, tokens_per_step=self.tokens // self.steps, tok_per_s=tok_s,
+                   step_ms={p: 1e3 * t / self.steps for p, t in self.times.items()},
+                   peak_memory_gb=peak_memory_bytes(self.device) / 1e9,
+                   model_flops_per_token=self.flops / self.tokens, measured_peak_tflops=peak / 1e12,
+                   mfu=self.flops / step_s / peak)
+        ms = res["step_ms"]
+        print(f"profile ({self.label}, {res['device']}, {res['dtype']}, {self.steps} steps after 1 warm-up): "
+              f"{tok_s:,.0f} tok/s | step {sum(ms.values()):.1f} ms = data {ms['data']:.1f} + forward "
+              f"{ms['forward']:.1f} + backward {ms['backward']:.1f} + optimizer {ms['optimizer']:.1f} | peak memory "
+              f"{res['peak_memory_gb']:.2f} GB | MFU {res['mfu']:.1%} of the measured {res['dtype']} matmul peak "
+              f"{res['measured_peak_tflops']:.3f} TFLOP/s ({res['model_flops_per_token'] / 1e6:.2f} MFLOP per token)")
+        print("PROFILE " + json.dumps(res))
+        return res
