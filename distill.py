@@ -39,10 +39,9 @@ import time
 from contextlib import nullcontext
 
 import torch
-import torch.nn.functional as F
 
-from attn_relation import attention_relation_loss
 from bitlinear import weight_memory_gb
+from losses import distill_loss   # Eq. (8)-(9), (13), (14)
 from recipe import RECIPES, TEACHER_LR, apply_recipe, distill_layers
 from subln import convert_to_bitnet
 from tasks import (METHODS, TASKS, chat_tokens, collate, collect_results, encode_example, evaluate, get_task,
@@ -55,54 +54,6 @@ from training import (HelpFormatter, adamw, autocast_context, check_finite, chec
                       save_checkpoint, set_rng_state, setup_distributed, write_json)
 
 load_tokenizer = functools.lru_cache(maxsize=4)(load_tokenizer)  # teacher and student share one
-
-# ----------------------------------------------------------------------------------------------
-# Losses
-
-# Eq. (14): L_CE = -1/N Σ_i Σ_{t=1}^{|y_i|} log P_θ(y_i^t | x_i)     (form "sample_sum", the text)
-# The authors' trainer takes the mean over the answer tokens of the batch (form "token_mean").
-def ce_loss(logits, idx, answer_mask, form="sample_sum"):
-    sel = answer_mask[:, 1:].bool()                    # (B, T-1): logit t predicts token t+1
-    logits = logits[:, :-1][sel].float()               # (n_answer_tokens, V)
-    nll = F.cross_entropy(logits, idx[:, 1:][sel], reduction="sum")
-    return nll / (idx.shape[0] if form == "sample_sum" else sel.sum().clamp(min=1))
-
-
-# Eq. (8)-(9): L_LD = 1/N Σ_i KL(P_T(y_i|x_i) || P_S(y_i|x_i)), P = softmax(z / τ).
-#   form "paper": the sequence KL token by token (teacher forcing) over the positions that predict
-#     the answer tokens (sel_mask = the answer mask), summed per sample, / N; no τ² (Eq. 8 has none).
-#   form "authors": the mean KL over every position with sel_mask = 1 (the attention mask: prompt,
-#     answer and the last real position, teacher and student at the same positions), times τ²
-#     (Hinton's scaling), as the released trainer computes it.
-def logits_distill_loss(s_logits, t_logits, sel_mask, tau, form="paper"):
-    if form == "paper":
-        sel = sel_mask[:, 1:].bool()                   # (B, T-1), same positions as ce_loss
-        s_logits, t_logits = s_logits[:, :-1], t_logits[:, :-1]
-    else:
-        sel = sel_mask.bool()                          # (B, T): every real position
-    s_logp = F.log_softmax(s_logits[sel].float() / tau, dim=-1)  # (n, V)
-    t_logp = F.log_softmax(t_logits[sel].float() / tau, dim=-1)  # (n, V)
-    kl = (t_logp.exp() * (t_logp - s_logp)).sum()      # Σ over positions and vocabulary
-    if form == "paper":
-        return kl / sel.shape[0]
-    return kl / sel.sum().clamp(min=1) * tau ** 2
-
-
-# Eq. (13): L = L_CE + λ·L_LD + γ·L_AD. s / t: the student's / teacher's outputs on one batch,
-# dicts with "logits" (B, T, V) and "qkv" (Q, K, V of the distilled layer, Eq. 10); the teacher's
-# entries are None for a term that is switched off (--no_ld, --no_ad, or no teacher at all).
-def distill_loss(s, t, idx, mask, answer, args):
-    terms = {"ce": ce_loss(s["logits"], idx, answer, args.ce_form)}                         # Eq. (14)
-    if t["logits"] is not None:
-        terms["ld"] = logits_distill_loss(s["logits"], t["logits"], answer if args.ld_form == "paper" else mask,
-                                          args.tau, args.ld_form)                            # Eq. (8)-(9)
-    if t["qkv"] is not None:
-        terms["ad"] = attention_relation_loss(s["qkv"], t["qkv"], args.split_heads, args.ad_temperature,
-                                              attention_mask=mask, scaled_dot=args.ad_scaled_dot,
-                                              norm=args.ad_norm)                             # Eq. (10)-(12)
-    loss = terms["ce"] + args.lambda_ld * terms.get("ld", 0.0) + args.gamma_ad * terms.get("ad", 0.0)
-    return loss, {k: v.item() for k, v in terms.items()}
-
 
 def forward_both(model, teacher, idx, mask, layers, args, ctx):
     """The student's forward (with grad) and the frozen teacher's (no grad) on the same tokens;

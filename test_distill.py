@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 
 import distill
+import losses
 import recipe
 import tasks
 from attn_relation import attention_relation_loss, relation_heads
@@ -151,10 +152,10 @@ def test_logits_distill_and_ce_against_direct_computation():
                 q = F.softmax(s_logits[b, t - 1] / tau, -1)
                 kl += sum(p[v] * math.log(p[v] / q[v]) for v in range(V))
                 ce -= F.log_softmax(s_logits[b, t - 1], -1)[idx[b, t]]
-    torch.testing.assert_close(distill.logits_distill_loss(s_logits, t_logits, answer, tau),
+    torch.testing.assert_close(losses.logits_distill_loss(s_logits, t_logits, answer, tau),
                                kl / B, rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(distill.ce_loss(s_logits, idx, answer), ce / B, rtol=1e-5, atol=1e-6)
-    assert distill.logits_distill_loss(t_logits, t_logits, answer, tau).abs().item() < 1e-6
+    torch.testing.assert_close(losses.ce_loss(s_logits, idx, answer), ce / B, rtol=1e-5, atol=1e-6)
+    assert losses.logits_distill_loss(t_logits, t_logits, answer, tau).abs().item() < 1e-6
 
 
 def loop_kl(p_logits, q_logits):
@@ -175,14 +176,14 @@ def test_recipe_items_against_loops():
     # position (no shift, the last real one included), mean over those positions, times τ²
     rows = [(b, i) for b in range(B) for i in range(T) if mask[b, i]]
     ref = sum(loop_kl(t_logits[b, i] / tau, s_logits[b, i] / tau) for b, i in rows) / len(rows) * tau ** 2
-    got = distill.logits_distill_loss(s_logits, t_logits, mask, tau, form="authors")
+    got = losses.logits_distill_loss(s_logits, t_logits, mask, tau, form="authors")
     assert got.item() == pytest.approx(float(ref), rel=1e-5)
     # L_CE, authors (item 4): the mean over the answer tokens of the batch
     nll = [-F.log_softmax(s_logits[b, i - 1].double(), -1)[idx[b, i]] for b in range(B) for i in range(1, T)
            if answer[b, i]]
-    assert distill.ce_loss(s_logits, idx, answer, "token_mean").item() == pytest.approx(float(sum(nll) / len(nll)),
+    assert losses.ce_loss(s_logits, idx, answer, "token_mean").item() == pytest.approx(float(sum(nll) / len(nll)),
                                                                                        rel=1e-5)
-    assert distill.ce_loss(s_logits, idx, answer, "sample_sum").item() == pytest.approx(float(sum(nll) / B), rel=1e-5)
+    assert losses.ce_loss(s_logits, idx, answer, "sample_sum").item() == pytest.approx(float(sum(nll) / B), rel=1e-5)
 
 
 def authors_ad_reference(s_qkv, t_qkv, split_heads, n_layers=1):
@@ -223,20 +224,20 @@ def test_eq13_total_is_ce_plus_lambda_ld_plus_gamma_ad(recipe):
     s_qkv, t_qkv = random_qkv(B, T, 4, 2, 8, seed=3), random_qkv(B, T, 4, 2, 8, seed=4)
     args = distill.get_args(["--task", "sst2", "--lambda_ld", "3", "--gamma_ad", "70", "--recipe", recipe,
                              "--split_heads", "4"])
-    ce = distill.ce_loss(s_logits, idx, answer, args.ce_form)            # pinned by the tests above
+    ce = losses.ce_loss(s_logits, idx, answer, args.ce_form)            # pinned by the tests above
     if recipe == "paper":
-        ld = distill.logits_distill_loss(s_logits, t_logits, answer, args.tau)   # pinned above
+        ld = losses.logits_distill_loss(s_logits, t_logits, answer, args.tau)   # pinned above
         ad = algorithm1_reference(s_qkv, t_qkv, 4)                               # Algorithm 1 as printed
     else:
-        ld = distill.logits_distill_loss(s_logits, t_logits, mask, args.tau, "authors")
+        ld = losses.logits_distill_loss(s_logits, t_logits, mask, args.tau, "authors")
         ad = authors_ad_reference(s_qkv, t_qkv, 4)
     assert min(ce, 3 * ld, 70 * ad) > 0.05                                       # every term matters
-    loss, terms = distill.distill_loss({"logits": s_logits, "qkv": s_qkv}, {"logits": t_logits, "qkv": t_qkv},
+    loss, terms = losses.distill_loss({"logits": s_logits, "qkv": s_qkv}, {"logits": t_logits, "qkv": t_qkv},
                                        idx, mask, answer, args)
     assert loss.item() == pytest.approx(float(ce + 3 * ld + 70 * ad), rel=1e-5)
     assert terms == pytest.approx({"ce": float(ce), "ld": float(ld), "ad": float(ad)}, rel=1e-5)
     # a switched-off term (teacher output None) leaves the sum, and only it
-    loss, terms = distill.distill_loss({"logits": s_logits, "qkv": s_qkv}, {"logits": None, "qkv": t_qkv},
+    loss, terms = losses.distill_loss({"logits": s_logits, "qkv": s_qkv}, {"logits": None, "qkv": t_qkv},
                                        idx, mask, answer, args)
     assert loss.item() == pytest.approx(float(ce + 70 * ad), rel=1e-5) and set(terms) == {"ce", "ad"}
 
@@ -396,3 +397,28 @@ def test_profile_bitdistill_writes_nothing(tmp_path, data_dir, capsys):
     a, b = profiling.linear_flops_per_token(c), profiling.attention_flops_per_token(c, 1)
     t_mean = (res["model_flops_per_token"] / 4 - a) / b
     assert 4 <= t_mean <= 512, t_mean
+
+
+@pytest.mark.parametrize("form", ["paper", "authors"])
+def test_chunked_losses_equal_the_whole_batch(form):
+    """L_CE and L_LD walked in chunks of 1, 3 and 7 positions (recomputed in backward) equal one pass
+    over the whole batch, in value and in the gradient they send to the student's logits."""
+    g = torch.Generator().manual_seed(3)
+    B, T, V, tau = 3, 11, 50, 2.0
+    s0, t_logits = torch.randn(B, T, V, generator=g), torch.randn(B, T, V, generator=g)
+    idx, mask = torch.randint(0, V, (B, T), generator=g), torch.ones(B, T)
+    mask[0, 8:] = 0
+    answer = torch.zeros(B, T)
+    answer[:, 5:8] = 1
+    results = []
+    for chunk in (1000, 1, 3, 7):
+        s = s0.clone().requires_grad_()
+        ce = losses.ce_loss(s, idx, answer, "token_mean" if form == "authors" else "sample_sum", chunk=chunk)
+        ld = losses.logits_distill_loss(s, t_logits, mask if form == "authors" else answer, tau, form, chunk=chunk)
+        (ce + ld).backward()
+        results.append((ce.detach(), ld.detach(), s.grad))
+    for ce, ld, grad in results[1:]:
+        torch.testing.assert_close(ce, results[0][0], rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(ld, results[0][1], rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(grad, results[0][2], rtol=1e-5, atol=1e-7)
+    assert results[0][2].abs().sum() > 0
