@@ -4,7 +4,7 @@ Eq. (8)-(9) L_LD, the logits distillation at temperature τ, and Eq. (13), their
 attn_relation.py's L_AD. Each in the paper's form and the authors' released form (recipe.py).
 
 MEMORY. The logits are (B, T, V) with V = 151,936 for Qwen3: one fp32 copy at batch 32 x 512 is
-10 GB. So the two logits losses never select or convert the whole tensor: chunked_sum walks it
+10 GB. So the two logits losses never select or convert such a tensor whole: chunked_sum walks it
 sample by sample, `chunk` positions at a time (views, no copy), converts only that chunk to fp32,
 and recomputes the chunk in the backward pass (torch.utils.checkpoint) instead of keeping its
 temporaries: one chunk's (chunk, V) fp32 tensors at a time, for student and teacher alike.
@@ -15,15 +15,20 @@ from torch.utils.checkpoint import checkpoint
 
 from attn_relation import attention_relation_loss
 
-LOSS_CHUNK = 512   # positions per chunk: ~0.3 GB per fp32 (chunk, V) temporary at V = 151,936
+LOSS_CHUNK = 512          # positions per chunk: ~0.3 GB per fp32 (chunk, V) temporary at V = 151,936
+WHOLE_BYTES = 256 << 20   # below this (an fp32 copy of all the logits), one pass: no recompute to pay
 
 
 def chunked_sum(fn, tensors, sel, chunk=None):
     """Σ over samples b and position chunks [t0, t1) of fn(x[b, t0:t1] for x in tensors, sel[b, t0:t1]).
     tensors: (B, T, ...) each (logits, targets); sel (B, T) bool: the positions that count. With
-    gradients on, each chunk is recomputed in backward rather than stored."""
-    chunk = chunk or LOSS_CHUNK
+    gradients on, each chunk is recomputed in backward rather than stored. chunk None: the whole
+    batch in one pass when its fp32 logits would take under WHOLE_BYTES (small vocabularies, the
+    toy), else LOSS_CHUNK."""
     B, T = sel.shape
+    if chunk is None and sel.numel() * tensors[0].shape[-1] * 4 <= WHOLE_BYTES:
+        return fn(*[x.reshape(B * T, *x.shape[2:]) for x in tensors], sel.reshape(-1))
+    chunk = chunk or LOSS_CHUNK
     total = torch.zeros((), device=sel.device)
     for b in range(B):
         for t0 in range(0, T, chunk):

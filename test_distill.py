@@ -401,8 +401,8 @@ def test_profile_bitdistill_writes_nothing(tmp_path, data_dir, capsys):
 
 @pytest.mark.parametrize("form", ["paper", "authors"])
 def test_chunked_losses_equal_the_whole_batch(form):
-    """L_CE and L_LD walked in chunks of 1, 3 and 7 positions (recomputed in backward) equal one pass
-    over the whole batch, in value and in the gradient they send to the student's logits."""
+    """L_CE and L_LD walked in chunks of 1, 3, 7 and 1000 positions (recomputed in backward) equal one
+    pass over the whole batch, in value and in the gradient they send to the student's logits."""
     g = torch.Generator().manual_seed(3)
     B, T, V, tau = 3, 11, 50, 2.0
     s0, t_logits = torch.randn(B, T, V, generator=g), torch.randn(B, T, V, generator=g)
@@ -411,7 +411,7 @@ def test_chunked_losses_equal_the_whole_batch(form):
     answer = torch.zeros(B, T)
     answer[:, 5:8] = 1
     results = []
-    for chunk in (1000, 1, 3, 7):
+    for chunk in (None, 1000, 1, 3, 7):   # None: this small batch in one pass
         s = s0.clone().requires_grad_()
         ce = losses.ce_loss(s, idx, answer, "token_mean" if form == "authors" else "sample_sum", chunk=chunk)
         ld = losses.logits_distill_loss(s, t_logits, mask if form == "authors" else answer, tau, form, chunk=chunk)
