@@ -174,8 +174,9 @@ class Attention(nn.Module):
         rep = self.n_head // self.n_kv_head
         k = k.repeat_interleave(rep, dim=1)  # (B, nh, S, hd)
         v = v.repeat_interleave(rep, dim=1)
-        # Eq. (6): softmax(Q K^T / sqrt(d)) V, with the causal + padding mask
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)   # (B, nh, T, hd)
+        # Eq. (6): softmax(Q K^T / sqrt(d)) V, with the causal + padding mask; mask None (no padding,
+        # and no cache or one new token): plain causal, which SDPA's fused (flash) kernels take
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and T > 1)  # (B, nh, T, hd)
         y = y.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim)
         y = self.o_proj(self.subln(y))
         return (y, qkv) if return_qkv else y
@@ -229,6 +230,7 @@ class Qwen3(nn.Module):
         Q and K after RoPE unless qk_after_rope=False."""
         B, T = idx.shape
         past = cache.check_room(T) if cache is not None else 0
+        fused = attention_mask is None and (past == 0 or T == 1)   # no padding: no mask tensor at all
         if attention_mask is None:
             attention_mask = torch.ones(B, past + T, dtype=torch.long, device=idx.device)
         if attention_mask.shape != (B, past + T):
@@ -243,7 +245,7 @@ class Qwen3(nn.Module):
         qpos = torch.arange(past, S, device=idx.device)[:, None]                 # (T, 1)
         kpos = torch.arange(S, device=idx.device)[None, :]                        # (1, S)
         mask = (kpos <= qpos)[None] & keep[:, None, :]                            # (B, T, S)
-        mask = (mask | (kpos == qpos)[None])[:, None]                             # (B, 1, T, S)
+        mask = None if fused else (mask | (kpos == qpos)[None])[:, None]          # (B, 1, T, S)
         x = self.model.embed_tokens(idx)                                          # (B, T, C)
         qkv = None
         for i, block in enumerate(self.model.layers):

@@ -330,3 +330,35 @@ def test_layout_stage_scripts_are_leaves():
     for name, mods in imports.items():
         if name not in SCRIPTS and not name.startswith("test_"):
             assert not mods & SCRIPTS, f"library module {name}.py imports the script(s) {mods & SCRIPTS}"
+
+
+def test_unpadded_batches_take_the_fused_causal_path():
+    """attention_mask None (stage 2's packed blocks, no padding): SDPA runs plain causal with no mask
+    tensor (the fused kernels' case); the result equals the explicit causal mask's, with and
+    without a cache, and with one cached new token."""
+    import torch.nn.functional as F
+    torch.manual_seed(0)
+    cfg = Qwen3Config(vocab_size=97, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, head_dim=16)
+    model = Qwen3(cfg).eval()
+    idx = torch.randint(0, 97, (2, 12))
+    calls, real = [], F.scaled_dot_product_attention
+    def spy(*a, **kw):
+        calls.append((kw.get("attn_mask") is None, kw.get("is_causal")))
+        return real(*a, **kw)
+    F.scaled_dot_product_attention = spy
+    try:
+        with torch.no_grad():
+            fused = model(idx)
+            masked = model(idx, attention_mask=torch.ones(2, 12, dtype=torch.long))
+    finally:
+        F.scaled_dot_product_attention = real
+    assert calls[0] == (True, True) and calls[-1] == (False, False)
+    torch.testing.assert_close(fused, masked, rtol=1e-5, atol=1e-5)
+    cache = model.new_cache(2, 13)
+    with torch.no_grad():
+        parts = torch.cat([model(idx[:, :7], cache=cache), model(idx[:, 7:], cache=cache)], 1)
+        step = model(idx[:, :1], cache=cache)                  # one new token after 12 cached
+        full = model(torch.cat([idx, idx[:, :1]], 1))
+    torch.testing.assert_close(parts, fused, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(step[:, -1], full[:, -1], rtol=1e-5, atol=1e-5)
