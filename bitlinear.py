@@ -12,6 +12,8 @@ Two forms of each quantizer live here:
   * the integer form (ternary codes + Δ, int8 + γ) that packed inference (ternary_cpu.c) uses.
     y = (x_int8 @ w_ternary^T) * (γ/127) * Δ equals the fake-quantized F.linear up to float rounding.
 """
+import contextlib
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -59,6 +61,28 @@ def ste(x, q):
     return x + (q - x).detach()
 
 
+# One weight quantization per optimizer step. Within a step (all its micro-batches) the latent
+# weights do not change, so Q_w(W) is computed once and reused: the STE then costs two passes over
+# W (w + (q - w).detach(), exactly as before) instead of the whole absmean-round-clip each time.
+_STEP_CACHE = None     # {id(BitLinear): Q_w(W)} inside weight_quant_once(), else None
+
+
+@contextlib.contextmanager
+def weight_quant_once(enabled=True):
+    """Around one optimizer step's forward/backward passes (never across an optimizer.step()): each
+    BitLinear quantizes its weight on the first micro-batch and reuses it. Results are bit-identical
+    to quantizing every time. enabled=False (FSDP: the gathered weights are transient) does nothing."""
+    global _STEP_CACHE
+    if not enabled or _STEP_CACHE is not None:
+        yield
+        return
+    _STEP_CACHE = {}
+    try:
+        yield
+    finally:
+        _STEP_CACHE = None
+
+
 class BitLinear(nn.Linear):
     """Drop-in nn.Linear whose forward is F.linear(Q_INT8(x), Q_w(W)) with STE gradients.
     The latent full-precision weight is what the optimizer updates (and what checkpoints hold).
@@ -72,7 +96,13 @@ class BitLinear(nn.Linear):
     def forward(self, x):
         if self.in_norm is not None:
             x = self.in_norm(x)
-        w = ste(self.weight, weight_quant(self.weight))  # Eq. (1)-(2)
+        if _STEP_CACHE is None:
+            q = weight_quant(self.weight)                # Eq. (1)-(2)
+        else:                                            # once per optimizer step (weight_quant_once)
+            q = _STEP_CACHE.get(id(self))
+            if q is None:
+                q = _STEP_CACHE[id(self)] = weight_quant(self.weight.detach())
+        w = ste(self.weight, q)
         x = ste(x, activation_quant(x))                  # Eq. (3)
         return F.linear(x, w, self.bias)
 

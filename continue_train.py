@@ -47,6 +47,7 @@ from torch.distributed.fsdp import fully_shard
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
+from bitlinear import weight_quant_once
 from corpus import find_files, get_batch, open_stream, pack_stream, stream_val_tokens, tokenize_corpus, val_blocks
 from figures import latent_weights_over_delta, plot_loss_curves, plot_weights
 from model import Qwen3Config
@@ -390,21 +391,22 @@ def train(args, ddp, rank, local_rank, world_size, device, master):
             group["lr"] = lr
         loss_sum = torch.zeros((), device=device)
         prof.start()
-        for micro in range(accum):
-            x, y, docs_read = next_batch(step, micro)                               # (B, T) each
-            x, y = x.to(device), y.to(device)
-            prof.mark("data")
-            if ddp and not args.fsdp:   # all-reduce the gradients only after the last micro-batch (nanoGPT)
-                model.require_backward_grad_sync = micro == accum - 1
-            # FSDP reduce-scatters every micro-batch's gradients (no set_requires_gradient_sync(False)):
-            # skipping it would keep full-size unsharded gradients between micro-batches, FSDP's saving lost
-            with ctx:
-                logits = model(x)                                                    # (B, T, V)
-                loss = next_token_loss(logits, y) / accum                           # Eq. (7)
-            prof.mark("forward", tokens=x.numel(), flops=flops)
-            loss.backward()
-            prof.mark("backward")
-            loss_sum += loss.detach()
+        with weight_quant_once(not args.fsdp):   # Q_w(W) once per optimizer step (bitlinear.py)
+            for micro in range(accum):
+                x, y, docs_read = next_batch(step, micro)                               # (B, T) each
+                x, y = x.to(device), y.to(device)
+                prof.mark("data")
+                if ddp and not args.fsdp:   # all-reduce the gradients only after the last micro-batch (nanoGPT)
+                    model.require_backward_grad_sync = micro == accum - 1
+                # FSDP reduce-scatters every micro-batch's gradients (no set_requires_gradient_sync(False)):
+                # skipping it would keep full-size unsharded gradients between micro-batches, FSDP's saving lost
+                with ctx:
+                    logits = model(x)                                                    # (B, T, V)
+                    loss = next_token_loss(logits, y) / accum                           # Eq. (7)
+                prof.mark("forward", tokens=x.numel(), flops=flops)
+                loss.backward()
+                prof.mark("backward")
+                loss_sum += loss.detach()
         if ddp:
             dist.all_reduce(loss_sum)                           # gloo has no AVG: sum, then divide
             loss_sum /= world_size

@@ -40,7 +40,7 @@ from contextlib import nullcontext
 
 import torch
 
-from bitlinear import weight_memory_gb
+from bitlinear import weight_memory_gb, weight_quant_once
 from losses import distill_loss   # Eq. (8)-(9), (13), (14)
 from recipe import RECIPES, TEACHER_LR, apply_recipe, distill_layers
 from subln import convert_to_bitnet
@@ -300,18 +300,19 @@ def train(args, model, student, teacher, tok, layers, ctx, device, dist, data, o
         for g in opt.param_groups:
             g["lr"] = lr
         logged = {}
-        for micro in range(grad_accum):
-            if ddp:  # all-reduce the gradients only on the last micro-step
-                model.require_backward_grad_sync = micro == grad_accum - 1
-            batch = micro_batch(data, step, micro, rank, args.micro_batch_size, grad_accum, world_size, args.seed)
-            loss, terms = loss_terms(model, teacher, batch, tok, args, device, ctx, layers)   # Eq. (13)
-            B, T = terms.pop("positions")
-            prof.mark("forward", tokens=B * T, flops=flops(B, T))
-            check_finite(loss, step, ckpt_path)    # NaN/inf: stop, keep the last good checkpoint
-            (loss / grad_accum).backward()
-            prof.mark("backward")
-            for k, v in terms.items():
-                logged[k] = logged.get(k, 0.0) + v / grad_accum
+        with weight_quant_once():                # Q_w(W) once per optimizer step (bitlinear.py)
+            for micro in range(grad_accum):
+                if ddp:  # all-reduce the gradients only on the last micro-step
+                    model.require_backward_grad_sync = micro == grad_accum - 1
+                batch = micro_batch(data, step, micro, rank, args.micro_batch_size, grad_accum, world_size, args.seed)
+                loss, terms = loss_terms(model, teacher, batch, tok, args, device, ctx, layers)   # Eq. (13)
+                B, T = terms.pop("positions")
+                prof.mark("forward", tokens=B * T, flops=flops(B, T))
+                check_finite(loss, step, ckpt_path)    # NaN/inf: stop, keep the last good checkpoint
+                (loss / grad_accum).backward()
+                prof.mark("backward")
+                for k, v in terms.items():
+                    logged[k] = logged.get(k, 0.0) + v / grad_accum
         norm = torch.nn.utils.clip_grad_norm_(student.parameters(), args.grad_clip or float("inf"))  # 0: off
         opt.step()
         opt.zero_grad(set_to_none=True)

@@ -281,3 +281,38 @@ def test_model_flops_equal_pytorch_flop_counter(tiny_hf):
         (torch.softmax(q @ k.transpose(-1, -2), -1) @ v).sum().backward()
     assert fc.get_total_flops() * c.num_hidden_layers == 3 * B * T * profiling.attention_flops_per_token(c, T)
     assert profiling.training_flops_per_token(c, T) == 3 * profiling.matmul_flops_per_token(c, T)
+
+
+def test_weight_quantized_once_per_optimizer_step(monkeypatch):
+    """bitlinear.weight_quant_once: inside one optimizer step each BitLinear quantizes its weight
+    once (not once per micro-batch), with losses and gradients identical bit for bit to quantizing
+    every time; after optimizer.step() the next step quantizes the updated weights."""
+    import bitlinear
+    from model import Qwen3, Qwen3Config
+    from subln import convert_to_bitnet
+    cfg = lambda: Qwen3Config(vocab_size=97, hidden_size=64, intermediate_size=96, num_hidden_layers=2,  # noqa: E731
+                              num_attention_heads=4, num_key_value_heads=2, head_dim=16)
+    calls = []
+    real = bitlinear.weight_quant
+    monkeypatch.setattr(bitlinear, "weight_quant", lambda w: calls.append(1) or real(w))
+    runs = []
+    for once in (False, True):
+        torch.manual_seed(0)
+        model = convert_to_bitnet(Qwen3(cfg()))
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+        data = torch.randint(0, 97, (2, 3, 2, 9), generator=torch.Generator().manual_seed(1))  # (steps, micro, B, T)
+        losses_, grads = [], []
+        for step in range(2):
+            calls.clear()
+            with bitlinear.weight_quant_once(once):
+                for micro in range(3):
+                    loss = model(data[step, micro]).float().logsumexp(-1).mean() / 3
+                    loss.backward()
+                    losses_.append(loss.item())
+            n_linear = sum(isinstance(m, bitlinear.BitLinear) for m in model.modules())
+            assert len(calls) == (n_linear if once else 3 * n_linear)
+            grads.append(torch.cat([p.grad.flatten() for p in model.parameters()]))
+            opt.step()
+            opt.zero_grad()
+        runs.append((losses_, grads))
+    assert runs[0][0] == runs[1][0] and all(torch.equal(a, b) for a, b in zip(runs[0][1], runs[1][1]))
