@@ -316,3 +316,19 @@ def test_weight_quantized_once_per_optimizer_step(monkeypatch):
             opt.zero_grad()
         runs.append((losses_, grads))
     assert runs[0][0] == runs[1][0] and all(torch.equal(a, b) for a, b in zip(runs[0][1], runs[1][1]))
+
+
+def test_compiled_training_matches_eager(tmp_path, data_dir, byte_tok, tiny_hf):
+    """--compile on the CPU: the same losses and validation losses as eager (to float rounding), and
+    two compiled graphs for the whole run (training, and evaluation under no_grad), so no later
+    evaluation recompiles."""
+    import torch._dynamo
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    args = ("--tokens", "256", "--eval_interval", "2")
+    _, eager = run(tmp_path, data_dir, byte_tok, tiny_hf, *args, name="eager")
+    _, comp = run(tmp_path, data_dir, byte_tok, tiny_hf, *args, "--compile", name="compiled")
+    assert losses(comp) == pytest.approx(losses(eager), rel=1e-4)
+    assert [r["loss"] for r in comp["val"]] == pytest.approx([r["loss"] for r in eager["val"]], rel=1e-4)
+    assert len(comp["val"]) == 3 and 1 <= torch._dynamo.utils.counters["stats"]["unique_graphs"] <= 2
+    torch._dynamo.reset()
