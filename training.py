@@ -6,18 +6,15 @@ import this module and the model code, never each other.
     autocast_context()    bf16 autocast where it is supported, fp32 otherwise
     get_lr()              linear warmup, then cosine decay
     check_finite()        the NaN/inf guard: stop, keep the last good checkpoint
-    epoch_order()         the seeded shuffle of an epoch, a pure function: resume needs no data state
-    micro_batch()         the examples of one micro-batch of one process, from epoch_order
+    epoch_order(), micro_batch()   the seeded shuffle of an epoch and one process's micro-batch of it
     claim_out_dir()       before training: the output folder is writable, locked, and no run is replaced unasked
     check_resume()        --resume refuses settings that contradict the checkpoint's run
     atomic_write()        every file the project writes: temp file + os.replace; a full disk says so
     save_checkpoint()     one atomic torch.save, RNG state included, loadable with weights_only=True
-    read_checkpoint()     opens a model path ONCE: config, weights, tokenizer, kind of model
-    load_model()          read_checkpoint + build the model, strictly (HF folder, hub id or our .pt)
+    read_checkpoint(), load_model()   open a model path ONCE (config, weights, tokenizer); build it strictly
     run_cli()             the one-line `<script>: error: ...` for bad input (and Ctrl-C), no traceback
 
-    from training import load_model
-    model = load_model("out/continue_train/ckpt.pt")   # or "Qwen/Qwen3-0.6B", or an HF folder
+    model = training.load_model("out/continue_train/ckpt.pt")   # or "Qwen/Qwen3-0.6B", an HF folder
 """
 import argparse
 import errno
@@ -29,9 +26,11 @@ import math
 import os
 import platform
 import random
+import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
@@ -108,9 +107,8 @@ def check_finite(loss, step, ckpt_path):
     if not math.isfinite(value):
         kept = (f"the last good checkpoint is kept at {ckpt_path}" if ckpt_path and os.path.exists(ckpt_path)
                 else f"no checkpoint was written yet (it would be {ckpt_path})")
-        raise NonFiniteLossError(
-            f"loss is {value} at step {step}: training diverged and was stopped; {kept}. "
-            "Resume from it with --resume and a lower --lr (or more --warmup_steps, smaller --grad_clip).")
+        raise NonFiniteLossError(f"loss is {value} at step {step}: training diverged and was stopped; {kept}. Resume "
+                                 "from it with --resume and a lower --lr (or more --warmup_steps, smaller --grad_clip).")
     return value
 
 
@@ -181,7 +179,7 @@ def _alive(pid):
     except ProcessLookupError:
         return False
     except PermissionError:                  # it exists, owned by someone else
-        pass
+        return True
     return True
 
 
@@ -289,9 +287,15 @@ def write_json(path, obj):
 
 def save_checkpoint(path, ckpt):
     """One checkpoint dict (model, optimizer, step, config, args, rng, ...), written atomically.
-    Only tensors and plain Python values, so that it loads with torch.load(weights_only=True)."""
-    atomic_write(path, lambda tmp: torch.save(ckpt, tmp))
-    LAST_SAVED[:] = [path, ckpt.get("step")]
+    Only tensors and plain Python values, so that it loads with torch.load(weights_only=True).
+    A Ctrl-C meanwhile is held until the file and LAST_SAVED agree (main thread, POSIX)."""
+    hold = hasattr(signal, "pthread_sigmask") and threading.current_thread() is threading.main_thread()
+    mask = hold and signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+    try:
+        atomic_write(path, lambda tmp: torch.save(ckpt, tmp))
+        LAST_SAVED[:] = [path, ckpt.get("step")]
+    finally:   # the held Ctrl-C (if any) is raised here, after the update
+        hold and signal.pthread_sigmask(signal.SIG_SETMASK, mask)
 
 
 LAST_SAVED = []   # [path, step] of this process's last checkpoint, for the Ctrl-C line
@@ -392,8 +396,7 @@ def model_from(src, dtype=torch.float32):
     return model.to(dtype)
 
 
-def load_model(path, dtype=torch.float32):
-    """A Hugging Face checkpoint (folder or hub id) or one of our .pt checkpoints, loaded strictly."""
+def load_model(path, dtype=torch.float32):   # an HF checkpoint (folder or hub id) or our .pt, strictly
     return model_from(read_checkpoint(path), dtype)
 
 
@@ -441,8 +444,7 @@ def run_cli(main, errors=(FileNotFoundError, ValueError, ConnectionError, NonFin
     try:
         main()
     except KeyboardInterrupt:
-        where = (f"; the last checkpoint is {LAST_SAVED[0]} (step {LAST_SAVED[1]}): continue with --resume"
-                 if LAST_SAVED else "; no checkpoint was written")
-        raise SystemExit(f"{script}: interrupted{where}") from None
+        raise SystemExit(f"{script}: interrupted" + (f"; the last checkpoint is {LAST_SAVED[0]} (step {LAST_SAVED[1]}): "
+                         "continue with --resume" if LAST_SAVED else "; no checkpoint was written")) from None
     except errors as e:
         raise SystemExit(f"{script}: error: {e}") from None
