@@ -23,7 +23,6 @@ same geometry) is measured beside this script by ../shared/peer/run.sh.
 import argparse
 import json
 import os
-import resource
 import subprocess
 import sys
 import time
@@ -36,6 +35,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 from figures import plot_bench  # noqa: E402
 from model import Qwen3, Qwen3Config  # noqa: E402
+from profiling import peak_memory_bytes  # noqa: E402  (VmHWM: this process's own peak)
 from training import cpu_name, provenance, write_json  # noqa: E402
 
 BACKENDS = ("torch-fp32", "torch-bf16", "ternary", "ternary-int8-head", "ternary-int8-head-pydecode")
@@ -146,7 +146,7 @@ def decode_tokens(fwd, cache, logits, n, warmup, timing=None):
 @torch.no_grad()
 def run_backend(name, prompt_lens, new_tokens, repeat):
     config = qwen3_06b()
-    baseline = peak_rss()   # the interpreter, torch and this script, before any model exists
+    baseline = peak_memory_bytes(torch.device("cpu"))   # the interpreter, torch and this script, before any model exists
     t0 = time.perf_counter()
     pm = None
     if name.startswith("torch"):
@@ -184,26 +184,13 @@ def run_backend(name, prompt_lens, new_tokens, repeat):
         cache = new_cache(16 + 8 + new_tokens)
         timing = (lambda: pm._step.timing) if pm is not None and pm.c_decode else None
         res["decode_by_threads"][th] = decode_tokens(fwd, cache, fwd(prompt, cache, True), new_tokens, 8, timing)
-    res["decode"], res["peak_rss"] = res["decode_by_threads"][main_threads], peak_rss()
+    res["decode"], res["peak_rss"] = res["decode_by_threads"][main_threads], peak_memory_bytes(torch.device("cpu"))
     res["bandwidth_after_decode"] = {}   # this host's bandwidth drifts by minutes: measured right here
     for th in res["decode_by_threads"]:
         torch.set_num_threads(th)
         res["bandwidth_after_decode"][th] = read_bandwidth(512 << 20)
     torch.set_num_threads(main_threads)
     return res
-
-
-def peak_rss():
-    """This process's peak resident set, bytes. VmHWM, not ru_maxrss: on Linux ru_maxrss carries
-    the parent's high-water mark across fork+exec (here: bench.py's 1 GiB bandwidth buffer)."""
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)
 
 
 # ---------------------------------------------------------------------------------------------

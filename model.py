@@ -241,11 +241,13 @@ class Qwen3(nn.Module):
         cos, sin = rope_cos_sin(pos, self.config.head_dim, self.config.rope_theta)
         # mask[b, 0, i, j]: query i (absolute past+i) may see key j if j <= past+i and j is real;
         # a padded query also sees itself, so its softmax row is never empty (its output is unused).
-        S = past + T
-        qpos = torch.arange(past, S, device=idx.device)[:, None]                 # (T, 1)
-        kpos = torch.arange(S, device=idx.device)[None, :]                        # (1, S)
-        mask = (kpos <= qpos)[None] & keep[:, None, :]                            # (B, T, S)
-        mask = None if fused else (mask | (kpos == qpos)[None])[:, None]          # (B, 1, T, S)
+        mask = None                                  # fused: SDPA's own causal mask, nothing built
+        if not fused:
+            S = past + T
+            qpos = torch.arange(past, S, device=idx.device)[:, None]             # (T, 1)
+            kpos = torch.arange(S, device=idx.device)[None, :]                    # (1, S)
+            mask = (kpos <= qpos)[None] & keep[:, None, :]                        # (B, T, S)
+            mask = (mask | (kpos == qpos)[None])[:, None]                         # (B, 1, T, S)
         x = self.model.embed_tokens(idx)                                          # (B, T, C)
         qkv = None
         for i, block in enumerate(self.model.layers):

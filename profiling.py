@@ -71,7 +71,8 @@ def sync(device):
 
 
 def peak_memory_bytes(device):
-    """GPU: the most memory PyTorch held at once; CPU: the process's peak resident set."""
+    """GPU: the most memory PyTorch held at once; CPU: the process's peak resident set (VmHWM, not
+    ru_maxrss: on Linux ru_maxrss carries the parent's high-water mark across fork+exec)."""
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device)
     try:
