@@ -20,7 +20,7 @@ import tempfile
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 MODULE = "_ternary_cpu"
-SOURCES = [os.path.join(HERE, f) for f in ("ternary_cpu.c", "decode_cpu.c")]  # compiled as one unit
+SOURCES = [os.path.join(HERE, f) for f in ("ternary_cpu.c", "layers_cpu.c", "decode_cpu.c")]  # one unit, in order
 PATH_NAMES = {0: "plain C", 1: "AVX2", 2: "AVX-512 VNNI"}
 
 # The C functions Python may call (ternary_cpu.c documents each one).

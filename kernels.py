@@ -147,7 +147,7 @@ def int8_gemm_int(q, w8, wsum, path=-1, threads=0):
     return acc
 
 
-PRE_RMSNORM, PRE_SWIGLU = 1, 2  # the pre-ops ternary_cpu.c can fuse in front of a linear
+PRE_RMSNORM, PRE_SWIGLU = 1, 2  # the pre-ops layers_cpu.c can fuse in front of a linear
 
 
 def _check_linear(x, K, scale, N, norm_weight, swiglu):
