@@ -36,9 +36,12 @@ def weight_quant_int(w):
 
 
 # Eq. (1): Q_w(W) = Δ · RoundClip(W / (Δ+ε), -1, 1)   (de-quantized float)
+# The reference form, one line per symbol. The arithmetic is float32 whatever W's dtype (the result
+# comes back in W's dtype), so the codes are weight_quant_int's, the ones packed inference uses.
 def weight_quant(w):
-    delta = w.abs().mean()
-    return delta * round_clip(w / (delta + EPS), -1, 1)  # same values as weight_quant_int, kept in float
+    wf = w.float()
+    delta = wf.abs().mean()
+    return (delta * round_clip(wf / (delta + EPS), -1, 1)).to(w.dtype)
 
 
 # Eq. (3), integer form: q = RoundClip(127/(γ+ε) · X, -128, 127), γ = max|X| per token
@@ -51,19 +54,56 @@ def activation_quant_int(x):
 
 
 # Eq. (3): Q_INT8(X) = γ/127 · RoundClip(127/(γ+ε) · X, -128, 127)   (de-quantized float)
+# Reference form; float32 arithmetic as above: under bf16 autocast, bf16 arithmetic would round
+# 127/(γ+ε)·X to a multiple of 0.5 above 64 before RoundClip, and train on codes inference never sees.
 def activation_quant(x):
-    gamma = x.abs().amax(dim=-1, keepdim=True)  # (..., 1)
-    return gamma / 127.0 * round_clip(x * (127.0 / (gamma + EPS)), -128, 127)
+    xf = x.float()
+    gamma = xf.abs().amax(dim=-1, keepdim=True)  # (..., 1)
+    return (gamma / 127.0 * round_clip(xf * (127.0 / (gamma + EPS)), -128, 127)).to(x.dtype)
 
 
-# Straight-through estimator: forward uses q, backward sees the identity d q / d x = 1.
+# The forms training runs: the same values as the two references, bit for bit (test_all), with
+# fewer passes over memory. The reference activation quantizer makes 6 tensors the size of X
+# (|X|, the scaled X, round, clamp, the product, the cast); this one makes 1 (2 for bf16 X: the fp32
+# copy) and rounds, clips and rescales it in place. Under torch.compile the whole of it becomes one
+# reduction and one elementwise kernel: X read twice, Q(X) written once. No autograd graph is built
+# (no_grad): the STE below supplies the gradient.
+@torch.no_grad()
+def weight_quant_fused(w):
+    wf = w.float()                                                      # no copy when W is fp32
+    a = wf.abs()                                                        # (N, K), the one new tensor
+    delta = a.mean()
+    q = torch.div(wf, delta + EPS, out=a)                               # reuses |W|'s memory
+    return q.round_().clamp_(-1, 1).mul_(delta).to(w.dtype)
+
+
+@torch.no_grad()
+def activation_quant_fused(x):
+    xf = x.float()
+    gamma = torch.maximum(xf.amax(dim=-1, keepdim=True), -xf.amin(dim=-1, keepdim=True))  # (..., 1) = max|X|
+    q = xf * (127.0 / (gamma + EPS))                                    # the one new tensor (fp32)
+    return q.round_().clamp_(-128, 127).mul_(gamma / 127.0).to(x.dtype)
+
+
+# Straight-through estimator: forward uses q = Q(x) exactly, backward sees the identity dQ/dx = 1.
+# (The usual x + (q - x).detach() costs two more passes over x and is q only up to float rounding.)
+class _STE(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, q):
+        return q
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad, None
+
+
 def ste(x, q):
-    return x + (q - x).detach()
+    return _STE.apply(x, q)
 
 
 # One weight quantization per optimizer step. Within a step (all its micro-batches) the latent
-# weights do not change, so Q_w(W) is computed once and reused: the STE then costs two passes over
-# W (w + (q - w).detach(), exactly as before) instead of the whole absmean-round-clip each time.
+# weights do not change, so Q_w(W) is computed once and reused: later micro-batches read the cached
+# Q_w(W) (the STE costs nothing) instead of redoing the absmean-round-clip over W each time.
 _STEP_CACHE = None     # {id(BitLinear): Q_w(W)} inside weight_quant_once(), else None
 
 
@@ -97,13 +137,13 @@ class BitLinear(nn.Linear):
         if self.in_norm is not None:
             x = self.in_norm(x)
         if _STEP_CACHE is None:
-            q = weight_quant(self.weight)                # Eq. (1)-(2)
+            q = weight_quant_fused(self.weight)          # Eq. (1)-(2)
         else:                                            # once per optimizer step (weight_quant_once)
             q = _STEP_CACHE.get(id(self))
             if q is None:
-                q = _STEP_CACHE[id(self)] = weight_quant(self.weight.detach())
+                q = _STEP_CACHE[id(self)] = weight_quant_fused(self.weight)
         w = ste(self.weight, q)
-        x = ste(x, activation_quant(x))                  # Eq. (3)
+        x = ste(x, activation_quant_fused(x))            # Eq. (3)
         return F.linear(x, w, self.bias)
 
     @classmethod

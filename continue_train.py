@@ -53,7 +53,7 @@ from figures import latent_weights_over_delta, plot_loss_curves, plot_weights
 from model import Qwen3Config
 from recipe import RECIPES, apply_recipe
 from subln import build_model, convert_to_bitnet
-from profiling import Profiler, training_flops_per_token
+from profiling import Profiler, add_compile_args, training_flops_per_token, use_compile
 from tokenizer import load_tokenizer
 from training import (HelpFormatter, adamw, autocast_context, check_finite, check_resume, claim_out_dir,
                       get_lr, get_rng_state, load_model, model_from, nonneg_float, nonneg_int,
@@ -121,7 +121,9 @@ def next_token_loss(logits, targets):
 @torch.no_grad()
 def evaluate(model, val, args, ctx, device, rank, world_size, verbose):
     """Mean next-token loss over the first eval_iters * batch_size validation blocks (the same
-    blocks for any world size: rank r takes blocks r, r + world, ...)."""
+    blocks for any world size: rank r takes blocks r, r + world, ...). Called with the model
+    uncompiled: compiling it would add a no_grad graph (and one per shorter last batch), a one-off
+    stall longer than the evaluation itself on a GPU (issue 16)."""
     model.eval()
     n = min((len(val) - 1) // args.block_size, args.eval_iters * args.batch_size)
     mine = list(range(rank, n, world_size))
@@ -198,7 +200,7 @@ def parse_args(argv=None):
     p.add_argument("--grad_clip", type=nonneg_float, default=1.0, help="clip the global grad norm (0: off)")
     p.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16"),
                    help="autocast dtype; auto: bfloat16 on GPUs that support it, else float32")
-    p.add_argument("--compile", action="store_true", help="torch.compile the model")
+    add_compile_args(p)
     p.add_argument("--profile", type=nonneg_int, default=0, metavar="N", help="only time 1 + N optimizer steps: "
                    "tok/s, data/forward/backward/optimizer ms, peak memory, MFU (profiling.py); writes nothing")
     p.add_argument("--fsdp", action="store_true",
@@ -283,7 +285,7 @@ def setup_model(args, ckpt_path, device, ddp, local_rank):
         elif ckpt["optimizer"]["state"]:   # every rank read the full checkpoint, each keeps its shard
             set_optimizer_state_dict(raw_model, optimizer, ckpt["optimizer"], options=FULL_STATE)
         set_rng_state(ckpt["rng"])
-    if args.compile:
+    if args.compile:   # training only: evaluate() runs raw_model eagerly, so no evaluation ever recompiles
         model = torch.compile(model)
     if ddp and not args.fsdp:
         model = DDP(model, device_ids=[local_rank] if device.type == "cuda" else None)
@@ -352,6 +354,7 @@ def train(args, ddp, rank, local_rank, world_size, device, master):
     files = None if args.dataset else find_files(args.data, args.data_dir)  # fail fast on a bad corpus
     ds = open_stream(args.dataset) if args.dataset else None               # ... or an unreachable hub
     torch.manual_seed(args.seed)                               # the same from-scratch init on every rank
+    args.compile = use_compile(args.compile, device)
     model, raw_model, optimizer, args.tokenizer, state = setup_model(args, ckpt_path, device, ddp, local_rank)
     tok = load_tokenizer(args.tokenizer)
     if tok.n_vocab > raw_model.config.vocab_size:
@@ -375,7 +378,7 @@ def train(args, ddp, rank, local_rank, world_size, device, master):
     flops = args.batch_size * args.block_size * training_flops_per_token(raw_model.config, args.block_size)
     while True:
         if not args.profile and (step % args.eval_interval == 0 or step == args.max_steps):
-            val_loss = evaluate(model, val, args, ctx, device, rank, world_size, master)
+            val_loss = evaluate(raw_model, val, args, ctx, device, rank, world_size, master)   # eager
             check_finite(val_loss, step, ckpt_path)             # a model with a NaN loss is never saved
             docs_all = [docs_read] * world_size                 # --dataset: where each rank's stream is
             if ddp and args.dataset:

@@ -16,7 +16,16 @@ MEASURED here, not read off a spec sheet: the best rate of a large matmul in the
 (bf16 on a GPU that has it, else fp32), so MFU reads "fraction of what this device's matmul
 reaches". Phases are separated by device synchronisations, which cost a little speed: profile
 numbers are for understanding a step, the training log's tok/s for the run itself.
+
+Run as a script, it times one BitLinear at a model's geometry against the nn.Linear it replaces
+(forward + backward, eager and torch.compile), and the quantizers alone in units of one copy of
+their input (a memory pass): the reference forms of bitlinear.py with the usual x + (q - x).detach()
+STE against the fused forms training uses.
+
+    python profiling.py                                   # Qwen3-0.6B's q_proj shape, 8192 tokens
+    python profiling.py --device cuda --dtype bfloat16
 """
+import argparse
 import json
 import resource
 import sys
@@ -139,3 +148,99 @@ class Profiler:
               f"{res['measured_peak_tflops']:.3f} TFLOP/s ({res['model_flops_per_token'] / 1e6:.2f} MFLOP per token)")
         print("PROFILE " + json.dumps(res))
         return res
+
+
+# ----------------------------------------------------------------------------- torch.compile
+
+def add_compile_args(p):
+    """--compile / --no_compile; neither: on for CUDA devices, off on the CPU (see use_compile)."""
+    p.add_argument("--compile", dest="compile", action="store_true", default=None,
+                   help="torch.compile the training forward and backward; evaluation stays eager "
+                        "(None: on for CUDA devices, off on the CPU)")
+    p.add_argument("--no_compile", dest="compile", action="store_false", help="never torch.compile")
+
+
+def use_compile(flag, device):
+    """On a GPU compiling pays for itself within minutes (issue 16: 2.6x for stage 2 on an H100);
+    on a CPU the toy runs are over before it would, and the matmuls dominate anyway."""
+    return device.type == "cuda" if flag is None else flag
+
+
+def mark_dynamic_length(*tensors):
+    """Stage 3's batches are padded to their longest example, so T changes every step: marked
+    dynamic before the first compile, one graph serves every length (no recompile per new T)."""
+    for t in tensors:
+        torch._dynamo.maybe_mark_dynamic(t, 1)
+
+
+# ----------------------------------------------------------------------------- the quantizers alone
+
+def best_ms(fn, device, reps):
+    """Best-of-`reps` wall time of fn() in ms, after two warm-up calls (compilation, caches)."""
+    fn(), fn()
+    best = float("inf")
+    for _ in range(reps):
+        sync(device)
+        t0 = time.perf_counter()
+        fn()
+        sync(device)
+        best = min(best, time.perf_counter() - t0)
+    return best * 1e3
+
+
+def quantizer_profile(device, dtype, tokens, d_in, d_out, reps=10):
+    """{name: ms} for the quantizers and one linear layer, forward + backward where it says so."""
+    from bitlinear import BitLinear, activation_quant, activation_quant_fused, ste, weight_quant, weight_quant_fused
+    torch.manual_seed(0)
+    x = torch.randn(tokens, d_in, device=device, dtype=dtype, requires_grad=True)
+    w = torch.randn(d_out, d_in, device=device, dtype=dtype, requires_grad=True)
+    old_ste = lambda v, q: v + (q - v).detach()   # noqa: E731  the usual STE, for comparison
+
+    def layer_step(layer):
+        def go():
+            layer(x).backward(gy)
+            layer.zero_grad(set_to_none=True)
+            x.grad = None
+        return go
+    gy = torch.randn(tokens, d_out, device=device, dtype=dtype)
+    fp, bit = (cls(d_in, d_out, bias=False, device=device, dtype=dtype) for cls in (torch.nn.Linear, BitLinear))
+    fused_act = lambda: ste(x, activation_quant_fused(x))                # noqa: E731
+    out = {"copy of X": lambda: x.detach().clone(),
+           "Eq. 3 + STE, reference": lambda: old_ste(x, activation_quant(x)),
+           "Eq. 3 + STE, fused": fused_act,
+           "Eq. 3 + STE, fused, compiled": torch.compile(fused_act),
+           "copy of W": lambda: w.detach().clone(),
+           "Eq. 1-2 + STE, reference": lambda: old_ste(w, weight_quant(w)),
+           "Eq. 1-2 + STE, fused": lambda: ste(w, weight_quant_fused(w)),
+           "nn.Linear fwd+bwd": layer_step(fp), "BitLinear fwd+bwd": layer_step(bit),
+           "nn.Linear fwd+bwd, compiled": layer_step(torch.compile(fp)),
+           "BitLinear fwd+bwd, compiled": layer_step(torch.compile(bit))}
+    return {k: best_ms(f, device, reps) for k, f in out.items()}
+
+
+def main(argv=None):
+    from training import HelpFormatter, positive_int
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda")
+    p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"), help="tensor dtype")
+    p.add_argument("--tokens", type=positive_int, default=8192, help="rows of X (batch x sequence)")
+    p.add_argument("--d_in", type=positive_int, default=1024, help="input width (Qwen3-0.6B hidden size)")
+    p.add_argument("--d_out", type=positive_int, default=2048, help="output width (Qwen3-0.6B q_proj)")
+    p.add_argument("--reps", type=positive_int, default=10, help="timed calls; the best is kept")
+    args = p.parse_args(argv)
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError("--device cuda: no CUDA device here; use --device cpu")
+    device = torch.device(args.device)
+    ms = quantizer_profile(device, getattr(torch, args.dtype), args.tokens, args.d_in, args.d_out, args.reps)
+    print(f"# {args.device} {args.dtype}, X {args.tokens} x {args.d_in}, W {args.d_out} x {args.d_in}, best of {args.reps}")
+    for k, v in ms.items():
+        unit = ms["copy of X"] if "Eq. 3" in k else ms["copy of W"] if "Eq. 1" in k else None
+        print(f"{k:32s} {v:9.3f} ms" + (f"   {v / unit:5.2f} copies" if unit else ""))
+    for mode in ("", ", compiled"):
+        print(f"BitLinear / nn.Linear{mode}: {ms['BitLinear fwd+bwd' + mode] / ms['nn.Linear fwd+bwd' + mode]:.2f}x")
+    print("QUANTPROFILE " + json.dumps(dict(vars(args), ms=ms)))
+
+
+if __name__ == "__main__":
+    from training import run_cli
+    run_cli(main)

@@ -293,8 +293,8 @@ def test_weight_quantized_once_per_optimizer_step(monkeypatch):
     cfg = lambda: Qwen3Config(vocab_size=97, hidden_size=64, intermediate_size=96, num_hidden_layers=2,  # noqa: E731
                               num_attention_heads=4, num_key_value_heads=2, head_dim=16)
     calls = []
-    real = bitlinear.weight_quant
-    monkeypatch.setattr(bitlinear, "weight_quant", lambda w: calls.append(1) or real(w))
+    real = bitlinear.weight_quant_fused
+    monkeypatch.setattr(bitlinear, "weight_quant_fused", lambda w: calls.append(1) or real(w))
     runs = []
     for once in (False, True):
         torch.manual_seed(0)
@@ -320,8 +320,8 @@ def test_weight_quantized_once_per_optimizer_step(monkeypatch):
 
 def test_compiled_training_matches_eager(tmp_path, data_dir, byte_tok, tiny_hf):
     """--compile on the CPU: the same losses and validation losses as eager (to float rounding), and
-    two compiled graphs for the whole run (training, and evaluation under no_grad), so no later
-    evaluation recompiles."""
+    one compiled graph for the whole run (training; evaluation runs eagerly), so no evaluation
+    ever compiles."""
     import torch._dynamo
     torch._dynamo.reset()
     torch._dynamo.utils.counters.clear()
@@ -330,5 +330,5 @@ def test_compiled_training_matches_eager(tmp_path, data_dir, byte_tok, tiny_hf):
     _, comp = run(tmp_path, data_dir, byte_tok, tiny_hf, *args, "--compile", name="compiled")
     assert losses(comp) == pytest.approx(losses(eager), rel=1e-4)
     assert [r["loss"] for r in comp["val"]] == pytest.approx([r["loss"] for r in eager["val"]], rel=1e-4)
-    assert len(comp["val"]) == 3 and 1 <= torch._dynamo.utils.counters["stats"]["unique_graphs"] <= 2
+    assert len(comp["val"]) == 3 and torch._dynamo.utils.counters["stats"]["unique_graphs"] == 1
     torch._dynamo.reset()
