@@ -46,7 +46,7 @@ from recipe import RECIPES, TEACHER_LR, apply_recipe, distill_layers
 from subln import convert_to_bitnet
 from tasks import (METHODS, TASKS, chat_tokens, collate, collect_results, encode_example, evaluate, get_task,
                    print_table, task_splits)
-from profiling import Profiler, training_flops_per_token
+from profiling import Profiler, add_compile_args, mark_dynamic_length, training_flops_per_token, use_compile
 from tokenizer import check_same_tokenizer, load_tokenizer
 from training import (HelpFormatter, adamw, autocast_context, check_finite, check_resume, claim_out_dir,
                       get_lr, get_rng_state, micro_batch, model_from, nonneg_float, nonneg_int,
@@ -77,6 +77,8 @@ def loss_terms(model, teacher, batch, tok, args, device, ctx, layers):
     chat = chat_tokens(tok) if args.prompt == "chat" else None
     seqs, n_prompts = zip(*[encode_example(tok, args.task, ex, args.max_len, chat) for ex in batch])
     idx, mask, answer = (t.to(device) for t in collate(seqs, tok.eot_token, n_prompts))  # (B, T) each
+    if args.compile:                                       # T varies per batch: one graph for every T
+        mark_dynamic_length(idx, mask)
     s, t = forward_both(model, teacher, idx, mask, layers, args, ctx)
     loss, terms = distill_loss(s, t, idx, mask, answer, args)
     return loss, dict(terms, positions=idx.shape)          # (B, T) processed: for --profile's FLOPs
@@ -234,6 +236,7 @@ def get_args(argv=None):
                    help="autocast dtype; auto = bfloat16 on CUDA GPUs that support it, else float32")
     p.add_argument("--out_dir", default=None, help="None: out/<task>-<method>")
     p.add_argument("--save_every", type=nonneg_int, default=0, help="checkpoint every N steps (0: at the end)")
+    add_compile_args(p)
     p.add_argument("--profile", type=nonneg_int, default=0, metavar="N", help="only time 1 + N optimizer steps: "
                    "tok/s, forward/backward/optimizer ms, peak memory, MFU (profiling.py); evaluates and writes nothing")
     p.add_argument("--resume", action="store_true", help="continue from <out_dir>/ckpt.pt")
@@ -282,7 +285,7 @@ def train(args, model, student, teacher, tok, layers, ctx, device, dist, data, o
               f"{sum(p.numel() for p in student.parameters()) / 1e6:.1f}M params (bitnet={cfg.bitnet}, "
               f"subln={cfg.subln}), lr {args.lr}" + (" (resumed)" if own is not None else "")
               + (f"; teacher {args.teacher}, layer {layers[1]} <- student layer {layers[0]}, "
-                 f"λ={args.lambda_ld}, γ={args.gamma_ad}, τ={args.tau}, A_r={args.split_heads}" if teacher else ""))
+                 f"λ={args.lambda_ld}, γ={args.gamma_ad}, τ={args.tau}, A_r={args.split_heads}" if teacher is not None else ""))
 
     def save(step):
         save_checkpoint(ckpt_path, {"model": student.state_dict(), "optimizer": opt.state_dict(), "step": step,
@@ -291,7 +294,7 @@ def train(args, model, student, teacher, tok, layers, ctx, device, dist, data, o
     if args.profile:   # one warm-up step and --profile timed ones; nothing saved, nothing evaluated
         step, max_steps = 0, args.profile + 1
     prof = Profiler(args.profile, device, args.dtype, args.label)
-    flops = lambda B, T: B * T * training_flops_per_token(student.config, T, teacher.config if teacher else None)
+    flops = lambda B, T: B * T * training_flops_per_token(student.config, T, teacher.config if teacher is not None else None)
     student.train()
     while step < max_steps:
         t0 = time.time()
@@ -384,9 +387,13 @@ def run(args, ddp, rank, local_rank, world_size, device, master):
         args.label = method_label(args, student.config)
     layers = distill_layers(args, student, teacher)
     model = student
+    args.compile = use_compile(args.compile, device) and not args.eval_only
+    if args.compile:   # training's forward and backward, and the teacher's forward; evaluation (report) is eager
+        model = torch.compile(student)
+        teacher = torch.compile(teacher) if teacher is not None else None
     if ddp:  # the student only; the teacher is never wrapped
         model = torch.nn.parallel.DistributedDataParallel(
-            student, device_ids=[local_rank] if device.type == "cuda" else None)
+            model, device_ids=[local_rank] if device.type == "cuda" else None)
     # both checked before training; --eval_on heldout scores train rows that never trained
     data, evals = task_splits(args.task, args.data_dir, args.train_limit, args.heldout, args.eval_on, args.eval_limit)
     if not args.eval_only:
