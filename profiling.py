@@ -104,6 +104,7 @@ class Profiler:
         dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype      # "bfloat16" -> torch.bfloat16
         self.steps, self.device, self.dtype, self.label = steps, device, dtype, label
         self.done_steps, self.times, self.tokens, self.flops, self.t_last = -1, dict.fromkeys(self.PHASES, 0.0), 0, 0.0, None
+        self.step_totals = []   # seconds of each counted step: a recompile shows as one slow step
         if steps and device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
 
@@ -125,6 +126,8 @@ class Profiler:
     def step_done(self):
         if not self.steps:
             return False
+        if self.done_steps >= 0:
+            self.step_totals.append(sum(self.times.values()) - sum(self.step_totals))
         self.done_steps += 1
         if self.done_steps < self.steps:
             return False
@@ -137,14 +140,16 @@ class Profiler:
         res = dict(label=self.label, device=str(self.device), dtype=str(self.dtype).replace("torch.", ""),
                    steps=self.steps, tokens_per_step=self.tokens // self.steps, tok_per_s=tok_s,
                    step_ms={p: 1e3 * t / self.steps for p, t in self.times.items()},
+                   median_step_ms=1e3 * sorted(self.step_totals)[len(self.step_totals) // 2],
+                   slowest_step_ms=1e3 * max(self.step_totals),
                    peak_memory_gb=peak_memory_bytes(self.device) / 1e9,
                    model_flops_per_token=self.flops / self.tokens, measured_peak_tflops=peak / 1e12,
                    mfu=self.flops / step_s / peak)
         ms = res["step_ms"]
         print(f"profile ({self.label}, {res['device']}, {res['dtype']}, {self.steps} steps after 1 warm-up): "
               f"{tok_s:,.0f} tok/s | step {sum(ms.values()):.1f} ms = data {ms['data']:.1f} + forward "
-              f"{ms['forward']:.1f} + backward {ms['backward']:.1f} + optimizer {ms['optimizer']:.1f} | peak memory "
-              f"{res['peak_memory_gb']:.2f} GB | MFU {res['mfu']:.1%} of the measured {res['dtype']} matmul peak "
+              f"{ms['forward']:.1f} + backward {ms['backward']:.1f} + optimizer {ms['optimizer']:.1f} (median "
+              f"{res['median_step_ms']:.1f}, slowest {res['slowest_step_ms']:.1f}) | peak memory {res['peak_memory_gb']:.2f} GB | MFU {res['mfu']:.1%} of the measured {res['dtype']} matmul peak "
               f"{res['measured_peak_tflops']:.3f} TFLOP/s ({res['model_flops_per_token'] / 1e6:.2f} MFLOP per token)")
         print("PROFILE " + json.dumps(res))
         return res

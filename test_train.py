@@ -260,6 +260,8 @@ def test_profile_times_the_step_and_writes_nothing(tmp_path, data_dir, byte_tok,
     res = json.loads(next(l for l in capsys.readouterr().out.splitlines() if l.startswith("PROFILE "))[8:])
     assert res["steps"] == 3 and res["tokens_per_step"] == 2 * 2 * 32
     assert all(res["step_ms"][p] > 0 for p in ("data", "forward", "backward", "optimizer"))
+    mean = sum(res["step_ms"].values())               # the 3 steps' totals: median and slowest among them
+    assert 0 < res["median_step_ms"] <= res["slowest_step_ms"] <= 3 * mean and res["slowest_step_ms"] >= mean
     assert 0 < res["mfu"] < 1 and res["peak_memory_gb"] > 0 and res["measured_peak_tflops"] > 0
     assert not out.exists()
 
@@ -332,3 +334,18 @@ def test_compiled_training_matches_eager(tmp_path, data_dir, byte_tok, tiny_hf):
     assert [r["loss"] for r in comp["val"]] == pytest.approx([r["loss"] for r in eager["val"]], rel=1e-4)
     assert len(comp["val"]) == 3 and torch._dynamo.utils.counters["stats"]["unique_graphs"] == 1
     torch._dynamo.reset()
+
+
+def test_quantizer_profile_script(capsys):
+    """python profiling.py: every row timed (the quantizers in copies of their input, BitLinear
+    against nn.Linear eager and compiled), the printed ratios are those of the printed times."""
+    import profiling
+    profiling.main(["--tokens", "64", "--d_in", "32", "--d_out", "16", "--reps", "1"])
+    out = capsys.readouterr().out
+    res = json.loads(next(l for l in out.splitlines() if l.startswith("QUANTPROFILE "))[13:])
+    ms = res["ms"]
+    assert res["tokens"] == 64 and all(v > 0 for v in ms.values()) and len(ms) == 11
+    assert f"BitLinear / nn.Linear: {ms['BitLinear fwd+bwd'] / ms['nn.Linear fwd+bwd']:.2f}x" in out
+    assert f"{ms['Eq. 3 + STE, fused'] / ms['copy of X']:5.2f} copies" in out
+    with pytest.raises(SystemExit):
+        profiling.main(["--tokens", "0"])
