@@ -1,5 +1,7 @@
 """Shared pytest fixtures. The offline data folder is found through ONE setting:
 the environment variable BITDISTILL_DATA (e.g. export BITDISTILL_DATA=../shared/data)."""
+import base64
+import json
 import os
 import pytest
 import torch
@@ -35,3 +37,22 @@ def pytest_configure(config):
     silently: e.g. a SIMD path this CPU lacks."""
     if "s" not in config.option.reportchars:
         config.option.reportchars += "s"
+
+
+@pytest.fixture(scope="module")
+def byte_tok(tmp_path_factory):
+    """A byte-level tokenizer (256 byte tokens + <|endoftext|> = 256) in the .tiktoken layout that
+    tokenizer.py reads: the real text becomes bytes, so tiny models need only a 320-row embedding
+    (Qwen's 151,936 rows would make every CPU step ~100x slower)."""
+    d = tmp_path_factory.mktemp("tok")
+    (d / "bytes.tiktoken").write_text("".join(f"{base64.b64encode(bytes([b])).decode()} {b}\n" for b in range(256)))
+    (d / "tokenizer_config.json").write_text(json.dumps(
+        {"added_tokens_decoder": {"256": {"content": "<|endoftext|>", "special": True}}}))
+    return str(d / "bytes.tiktoken")
+
+
+@pytest.fixture(scope="module")
+def tiny_hf(tmp_path_factory):
+    """A tiny random HF Qwen3 (2 layers, hidden 64, 320 embeddings), saved with save_pretrained."""
+    from test_all import make_hf
+    return make_hf(tmp_path_factory.mktemp("hf"), "qwen3", tie=True, vocab=320)[1]

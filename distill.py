@@ -56,8 +56,9 @@ from training import (HelpFormatter, adamw, autocast_context, check_finite, chec
 load_tokenizer = functools.lru_cache(maxsize=4)(load_tokenizer)  # teacher and student share one
 
 def forward_both(model, teacher, idx, mask, layers, args, ctx):
-    """The student's forward (with grad) and the frozen teacher's (no grad) on the same tokens;
-    Q/K/V come back from the distilled layers only when L_AD is on."""
+    """The student's forward (with grad) and the frozen teacher's (no grad) on the same tokens
+    (mask: the attention mask, or None: causal only); Q/K/V come back from the distilled layers
+    only when L_AD is on."""
     use_ad = teacher is not None and not args.no_ad
     rope = args.qk_capture == "after_rope"
     with ctx:
@@ -77,9 +78,13 @@ def loss_terms(model, teacher, batch, tok, args, device, ctx, layers):
     chat = chat_tokens(tok) if args.prompt == "chat" else None
     seqs, n_prompts = zip(*[encode_example(tok, args.task, ex, args.max_len, chat) for ex in batch])
     idx, mask, answer = (t.to(device) for t in collate(seqs, tok.eot_token, n_prompts))  # (B, T) each
+    # Right padding: under causal attention no real position ever sees a pad (each comes after it),
+    # so the models run without the mask, as SDPA's fused causal kernels; the pads' own outputs
+    # change and leave every loss through `mask` (test_distill: equal to the masked forward).
+    model_mask = None if bool((mask[:, 1:] <= mask[:, :-1]).all()) else mask
     if args.compile:                                       # T varies per batch: one graph for every T
-        mark_dynamic_length(idx, mask)
-    s, t = forward_both(model, teacher, idx, mask, layers, args, ctx)
+        mark_dynamic_length(idx, *([] if model_mask is None else [mask]))
+    s, t = forward_both(model, teacher, idx, model_mask, layers, args, ctx)
     loss, terms = distill_loss(s, t, idx, mask, answer, args)
     return loss, dict(terms, positions=idx.shape)          # (B, T) processed: for --profile's FLOPs
 

@@ -175,8 +175,11 @@ class Attention(nn.Module):
         k = k.repeat_interleave(rep, dim=1)  # (B, nh, S, hd)
         v = v.repeat_interleave(rep, dim=1)
         # Eq. (6): softmax(Q K^T / sqrt(d)) V, with the causal + padding mask; mask None (no padding,
-        # and no cache or one new token): plain causal, which SDPA's fused (flash) kernels take
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and T > 1)  # (B, nh, T, hd)
+        # and no cache or one new token): plain causal, which SDPA's fused (flash) kernels take. One
+        # new token after a cache sees every key (SDPA's causal mask is aligned top-left); the test
+        # is on the cache, not on T, which torch.compile may hold as a symbol.
+        causal = mask is None and (cache is None or cache.length == 0)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal)  # (B, nh, T, hd)
         y = y.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim)
         y = self.o_proj(self.subln(y))
         return (y, qkv) if return_qkv else y

@@ -4,7 +4,6 @@ CPU, a few seconds each.
 
     BITDISTILL_DATA=../shared/data python -m pytest -q test_train.py
 """
-import base64
 import json
 import math
 import os
@@ -17,28 +16,9 @@ import torch
 import continue_train as ct
 import training
 from training import load_model
-from test_all import make_hf
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 QWEN_VOCAB = 151936  # Qwen's embedding size: the real tokenizer's ids must fit
-
-
-@pytest.fixture(scope="module")
-def byte_tok(tmp_path_factory):
-    """A byte-level tokenizer (256 byte tokens + <|endoftext|> = 256) in the .tiktoken layout that
-    tokenizer.py reads: the real text becomes bytes, so tiny models need only a 320-row embedding
-    (Qwen's 151,936 rows would make every CPU step ~100x slower)."""
-    d = tmp_path_factory.mktemp("tok")
-    (d / "bytes.tiktoken").write_text("".join(f"{base64.b64encode(bytes([b])).decode()} {b}\n" for b in range(256)))
-    (d / "tokenizer_config.json").write_text(json.dumps(
-        {"added_tokens_decoder": {"256": {"content": "<|endoftext|>", "special": True}}}))
-    return str(d / "bytes.tiktoken")
-
-
-@pytest.fixture(scope="module")
-def tiny_hf(tmp_path_factory):
-    """A tiny random HF Qwen3 (2 layers, hidden 64, 320 embeddings), saved with save_pretrained."""
-    return make_hf(tmp_path_factory.mktemp("hf"), "qwen3", tie=True, vocab=320)[1]
 
 
 def run(tmp_path, data_dir, tok, init, *extra, name="run"):
@@ -251,101 +231,3 @@ def test_training_helpers(tmp_path):
         training.load_checkpoint(path)
 
 
-def test_profile_times_the_step_and_writes_nothing(tmp_path, data_dir, byte_tok, tiny_hf, capsys):
-    """--profile N: one warm-up + N optimizer steps, the split into data / forward / backward /
-    optimizer, peak memory and MFU printed (and as a PROFILE json line); no output folder written."""
-    out = tmp_path / "prof"
-    ct.main(["--init", tiny_hf, "--tokenizer", byte_tok, "--data", os.path.join(data_dir, "corpus", "tinyshakespeare.txt"),
-             "--block_size", "32", "--batch_size", "2", "--grad_accum", "2", "--profile", "3", "--out_dir", str(out)])
-    res = json.loads(next(l for l in capsys.readouterr().out.splitlines() if l.startswith("PROFILE "))[8:])
-    assert res["steps"] == 3 and res["tokens_per_step"] == 2 * 2 * 32
-    assert all(res["step_ms"][p] > 0 for p in ("data", "forward", "backward", "optimizer"))
-    mean = sum(res["step_ms"].values())               # the 3 steps' totals: median and slowest among them
-    assert 0 < res["median_step_ms"] <= res["slowest_step_ms"] <= 3 * mean and res["slowest_step_ms"] >= mean
-    assert 0 < res["mfu"] < 1 and res["peak_memory_gb"] > 0 and res["measured_peak_tflops"] > 0
-    assert not out.exists()
-
-
-def test_model_flops_equal_pytorch_flop_counter(tiny_hf):
-    """profiling's model FLOPs (6N + 12 L T d_attn per token) against PyTorch's own count of one
-    forward + backward: the linears of the 1.58-bit model exactly (FlopCounterMode does not count
-    the CPU's fused attention kernel), attention through its two matmuls written out."""
-    from torch.utils.flop_counter import FlopCounterMode
-    import profiling
-    from subln import convert_to_bitnet
-    model = convert_to_bitnet(load_model(tiny_hf))
-    c, (B, T) = model.config, (2, 48)
-    with FlopCounterMode(display=False) as fc:
-        model(torch.randint(0, c.vocab_size, (B, T))).float().sum().backward()
-    assert fc.get_total_flops() == 3 * B * T * profiling.linear_flops_per_token(c)
-    q, k, v = (torch.randn(B, c.num_attention_heads, T, c.head_dim, requires_grad=True) for _ in range(3))
-    with FlopCounterMode(display=False) as fc:
-        (torch.softmax(q @ k.transpose(-1, -2), -1) @ v).sum().backward()
-    assert fc.get_total_flops() * c.num_hidden_layers == 3 * B * T * profiling.attention_flops_per_token(c, T)
-    assert profiling.training_flops_per_token(c, T) == 3 * profiling.matmul_flops_per_token(c, T)
-
-
-def test_weight_quantized_once_per_optimizer_step(monkeypatch):
-    """bitlinear.weight_quant_once: inside one optimizer step each BitLinear quantizes its weight
-    once (not once per micro-batch), with losses and gradients identical bit for bit to quantizing
-    every time; after optimizer.step() the next step quantizes the updated weights."""
-    import bitlinear
-    from model import Qwen3, Qwen3Config
-    from subln import convert_to_bitnet
-    cfg = lambda: Qwen3Config(vocab_size=97, hidden_size=64, intermediate_size=96, num_hidden_layers=2,  # noqa: E731
-                              num_attention_heads=4, num_key_value_heads=2, head_dim=16)
-    calls = []
-    real = bitlinear.weight_quant_fused
-    monkeypatch.setattr(bitlinear, "weight_quant_fused", lambda w: calls.append(1) or real(w))
-    runs = []
-    for once in (False, True):
-        torch.manual_seed(0)
-        model = convert_to_bitnet(Qwen3(cfg()))
-        opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
-        data = torch.randint(0, 97, (2, 3, 2, 9), generator=torch.Generator().manual_seed(1))  # (steps, micro, B, T)
-        losses_, grads = [], []
-        for step in range(2):
-            calls.clear()
-            with bitlinear.weight_quant_once(once):
-                for micro in range(3):
-                    loss = model(data[step, micro]).float().logsumexp(-1).mean() / 3
-                    loss.backward()
-                    losses_.append(loss.item())
-            n_linear = sum(isinstance(m, bitlinear.BitLinear) for m in model.modules())
-            assert len(calls) == (n_linear if once else 3 * n_linear)
-            grads.append(torch.cat([p.grad.flatten() for p in model.parameters()]))
-            opt.step()
-            opt.zero_grad()
-        runs.append((losses_, grads))
-    assert runs[0][0] == runs[1][0] and all(torch.equal(a, b) for a, b in zip(runs[0][1], runs[1][1]))
-
-
-def test_compiled_training_matches_eager(tmp_path, data_dir, byte_tok, tiny_hf):
-    """--compile on the CPU: the same losses and validation losses as eager (to float rounding), and
-    one compiled graph for the whole run (training; evaluation runs eagerly), so no evaluation
-    ever compiles."""
-    import torch._dynamo
-    torch._dynamo.reset()
-    torch._dynamo.utils.counters.clear()
-    args = ("--tokens", "256", "--eval_interval", "2")
-    _, eager = run(tmp_path, data_dir, byte_tok, tiny_hf, *args, name="eager")
-    _, comp = run(tmp_path, data_dir, byte_tok, tiny_hf, *args, "--compile", name="compiled")
-    assert losses(comp) == pytest.approx(losses(eager), rel=1e-4)
-    assert [r["loss"] for r in comp["val"]] == pytest.approx([r["loss"] for r in eager["val"]], rel=1e-4)
-    assert len(comp["val"]) == 3 and torch._dynamo.utils.counters["stats"]["unique_graphs"] == 1
-    torch._dynamo.reset()
-
-
-def test_quantizer_profile_script(capsys):
-    """python profiling.py: every row timed (the quantizers in copies of their input, BitLinear
-    against nn.Linear eager and compiled), the printed ratios are those of the printed times."""
-    import profiling
-    profiling.main(["--tokens", "64", "--d_in", "32", "--d_out", "16", "--reps", "1"])
-    out = capsys.readouterr().out
-    res = json.loads(next(l for l in out.splitlines() if l.startswith("QUANTPROFILE "))[13:])
-    ms = res["ms"]
-    assert res["tokens"] == 64 and all(v > 0 for v in ms.values()) and len(ms) == 11
-    assert f"BitLinear / nn.Linear: {ms['BitLinear fwd+bwd'] / ms['nn.Linear fwd+bwd']:.2f}x" in out
-    assert f"{ms['Eq. 3 + STE, fused'] / ms['copy of X']:5.2f} copies" in out
-    with pytest.raises(SystemExit):
-        profiling.main(["--tokens", "0"])
