@@ -62,12 +62,12 @@ def activation_quant(x):
     return (gamma / 127.0 * round_clip(xf * (127.0 / (gamma + EPS)), -128, 127)).to(x.dtype)
 
 
-# The forms training runs: the same values as the two references, bit for bit (test_all), with
-# fewer passes over memory. The reference activation quantizer makes 6 tensors the size of X
-# (|X|, the scaled X, round, clamp, the product, the cast); this one makes 1 (2 for bf16 X: the fp32
-# copy) and rounds, clips and rescales it in place. Under torch.compile the whole of it becomes one
-# reduction and one elementwise kernel: X read twice, Q(X) written once. No autograd graph is built
-# (no_grad): the STE below supplies the gradient.
+# The forms training runs: the same values as the two references, bit for bit (test_speed), with
+# fewer passes over memory. The reference activation quantizer makes 5 tensors the size of X
+# (|X|, the scaled X, its rounding, the clip, the product); this one makes 1 and rounds, clips and
+# rescales it in place (a bf16 X adds, to both, its fp32 copy and the cast back). Under
+# torch.compile the whole of it becomes one reduction and one elementwise kernel: X read twice,
+# Q(X) written once. No autograd graph is built (no_grad): the STE below supplies the gradient.
 @torch.no_grad()
 def weight_quant_fused(w):
     wf = w.float()                                                      # no copy when W is fp32

@@ -80,7 +80,7 @@ def loss_terms(model, teacher, batch, tok, args, device, ctx, layers):
     idx, mask, answer = (t.to(device) for t in collate(seqs, tok.eot_token, n_prompts))  # (B, T) each
     # Right padding: under causal attention no real position ever sees a pad (each comes after it),
     # so the models run without the mask, as SDPA's fused causal kernels; the pads' own outputs
-    # change and leave every loss through `mask` (test_distill: equal to the masked forward).
+    # change and leave every loss through `mask` (test_speed: equal to the masked forward).
     model_mask = None if bool((mask[:, 1:] <= mask[:, :-1]).all()) else mask
     if args.compile:                                       # T varies per batch: one graph for every T
         mark_dynamic_length(idx, *([] if model_mask is None else [mask]))
@@ -290,7 +290,8 @@ def train(args, model, student, teacher, tok, layers, ctx, device, dist, data, o
               f"{sum(p.numel() for p in student.parameters()) / 1e6:.1f}M params (bitnet={cfg.bitnet}, "
               f"subln={cfg.subln}), lr {args.lr}" + (" (resumed)" if own is not None else "")
               + (f"; teacher {args.teacher}, layer {layers[1]} <- student layer {layers[0]}, "
-                 f"λ={args.lambda_ld}, γ={args.gamma_ad}, τ={args.tau}, A_r={args.split_heads}" if teacher is not None else ""))
+                 f"λ={args.lambda_ld}, γ={args.gamma_ad}, τ={args.tau}, A_r={args.split_heads}"
+                 if teacher is not None else ""))
 
     def save(step):
         save_checkpoint(ckpt_path, {"model": student.state_dict(), "optimizer": opt.state_dict(), "step": step,
@@ -299,7 +300,8 @@ def train(args, model, student, teacher, tok, layers, ctx, device, dist, data, o
     if args.profile:   # one warm-up step and --profile timed ones; nothing saved, nothing evaluated
         step, max_steps = 0, args.profile + 1
     prof = Profiler(args.profile, device, args.dtype, args.label)
-    flops = lambda B, T: B * T * training_flops_per_token(student.config, T, teacher.config if teacher is not None else None)
+    t_config = teacher.config if teacher is not None else None
+    flops = lambda B, T: B * T * training_flops_per_token(student.config, T, t_config)
     student.train()
     while step < max_steps:
         t0 = time.time()
