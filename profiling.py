@@ -162,7 +162,8 @@ def add_compile_args(p):
     p.add_argument("--compile", dest="compile", action="store_true", default=None,
                    help="torch.compile the training forward and backward; evaluation stays eager "
                         "(None: on for CUDA devices, off on the CPU)")
-    p.add_argument("--no_compile", dest="compile", action="store_false", help="never torch.compile")
+    p.add_argument("--no_compile", dest="compile", action="store_false", default=argparse.SUPPRESS,
+                   help="never torch.compile")
 
 
 def use_compile(flag, device):
