@@ -262,3 +262,12 @@ def test_profile_bitdistill_writes_nothing(tmp_path, data_dir, capsys):
     a, b = profiling.linear_flops_per_token(c), profiling.attention_flops_per_token(c, 1)
     t_mean = (res["model_flops_per_token"] / 4 - a) / b
     assert 4 <= t_mean <= 512, t_mean
+
+
+def test_compile_default_is_on_for_cuda_only():
+    """--compile / --no_compile / neither: neither means on for a CUDA device, off on the CPU."""
+    import profiling
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert [profiling.use_compile(ct.parse_args(a).compile, d) for a in ([], ["--compile"], ["--no_compile"])
+            for d in (cpu, cuda)] == [False, True, True, True, False, False]
+    assert distill.get_args(["--task", "sst2"]).compile is None
