@@ -1,6 +1,7 @@
 """
-Compiles ternary_cpu.c (with decode_cpu.c, one unit) into the Python extension module _ternary_cpu with cffi (out-of-line API
-mode: a real C extension, and cffi releases the GIL around every call into it).
+Compiles ternary_cpu.c, layers_cpu.c and decode_cpu.c (one unit) into the Python extension module
+_ternary_cpu with cffi (out-of-line API mode: a real C extension, and cffi releases the GIL around
+every call into it).
 
     python build_ffi.py        # builds ./_ternary_cpu*.so, prints the flags and the SIMD path
 

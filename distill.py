@@ -78,13 +78,12 @@ def loss_terms(model, teacher, batch, tok, args, device, ctx, layers):
     chat = chat_tokens(tok) if args.prompt == "chat" else None
     seqs, n_prompts = zip(*[encode_example(tok, args.task, ex, args.max_len, chat) for ex in batch])
     idx, mask, answer = (t.to(device) for t in collate(seqs, tok.eot_token, n_prompts))  # (B, T) each
-    # Right padding: under causal attention no real position ever sees a pad (each comes after it),
-    # so the models run without the mask, as SDPA's fused causal kernels; the pads' own outputs
-    # change and leave every loss through `mask` (test_speed: equal to the masked forward).
-    model_mask = None if bool((mask[:, 1:] <= mask[:, :-1]).all()) else mask
     if args.compile:                                       # T varies per batch: one graph for every T
-        mark_dynamic_length(idx, *([] if model_mask is None else [mask]))
-    s, t = forward_both(model, teacher, idx, model_mask, layers, args, ctx)
+        mark_dynamic_length(idx)
+    # collate pads on the right: under causal attention no real position ever sees a pad (each comes
+    # after it), so the models run without the mask, as SDPA's fused causal kernels; the pads' own
+    # outputs change and leave every loss through `mask` (test_speed: equal to the masked forward).
+    s, t = forward_both(model, teacher, idx, None, layers, args, ctx)
     loss, terms = distill_loss(s, t, idx, mask, answer, args)
     return loss, dict(terms, positions=idx.shape)          # (B, T) processed: for --profile's FLOPs
 

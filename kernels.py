@@ -295,7 +295,7 @@ class DecodeStep:
 
     def __init__(self, pm, rope_table):
         c = pm.config
-        L, ffi = lib()
+        _, ffi = lib()
         self.pm, self.rope_table, self.cache, self.threads = pm, rope_table, None, None
         ptr = lambda t, ct="float *": ffi.NULL if t is None else ffi.cast(ct, t.data_ptr())
         w = lambda norm: None if isinstance(norm, torch.nn.Identity) else norm.weight.detach()

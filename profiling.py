@@ -33,6 +33,9 @@ import time
 
 import torch
 
+from bitlinear import BitLinear, activation_quant, activation_quant_fused, ste, weight_quant, weight_quant_fused
+from training import HelpFormatter, positive_int, run_cli
+
 
 def linear_flops_per_token(config):
     """2 N: every linear of every layer (q, k, v, o, gate, up, down) and the lm_head, forward."""
@@ -149,7 +152,8 @@ class Profiler:
         print(f"profile ({self.label}, {res['device']}, {res['dtype']}, {self.steps} steps after 1 warm-up): "
               f"{tok_s:,.0f} tok/s | step {sum(ms.values()):.1f} ms = data {ms['data']:.1f} + forward "
               f"{ms['forward']:.1f} + backward {ms['backward']:.1f} + optimizer {ms['optimizer']:.1f} (median "
-              f"{res['median_step_ms']:.1f}, slowest {res['slowest_step_ms']:.1f}) | peak memory {res['peak_memory_gb']:.2f} GB | MFU {res['mfu']:.1%} of the measured {res['dtype']} matmul peak "
+              f"{res['median_step_ms']:.1f}, slowest {res['slowest_step_ms']:.1f}) | peak memory "
+              f"{res['peak_memory_gb']:.2f} GB | MFU {res['mfu']:.1%} of the measured {res['dtype']} matmul peak "
               f"{res['measured_peak_tflops']:.3f} TFLOP/s ({res['model_flops_per_token'] / 1e6:.2f} MFLOP per token)")
         print("PROFILE " + json.dumps(res))
         return res
@@ -196,7 +200,6 @@ def best_ms(fn, device, reps):
 
 def quantizer_profile(device, dtype, tokens, d_in, d_out, reps=10):
     """{name: ms} for the quantizers and one linear layer, forward + backward where it says so."""
-    from bitlinear import BitLinear, activation_quant, activation_quant_fused, ste, weight_quant, weight_quant_fused
     torch.manual_seed(0)
     x = torch.randn(tokens, d_in, device=device, dtype=dtype, requires_grad=True)
     w = torch.randn(d_out, d_in, device=device, dtype=dtype, requires_grad=True)
@@ -225,7 +228,6 @@ def quantizer_profile(device, dtype, tokens, d_in, d_out, reps=10):
 
 
 def main(argv=None):
-    from training import HelpFormatter, positive_int
     p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda")
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"), help="tensor dtype")
@@ -248,5 +250,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    from training import run_cli
     run_cli(main)

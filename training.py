@@ -179,7 +179,7 @@ def _alive(pid):
     except ProcessLookupError:
         return False
     except PermissionError:                  # it exists, owned by someone else
-        return True
+        pass
     return True
 
 
