@@ -1,7 +1,7 @@
 """
-Compiles ternary_cpu.c, layers_cpu.c and decode_cpu.c (one unit) into the Python extension module
-_ternary_cpu with cffi (out-of-line API mode: a real C extension, and cffi releases the GIL around
-every call into it).
+Compiles ternary_cpu.c (with ternary_x86.c), layers_cpu.c and decode_cpu.c, as one unit, into the
+Python extension module _ternary_cpu with cffi (out-of-line API mode: a real C extension, and cffi
+releases the GIL around every call into it).
 
     python build_ffi.py        # builds ./_ternary_cpu*.so, prints the flags and the SIMD path
 
@@ -22,6 +22,7 @@ import tempfile
 HERE = os.path.dirname(os.path.abspath(__file__))
 MODULE = "_ternary_cpu"
 SOURCES = [os.path.join(HERE, f) for f in ("ternary_cpu.c", "layers_cpu.c", "decode_cpu.c")]  # one unit, in order
+INCLUDED = [os.path.join(HERE, "ternary_x86.c")]   # #included by ternary_cpu.c: a change rebuilds too
 PATH_NAMES = {0: "plain C", 1: "AVX2", 2: "AVX-512 VNNI"}
 
 # The C functions Python may call (ternary_cpu.c documents each one).
@@ -173,7 +174,7 @@ def module_state():
     path = os.path.join(HERE, name)
     if path not in built or digest(path) != want:
         return "damaged"
-    newest = max(os.path.getmtime(f) for f in SOURCES + [__file__])
+    newest = max(os.path.getmtime(f) for f in SOURCES + INCLUDED + [__file__])
     return "stale" if newest > os.path.getmtime(path) else "ok"
 
 
