@@ -77,7 +77,7 @@ def read_bandwidth(nbytes, repeat=7):
 def random_packed(config, head):
     """A PackedQwen3 of `config` filled with random ternary codes (no float model needed, so the
     process's peak RSS is the packed model's)."""
-    import kernels
+    import ckernels
     import packed as P
     config.bitnet, config.subln = True, True
     pm = P.PackedQwen3(config, head)
@@ -88,7 +88,7 @@ def random_packed(config, head):
                 N, K = m.out_features, m.in_features
                 for i in range(0, N, 1024):  # in slices, to keep the int8 codes small
                     codes = torch.randint(-1, 2, (min(1024, N - i), K), dtype=torch.int8, generator=g)
-                    m.packed[i:i + 1024] = kernels.pack_ternary(codes)
+                    m.packed[i:i + 1024] = ckernels.pack_ternary(codes)
                 m.scale.fill_(0.02)
         if head == "int8":  # filled in place: no fp32 table in the peak RSS
             e = pm.embed
@@ -200,7 +200,7 @@ def run_backend(name, prompt_lens, new_tokens, repeat):
 def kernel_table(repeat, quick, bandwidth):
     """Each projection shape of one layer and the lm_head, on the best SIMD path at every thread
     count of `bandwidth` ({threads: GB/s}); plain C and PyTorch beside it at the last count."""
-    import kernels as K_
+    import ckernels as K_
     from packed import Int8Linear
     c = qwen3_06b()
     H, I, qd, kvd = c.hidden_size, c.intermediate_size, c.num_attention_heads * c.head_dim, c.num_key_value_heads * c.head_dim
@@ -380,14 +380,14 @@ def main():
         return
     started = time.time()
     import build_ffi
-    import kernels
-    simd = build_ffi.describe(kernels.lib()[0])
+    import ckernels
+    simd = build_ffi.describe(ckernels.lib()[0])
     print(f"bench.py: {simd}; torch {torch.__version__}, {args.threads} threads")
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
     if load > 0.5:
         print(f"WARNING: load average {load:.1f}: other processes are running, every number below is "
               "noisy (a 2-thread C call waits for a scheduler slice whenever a core is taken)")
-    R = dict(cpu=cpu_name(), cpu_flags=kernels.cpu_flags(), threads=args.threads, simd=simd, torch=torch.__version__,
+    R = dict(cpu=cpu_name(), cpu_flags=ckernels.cpu_flags(), threads=args.threads, simd=simd, torch=torch.__version__,
              load_average_at_start=load,
              prompt_lens=lens, new_tokens=args.new_tokens, repeat=args.repeat, backends=[],
              bandwidth_gb_s=dict(l3_128MiB=read_bandwidth(128 << 20, 15), dram_1GiB_by_threads={}))

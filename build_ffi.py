@@ -5,7 +5,7 @@ releases the GIL around every call into it).
 
     python build_ffi.py        # builds ./_ternary_cpu*.so, prints the flags and the SIMD path
 
-kernels.py runs the same build on first use when the module is missing, damaged (its digest in
+ckernels.py runs the same build on first use when the module is missing, damaged (its digest in
 _ternary_cpu.sha256 does not match) or older than ternary_cpu.c, so this step is optional. Needs a C compiler (gcc or clang); OpenMP is used when
 the compiler supports -fopenmp, otherwise the kernels run on one thread (said loudly;
 BITDISTILL_NO_OPENMP=1 python build_ffi.py builds that way on purpose).

@@ -26,7 +26,7 @@ across the threads (my_rows, as ternary_cpu.c's own entry points do) and attenti
 query heads; the small vector operations run on one thread (omp single), with a barrier after
 each step. Every number is computed by one thread in one order: the result does not depend on the
 thread count. The operations are the same C functions the PyTorch reference calls through
-kernels.py (pre-ops, quantization, GEMV, q/k norm + RoPE), so only attention differs from it in
+ckernels.py (pre-ops, quantization, GEMV, q/k norm + RoPE), so only attention differs from it in
 rounding (SDPA sums in another order).
 */
 /* One projection's part: a ternary matrix with its row scales (Δ), an optional bias, and the SubLN

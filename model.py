@@ -1,5 +1,6 @@
 """
-Qwen3 (and Qwen2 / Qwen2.5) in plain PyTorch, loading Hugging Face checkpoints by hand.
+Qwen3 (and Qwen2 / Qwen2.5, and Llama-architecture models such as SmolLM2) in plain PyTorch,
+loading Hugging Face checkpoints by hand.
 
 This is the full-precision model that BitNet Distillation starts from (paper section 2, Eq. 6 is
 its attention) and that subln.py turns into a 1.58-bit BitNet (Eq. 1-5). Module names mirror the
@@ -13,9 +14,10 @@ explicit key-by-key copy with every key and shape asserted.
     tok = load_tokenizer(path)
     out = model.generate(torch.tensor([tok.encode("Hello")]), max_new_tokens=20)
 
-Differences between the two families, all read from config.json:
+Differences between the three families, all read from config.json (or a GGUF's metadata, gguf_model.py):
     qwen3: RMSNorm on each head's q and k (q_norm, k_norm), no q/k/v bias, explicit head_dim
     qwen2: q/k/v bias, no q/k norm, head_dim = hidden_size // num_attention_heads
+    llama: Qwen2's block without the biases (SmolLM2, Llama)
 Padding: `attention_mask` (B, T) has 1 for real tokens, 0 for padding. Left and right padding are
 both correct in forward (positions come from the mask); generate() expects left padding.
 """
@@ -52,9 +54,11 @@ class Qwen3Config:
     def from_hf(cls, d):
         """From the dict of a Hugging Face config.json (model_type qwen3 or qwen2)."""
         mt = d.get("model_type")
-        if mt not in ("qwen3", "qwen2"):
-            raise ValueError(f"unsupported model_type {mt!r}: this loader knows 'qwen3' (Qwen3) and "
-                             "'qwen2' (Qwen2, Qwen2.5). Pick a Qwen3/Qwen2.5 checkpoint.")
+        if mt not in ("qwen3", "qwen2", "llama"):
+            raise ValueError(f"unsupported model_type {mt!r}: this loader knows 'qwen3' (Qwen3), "
+                             "'qwen2' (Qwen2, Qwen2.5) and 'llama' (SmolLM2, Llama). Pick one of those.")
+        if mt == "llama" and (d.get("mlp_bias") or d.get("attention_bias") or d.get("pretraining_tp", 1) != 1):
+            raise ValueError("llama options mlp_bias / attention_bias / pretraining_tp are not implemented")
         rope = d.get("rope_scaling") or d.get("rope_parameters") or {}
         rope_type = rope.get("rope_type", rope.get("type", "default"))
         if rope_type != "default":

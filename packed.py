@@ -11,11 +11,11 @@ SubLN, or silu(gate)·up) in front of each linear runs inside the same C call: a
 linear calls and one q/k-norm + RoPE call per layer; cffi releases the GIL while C runs. The KV
 cache holds fp16; the lm_head is fp32 (PyTorch), bf16 or int8 (C kernels). This forward,
 op by op, is the readable reference; a decode token (batch 1, bf16/int8 head) runs instead as ONE
-C call (decode_cpu.c, kernels.DecodeStep: every layer and the head, no Python in between), equal
+C call (decode_cpu.c, ckernels.DecodeStep: every layer and the head, no Python in between), equal
 to it bit for bit (test_decode.py); c_decode = False runs the reference.
 Not bit-equal to the fake-quantized model (fp32 sums in another order can move an activation
 across an int8 rounding boundary), but greedy tokens match and logits are close (test_ternary.py).
-The C calls and their argument checks live in kernels.py; this file holds the modules and a CLI.
+The C calls and their argument checks live in ckernels.py; this file holds the modules and a CLI.
 
     python build_ffi.py                                   # optional: runs on first use anyway
     python packed.py --ckpt out/distill/ckpt.pt --out out/packed.pt      # pack a checkpoint
@@ -34,7 +34,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from bitlinear import BitLinear, weight_quant_int
-from kernels import (DecodeStep, as_matrix, bf16_call, decode_attention, lib, linear_call, pack_ternary, padded_k,
+from ckernels import (DecodeStep, as_matrix, bf16_call, decode_attention, lib, linear_call, pack_ternary, padded_k,
                      qk_norm_rope, rmsnorm)
 from model import KVCache, Qwen3Config, RMSNorm, generate, rope_cos_sin
 from training import SaveError, atomic_write, model_from, nonneg_int, read_checkpoint, run_cli

@@ -138,7 +138,8 @@ def prompt_and_answer(task, ex, chat=None):
 
 # Qwen's chat template as the authors' runs use it (LLaMA-Factory template "qwen", its default
 # system message): <|im_start|>system\n{SYSTEM}<|im_end|>\n<|im_start|>user\n{prompt}<|im_end|>\n
-# <|im_start|>assistant\n{answer}<|im_end|>\n. The markers are single ids; the text between them is
+# <|im_start|>assistant\n{answer}<|im_end|>\n (SmolLM2: the same ChatML markers, its own system
+# message, tokenizer.chat_system). The markers are single ids; the text between them is
 # encoded piece by piece, as a tokenizer splits text at special tokens.
 QWEN_SYSTEM = "You are Qwen, created by Alibaba Cloud. You are a helpful assistant."
 
@@ -161,7 +162,8 @@ def wrap_prompt(tok, prompt_text, chat):
         return tok.encode(prompt_text)
     s, e = chat
     nl = tok.encode("\n")
-    return ([s] + tok.encode("system\n" + QWEN_SYSTEM) + [e] + nl + [s] + tok.encode("user\n" + prompt_text)
+    system = getattr(tok, "chat_system", None) or QWEN_SYSTEM     # the template's own default (SmolLM2's)
+    return ([s] + tok.encode("system\n" + system) + [e] + nl + [s] + tok.encode("user\n" + prompt_text)
             + [e] + nl + [s] + tok.encode("assistant\n"))
 
 

@@ -32,6 +32,8 @@ def make_hf(tmp_path, kind="qwen3", tie=False, n_head=4, n_kv=2, shard=False, se
                   rope_theta=10000.0, max_position_embeddings=256)
     if kind == "qwen3":
         hf = transformers.Qwen3ForCausalLM(transformers.Qwen3Config(head_dim=16, **common))
+    elif kind == "llama":   # SmolLM2's family (model.py: Qwen2 without biases)
+        hf = transformers.LlamaForCausalLM(transformers.LlamaConfig(eos_token_id=None, bos_token_id=None, **common))
     else:
         hf = transformers.Qwen2ForCausalLM(transformers.Qwen2Config(**common))
     with torch.no_grad():
@@ -50,7 +52,7 @@ def rel_err(a, b):
 
 
 CASES = [("qwen3", False, 4, 4), ("qwen3", True, 4, 2), ("qwen3", False, 8, 2),
-         ("qwen2", True, 4, 2), ("qwen2", False, 4, 1)]
+         ("qwen2", True, 4, 2), ("qwen2", False, 4, 1), ("llama", True, 4, 2)]
 
 
 @pytest.mark.parametrize("kind,tie,n_head,n_kv", CASES)
@@ -234,8 +236,8 @@ def test_clear_errors(tmp_path):
     cfg = json.load(open(os.path.join(path, "config.json")))
     bad = tmp_path / "llama"
     bad.mkdir()
-    json.dump(dict(cfg, model_type="llama"), open(bad / "config.json", "w"))
-    with pytest.raises(ValueError, match="unsupported model_type 'llama'"):
+    json.dump(dict(cfg, model_type="gemma3"), open(bad / "config.json", "w"))
+    with pytest.raises(ValueError, match="unsupported model_type .gemma3."):
         Qwen3.from_pretrained(str(bad))
     json.dump(cfg, open(bad / "config.json", "w"))
     with pytest.raises(FileNotFoundError, match="model.safetensors"):

@@ -9,7 +9,7 @@ The kernels under it are tested in test_ternary.py.
 import pytest
 import torch
 
-import kernels
+import ckernels
 import packed as P
 from test_ternary import tiny_bitnet
 
@@ -23,14 +23,14 @@ def test_decode_attention_equals_sdpa():
             torch.randn(n_kv, max_len, hd, generator=g).half()        # the cache holds fp16
         ref = torch.nn.functional.scaled_dot_product_attention(
             q.view(1, n_q, 1, hd), kc[None, :, :n].float(), vc[None, :, :n].float(), enable_gqa=True).reshape(-1)
-        assert torch.allclose(kernels.decode_attention(q, kc, vc, n), ref, atol=1e-5, rtol=1e-5), (n_q, n_kv, hd, n)
+        assert torch.allclose(ckernels.decode_attention(q, kc, vc, n), ref, atol=1e-5, rtol=1e-5), (n_q, n_kv, hd, n)
 
 
 def test_fp16_conversions_equal_torch():
     """The KV cache's fp32 -> fp16 (written by the C step) rounds exactly as PyTorch's .half() (which
     the op-by-op forward uses), and fp16 -> fp32 is exact: normal, subnormal, overflowing, tie and
     signed-zero values, and every one of the 65,536 fp16 bit patterns back to fp32."""
-    L, ffi = kernels.lib()
+    L, ffi = ckernels.lib()
     g = torch.Generator().manual_seed(5)
     x = torch.cat([torch.randn(100000, generator=g) * 10 ** torch.randint(-9, 6, (100000,), generator=g).float(),
                    torch.tensor([0.0, -0.0, 65504.0, 65519.0, 65520.0, 1e9, -1e9, 2.0 ** -24, 2.0 ** -25,

@@ -13,13 +13,13 @@ import time
 import pytest
 import torch
 
-import kernels
+import ckernels
 import packed as P
 from bitlinear import activation_quant_int, bitlinear_int_reference, weight_quant_int
 from model import Qwen3, Qwen3Config
 from subln import convert_to_bitnet
 
-LIB = kernels.lib()[0]
+LIB = ckernels.lib()[0]
 PATHS = list(range(LIB.tl_cpu_path() + 1))  # plain C, and every SIMD path this CPU has
 SHAPES = [(1, 1, 1), (1, 7, 3), (3, 255, 17), (4, 256, 4), (5, 257, 9), (1, 1024, 129),
           (13, 1000, 31), (33, 513, 66), (2, 3072, 5)]
@@ -47,7 +47,7 @@ def test_quantize_equals_torch(M, K, N):
     x, _ = ternary_case(M, K, N)
     q_ref, gamma = activation_quant_int(x)
     for path in PATHS:
-        q, srow, qsum = kernels.quantize(x, path=path)
+        q, srow, qsum = ckernels.quantize(x, path=path)
         assert torch.equal(q[:, :K], q_ref) and not q[:, K:].any()
         assert torch.equal(srow, (gamma / 127.0)[:, 0])
         assert torch.equal(qsum, q_ref.sum(1, dtype=torch.int32))
@@ -57,15 +57,15 @@ def test_quantize_equals_torch(M, K, N):
 def test_ternary_kernel_equals_reference(M, K, N):
     x, w = ternary_case(M, K, N)
     codes, delta = weight_quant_int(w)
-    packed = kernels.pack_ternary(codes)
-    q, _, qsum = kernels.quantize(x)
+    packed = ckernels.pack_ternary(codes)
+    q, _, qsum = ckernels.quantize(x)
     acc_ref = q[:, :K].int() @ codes.int().t()          # int32, exact
     y_ref = bitlinear_int_reference(x, w)               # ((float)acc * γ/127) * Δ
     scale = delta.expand(N).contiguous()
     for path in PATHS:
         for threads in (1, 2):
-            assert torch.equal(kernels.ternary_gemm_int(q, qsum, packed, path, threads), acc_ref), (path, threads)
-            assert torch.equal(kernels.ternary_linear(x, packed, scale, K, path, threads), y_ref), (path, threads)
+            assert torch.equal(ckernels.ternary_gemm_int(q, qsum, packed, path, threads), acc_ref), (path, threads)
+            assert torch.equal(ckernels.ternary_linear(x, packed, scale, K, path, threads), y_ref), (path, threads)
 
 
 def test_ternary_extremes_and_full_int8_range():
@@ -78,27 +78,27 @@ def test_ternary_extremes_and_full_int8_range():
     q[1] = -128
     q[2] = torch.randint(-128, 128, (K,), dtype=torch.int8)
     ref = q.int() @ codes.int().t()
-    packed = kernels.pack_ternary(codes)
+    packed = ckernels.pack_ternary(codes)
     for path in PATHS:
-        assert torch.equal(kernels.ternary_gemm_int(q, q.sum(1, dtype=torch.int32), packed, path), ref)
+        assert torch.equal(ckernels.ternary_gemm_int(q, q.sum(1, dtype=torch.int32), packed, path), ref)
 
 
 @pytest.mark.parametrize("M,K,N", [(1, 1024, 37), (6, 300, 70), (17, 2048, 9)])
 def test_int8_kernel_equals_reference(M, K, N):
     g = torch.Generator().manual_seed(1)
-    Kp = kernels.padded_k(K)
+    Kp = ckernels.padded_k(K)
     w8 = torch.zeros(N, Kp, dtype=torch.int8)
     w8[:, :K] = torch.randint(-127, 128, (N, K), generator=g, dtype=torch.int8)
     wsum = w8.sum(1, dtype=torch.int32)
     x = torch.randn(M, K, generator=g)
-    q, srow, _ = kernels.quantize(x)
+    q, srow, _ = ckernels.quantize(x)
     acc_ref = q.int() @ w8.int().t()
     scale = torch.rand(N, generator=g)
     y_ref = acc_ref.float() * srow[:, None] * scale
     for path in PATHS:
         for threads in (1, 2):
-            assert torch.equal(kernels.int8_gemm_int(q, w8, wsum, path, threads), acc_ref)
-            assert torch.equal(kernels.int8_linear(x, w8, wsum, scale, K, path, threads), y_ref)
+            assert torch.equal(ckernels.int8_gemm_int(q, w8, wsum, path, threads), acc_ref)
+            assert torch.equal(ckernels.int8_linear(x, w8, wsum, scale, K, path, threads), y_ref)
 
 
 @pytest.mark.parametrize("M,K,N", [(1, 1024, 300), (3, 77, 10), (2, 16, 5)])
@@ -106,20 +106,20 @@ def test_bf16_head_kernel(M, K, N):
     g = torch.Generator().manual_seed(9)
     w16 = torch.randn(N, K, generator=g).bfloat16()
     x = torch.randn(M, K, generator=g)
-    y0 = kernels.bf16_linear(x, w16, path=0)
+    y0 = ckernels.bf16_linear(x, w16, path=0)
     assert torch.allclose(y0, x @ w16.float().t(), rtol=1e-4, atol=1e-4)
     for path in PATHS[1:]:
         for threads in (1, 2):
-            assert torch.equal(kernels.bf16_linear(x, w16, path=path, threads=threads), y0)
+            assert torch.equal(ckernels.bf16_linear(x, w16, path=path, threads=threads), y0)
 
 
 def test_simd_equals_plain_c_large():
     x, w = ternary_case(64, 1024, 3072 + 3, seed=2)
     codes, delta = weight_quant_int(w)
-    packed, scale = kernels.pack_ternary(codes), delta.expand(w.shape[0]).contiguous()
-    y0 = kernels.ternary_linear(x, packed, scale, 1024, path=0)
+    packed, scale = ckernels.pack_ternary(codes), delta.expand(w.shape[0]).contiguous()
+    y0 = ckernels.ternary_linear(x, packed, scale, 1024, path=0)
     for path in PATHS[1:]:
-        assert torch.equal(kernels.ternary_linear(x, packed, scale, 1024, path=path), y0)
+        assert torch.equal(ckernels.ternary_linear(x, packed, scale, 1024, path=path), y0)
 
 
 PATH_NAMES = {1: "AVX2", 2: "AVX-512 VNNI"}   # every SIMD path ternary_cpu.c has
@@ -138,41 +138,41 @@ def test_simd_path_equals_plain_c_on_1000_random_shapes(path):
         M, K, N = rnd(1, 9), rnd(1, 1100), rnd(1, 40)
         threads = 1 + i % 2
         x = torch.randn(M, K, generator=g) * 4
-        q0 = kernels.quantize(x, 0)
-        assert all(torch.equal(a, b) for a, b in zip(kernels.quantize(x, path, threads), q0)), (M, K)
-        q, qsum = torch.randint(-128, 128, (M, kernels.padded_k(K)), dtype=torch.int8, generator=g), None
+        q0 = ckernels.quantize(x, 0)
+        assert all(torch.equal(a, b) for a, b in zip(ckernels.quantize(x, path, threads), q0)), (M, K)
+        q, qsum = torch.randint(-128, 128, (M, ckernels.padded_k(K)), dtype=torch.int8, generator=g), None
         q[:, K:] = 0
         qsum = q.sum(1, dtype=torch.int32)
-        packed = kernels.pack_ternary(torch.randint(-1, 2, (N, K), dtype=torch.int8, generator=g))
-        assert torch.equal(kernels.ternary_gemm_int(q, qsum, packed, path, threads),
-                           kernels.ternary_gemm_int(q, qsum, packed, 0)), (M, K, N)
+        packed = ckernels.pack_ternary(torch.randint(-1, 2, (N, K), dtype=torch.int8, generator=g))
+        assert torch.equal(ckernels.ternary_gemm_int(q, qsum, packed, path, threads),
+                           ckernels.ternary_gemm_int(q, qsum, packed, 0)), (M, K, N)
         scale = torch.rand(N, generator=g)
-        assert torch.equal(kernels.ternary_linear(x, packed, scale, K, path, threads),
-                           kernels.ternary_linear(x, packed, scale, K, 0)), (M, K, N)
-        w8 = torch.zeros(N, kernels.padded_k(K), dtype=torch.int8)
+        assert torch.equal(ckernels.ternary_linear(x, packed, scale, K, path, threads),
+                           ckernels.ternary_linear(x, packed, scale, K, 0)), (M, K, N)
+        w8 = torch.zeros(N, ckernels.padded_k(K), dtype=torch.int8)
         w8[:, :K] = torch.randint(-127, 128, (N, K), dtype=torch.int8, generator=g)
         wsum = w8.sum(1, dtype=torch.int32)
         q[q == -128] = -127   # the quantizer never gives -128 (top of ternary_cpu.c)
-        assert torch.equal(kernels.int8_gemm_int(q, w8, wsum, path, threads), kernels.int8_gemm_int(q, w8, wsum, 0))
+        assert torch.equal(ckernels.int8_gemm_int(q, w8, wsum, path, threads), ckernels.int8_gemm_int(q, w8, wsum, 0))
         w16 = torch.randn(N, K, generator=g).bfloat16()
-        assert torch.equal(kernels.bf16_linear(x, w16, path, threads), kernels.bf16_linear(x, w16, 0))
+        assert torch.equal(ckernels.bf16_linear(x, w16, path, threads), ckernels.bf16_linear(x, w16, 0))
         hd, n_kv = 2 * rnd(1, 80), rnd(1, 3)
         n_q, max_len = n_kv * rnd(1, 3), rnd(1, 40)
         qv, kc, vc = torch.randn(n_q * hd, generator=g), torch.randn(n_kv, max_len, hd, generator=g).half(), \
             torch.randn(n_kv, max_len, hd, generator=g).half()
         n = rnd(1, max_len)
-        assert torch.equal(kernels.decode_attention(qv, kc, vc, n, path, threads),
-                           kernels.decode_attention(qv, kc, vc, n, 0)), (n_q, n_kv, hd, n)
+        assert torch.equal(ckernels.decode_attention(qv, kc, vc, n, path, threads),
+                           ckernels.decode_attention(qv, kc, vc, n, 0)), (n_q, n_kv, hd, n)
 
 
 @pytest.mark.parametrize("N,K", [(1, 1), (3, 5), (7, 300), (2, 512), (5, 1023)])
 def test_pack_unpack_round_trip(N, K):
     codes = torch.randint(-1, 2, (N, K), dtype=torch.int8)
-    packed = kernels.pack_ternary(codes)
-    assert packed.shape == (N, kernels.padded_k(K) // 4) and packed.dtype == torch.uint8
-    assert torch.equal(kernels.unpack_ternary(packed, K), codes)
+    packed = ckernels.pack_ternary(codes)
+    assert packed.shape == (N, ckernels.padded_k(K) // 4) and packed.dtype == torch.uint8
+    assert torch.equal(ckernels.unpack_ternary(packed, K), codes)
     # padding weights are code 0 (u = 1): unpacking the padded width gives zeros there
-    assert not kernels.unpack_ternary(packed, kernels.padded_k(K))[:, K:].any()
+    assert not ckernels.unpack_ternary(packed, ckernels.padded_k(K))[:, K:].any()
 
 
 def test_layout_is_the_documented_one():
@@ -180,7 +180,7 @@ def test_layout_is_the_documented_one():
     K = 512
     codes = torch.zeros(1, K, dtype=torch.int8)
     codes[0, 256 + 128 + 5] = 1                       # block 1, bits 4-5 of byte 5
-    packed = kernels.pack_ternary(codes)
+    packed = ckernels.pack_ternary(codes)
     expect = torch.full((K // 4,), 0x55, dtype=torch.uint8)
     expect[64 + 5] = 0x55 & ~(3 << 4) | (2 << 4)
     assert torch.equal(packed[0], expect)
@@ -188,24 +188,24 @@ def test_layout_is_the_documented_one():
 
 def test_clear_errors():
     K, N = 300, 10
-    packed = kernels.pack_ternary(torch.zeros(N, K, dtype=torch.int8))
+    packed = ckernels.pack_ternary(torch.zeros(N, K, dtype=torch.int8))
     scale = torch.ones(N)
     with pytest.raises(ValueError, match="-1, 0 and"):
-        kernels.pack_ternary(torch.full((2, 3), 2, dtype=torch.int8))
+        ckernels.pack_ternary(torch.full((2, 3), 2, dtype=torch.int8))
     with pytest.raises(TypeError, match="float32"):
-        kernels.ternary_linear(torch.randn(2, K, dtype=torch.float64), packed, scale, K)
+        ckernels.ternary_linear(torch.randn(2, K, dtype=torch.float64), packed, scale, K)
     with pytest.raises(TypeError, match="int8"):
-        kernels.pack_ternary(torch.zeros(2, 3))
+        ckernels.pack_ternary(torch.zeros(2, 3))
     with pytest.raises(ValueError, match="contiguous"):
-        kernels.ternary_linear(torch.randn(K, 2).t(), packed, scale, K)
+        ckernels.ternary_linear(torch.randn(K, 2).t(), packed, scale, K)
     with pytest.raises(ValueError, match="expects K"):
-        kernels.ternary_linear(torch.randn(2, K - 1), packed, scale, K)
+        ckernels.ternary_linear(torch.randn(2, K - 1), packed, scale, K)
     with pytest.raises(ValueError, match="bytes per row"):
-        kernels.ternary_linear(torch.randn(2, 1000), packed, scale, 1000)
+        ckernels.ternary_linear(torch.randn(2, 1000), packed, scale, 1000)
     with pytest.raises(ValueError, match="one per output row"):
-        kernels.ternary_linear(torch.randn(2, K), packed, torch.ones(N + 1), K)
+        ckernels.ternary_linear(torch.randn(2, K), packed, torch.ones(N + 1), K)
     with pytest.raises(ValueError, match="2 dims"):
-        kernels.ternary_linear(torch.randn(1, 2, K), packed, scale, K)
+        ckernels.ternary_linear(torch.randn(1, 2, K), packed, scale, K)
     lin = P.PackedLinear(K, N)                     # the module checks its input as strictly
     with pytest.raises(TypeError, match="float32"):
         lin(torch.randn(3, K, dtype=torch.bfloat16))
@@ -215,7 +215,7 @@ def test_clear_errors():
         lin(torch.randn(3, 2 * K)[:, ::2])
     if LIB.tl_cpu_path() < 2:
         with pytest.raises(RuntimeError, match="SIMD path"):
-            kernels.ternary_linear(torch.randn(2, K), packed, scale, K, path=2)
+            ckernels.ternary_linear(torch.randn(2, K), packed, scale, K, path=2)
 
 
 def test_fused_pre_ops_match_torch():
@@ -225,14 +225,14 @@ def test_fused_pre_ops_match_torch():
     from model import RMSNorm
     K, M = 300, 16
     g = torch.Generator().manual_seed(7)
-    packed, scale = kernels.pack_ternary(torch.eye(K, dtype=torch.int8)), torch.ones(K)
+    packed, scale = ckernels.pack_ternary(torch.eye(K, dtype=torch.int8)), torch.ones(K)
     norm = RMSNorm(K, eps=1e-6)
     with torch.no_grad():
         norm.weight.copy_(1 + 0.3 * torch.randn(K, generator=g))
     gate_up = torch.randn(M, 2 * K, generator=g)
     gate, up = gate_up.chunk(2, dim=-1)
     for x, swiglu, h in ((gate, False, norm(gate)), (gate_up, True, norm(torch.nn.functional.silu(gate) * up))):
-        y = kernels.ternary_linear(x.contiguous(), packed, scale, K, norm_weight=norm.weight.detach(), eps=1e-6, swiglu=swiglu)
+        y = ckernels.ternary_linear(x.contiguous(), packed, scale, K, norm_weight=norm.weight.detach(), eps=1e-6, swiglu=swiglu)
         q, gamma = activation_quant_int(h.detach())
         y_ref = q.float() * (gamma / 127.0)
         step = (gamma / 127.0).expand_as(y)
@@ -254,7 +254,7 @@ def test_qk_norm_rope_matches_model():
         q_ref = apply_rope(qn(x[:, :nh]), cos, sin)
         k_ref = apply_rope(kn(x[:, nh:nh + nkv]), cos, sin)
     v_ref = x[:, nh + nkv:].clone()
-    out = kernels.qk_norm_rope(qkv.clone(), nh, nkv, hd, qn.weight.detach(), kn.weight.detach(), 1e-6,
+    out = ckernels.qk_norm_rope(qkv.clone(), nh, nkv, hd, qn.weight.detach(), kn.weight.detach(), 1e-6,
                          cos.reshape(B * T, hd).contiguous(), sin.reshape(B * T, hd).contiguous())
     o = out.view(B, T, nh + 2 * nkv, hd).transpose(1, 2)
     assert torch.allclose(o[:, :nh], q_ref, atol=1e-5) and torch.allclose(o[:, nh:nh + nkv], k_ref, atol=1e-5)
@@ -265,8 +265,8 @@ def test_gil_is_released():
     """A long C call in a thread must not stop Python from running in the main thread."""
     K, N = 3072, 3072
     x = torch.randn(32, K)
-    packed = kernels.pack_ternary(torch.randint(-1, 2, (N, K), dtype=torch.int8))
-    t = threading.Thread(target=kernels.ternary_linear, args=(x, packed, torch.ones(N), K, 0, 1))
+    packed = ckernels.pack_ternary(torch.randint(-1, 2, (N, K), dtype=torch.int8))
+    t = threading.Thread(target=ckernels.ternary_linear, args=(x, packed, torch.ones(N), K, 0, 1))
     count, t0 = 0, time.perf_counter()
     t.start()
     while t.is_alive():

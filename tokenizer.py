@@ -45,6 +45,12 @@ import tiktoken
 # Qwen2Tokenizer's pre-tokenizer regex, the "Split" pattern of Qwen's tokenizer.json.
 QWEN_PATTERN = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
                 r"|\s*[\r\n]+|\s+(?!\S)|\s+")
+# SmolLM2 / StarCoder pre-tokenization (llama.cpp's `smollm` pre-tokenizer; Hugging Face's
+# Sequence[Digits(individual_digits=True), ByteLevel(use_regex=True)]): every digit is its own piece,
+# then GPT-2's regex splits each remaining piece on its own. As one regex for tiktoken: GPT-2's with
+# ` ?\p{N}+` -> `\p{N}` (digits alone, no space in front), and `\s+(?!\S)` -> `\s+(?![^\s\p{N}])`
+# (a digit ends a piece, so whitespace before it is a run at the end of its piece).
+SMOLLM_PATTERN = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+|\s+(?![^\s\p{N}])|\s+"
 # The 26 added tokens of Qwen2/2.5/3 (ids 151643..151668), used for a bare .tiktoken file.
 QWEN_ADDED_TOKENS = [
     "<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|object_ref_start|>", "<|object_ref_end|>",
@@ -66,9 +72,11 @@ def byte_to_unicode():
 
 
 class Tokenizer(tiktoken.Encoding):
-    def __init__(self, name, *, pat_str, mergeable_ranks, special_tokens, nfc=True, eos_token=None, pad_token=None):
+    def __init__(self, name, *, pat_str, mergeable_ranks, special_tokens, nfc=True, eos_token=None, pad_token=None,
+                 chat_system=None):
         super().__init__(name, pat_str=pat_str, mergeable_ranks=mergeable_ranks, special_tokens=special_tokens)
         self.nfc, self.eos_token, self.pad_token = nfc, eos_token, pad_token
+        self.chat_system = chat_system   # the chat template's default system message (None: Qwen's)
         self.eos_token_id = self.encode_single_token(eos_token) if eos_token else None
         self.pad_token_id = self.encode_single_token(pad_token) if pad_token else None
 
@@ -93,7 +101,8 @@ class Tokenizer(tiktoken.Encoding):
                                     disallowed_special=disallowed_special)
 
     def __getstate__(self):  # so a pickled copy (e.g. in DataLoader workers) keeps our extra settings
-        return {**super().__getstate__(), "nfc": self.nfc, "eos_token": self.eos_token, "pad_token": self.pad_token}
+        return {**super().__getstate__(), "nfc": self.nfc, "eos_token": self.eos_token, "pad_token": self.pad_token,
+                "chat_system": self.chat_system}
 
 
 @functools.lru_cache
@@ -140,13 +149,18 @@ def _from_tokenizer_json(path):
     if normalizer not in (None, "NFC"):
         raise ValueError(f"{path}: normalizer {normalizer!r} is not supported (only NFC or none)")
     steps = (tj.get("pre_tokenizer") or {}).get("pretokenizers", [])
-    if [s["type"] for s in steps] != ["Split", "ByteLevel"] or "Regex" not in steps[0]["pattern"] \
+    if [s["type"] for s in steps] == ["Digits", "ByteLevel"] and steps[0].get("individual_digits") \
+            and steps[1].get("use_regex", True) and not steps[1].get("add_prefix_space"):
+        pattern = SMOLLM_PATTERN                               # SmolLM2, StarCoder
+    elif [s["type"] for s in steps] != ["Split", "ByteLevel"] or "Regex" not in steps[0]["pattern"] \
             or steps[0].get("invert") or steps[0].get("behavior") != "Isolated" or steps[1].get("use_regex"):
         raise ValueError(f"{path}: pre_tokenizer must be Split(Regex, Isolated) then ByteLevel(use_regex=false), "
-                         "as in Qwen's tokenizer.json")
+                         "as in Qwen's tokenizer.json, or Digits(individual) then ByteLevel, as in SmolLM2's")
+    else:
+        pattern = steps[0]["pattern"]["Regex"]
     merges = [m.split(" ") if isinstance(m, str) else m for m in model["merges"]]
     added = {t["content"]: t for t in tj.get("added_tokens", [])}
-    return _vocab_to_ranks(model["vocab"], merges, path), steps[0]["pattern"]["Regex"], normalizer == "NFC", added
+    return _vocab_to_ranks(model["vocab"], merges, path), pattern, normalizer == "NFC", added
 
 
 def _from_vocab_merges(folder):
@@ -171,8 +185,39 @@ def _from_tiktoken(path):
     return ranks, QWEN_PATTERN, True, {}
 
 
+# llama.cpp's `tokenizer.ggml.pre` names of the pre-tokenizers this file can express as one regex
+GGUF_PRE = {"smollm": SMOLLM_PATTERN, "qwen2": QWEN_PATTERN}
+CONTROL = 3  # llama.cpp's token type of <|endoftext|>, <|im_start|>, ... (1: a normal BPE token)
+
+
+def _from_gguf(path):
+    """A GGUF file's own tokenizer (tokenizer.ggml.*): byte-level BPE tokens and merges, the
+    pre-tokenizer named by `tokenizer.ggml.pre`, control tokens as special tokens, the chat
+    template's default system message."""
+    from gguf_model import metadata, read_gguf
+    r = read_gguf(path)
+    get = lambda k, d=None: metadata(r, "tokenizer." + k, d)
+    kind, pre = get("ggml.model"), get("ggml.pre")
+    if kind != "gpt2" or pre not in GGUF_PRE:
+        raise ValueError(f"{path}: tokenizer {kind!r} with pre-tokenizer {pre!r} is not supported (byte-level BPE "
+                         f"'gpt2' with pre-tokenizer {' or '.join(map(repr, GGUF_PRE))} is)")
+    tokens, types = get("ggml.tokens"), get("ggml.token_type")
+    special = {t: i for i, (t, ty) in enumerate(zip(tokens, types)) if ty == CONTROL}
+    vocab = {t: i for i, (t, ty) in enumerate(zip(tokens, types)) if ty != CONTROL}
+    ranks = _vocab_to_ranks(vocab, [m.split(" ") for m in get("ggml.merges")], path)
+    name = lambda key: tokens[int(get(key))] if get(key) is not None else None
+    system = re.search(r"<\|im_start\|>system\n(.*?)<\|im_end\|>", get("chat_template", "") or "", re.S)
+    return Tokenizer(os.path.basename(path), pat_str=GGUF_PRE[pre], mergeable_ranks=ranks, special_tokens=special,
+                     nfc=False, eos_token=name("ggml.eos_token_id"), pad_token=name("ggml.padding_token_id"),
+                     chat_system=system.group(1) if system else None)
+
+
 def load_tokenizer(path):
-    """A Tokenizer (a tiktoken.Encoding) from a local checkpoint folder, tokenizer.json or .tiktoken file."""
+    """A Tokenizer (a tiktoken.Encoding) from a local checkpoint folder, tokenizer.json, .tiktoken
+    file, or GGUF file (a path, or a short name of gguf_model.SHORT_NAMES)."""
+    from gguf_model import gguf_path, is_gguf
+    if is_gguf(path):
+        return _from_gguf(gguf_path(path))
     if not os.path.exists(path):
         raise FileNotFoundError(f"{path!r} does not exist: pass a local checkpoint folder (with tokenizer.json, "
                                 "or vocab.json + merges.txt) or a .tiktoken file")

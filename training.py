@@ -39,6 +39,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from gguf_model import gguf_source, is_gguf, load_gguf
 from model import Qwen3, Qwen3Config, resolve_checkpoint_dir
 from subln import build_model
 
@@ -218,15 +219,13 @@ def read_jsonl(path):
     naming the file and the line."""
     rows = []
     with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if line.strip():
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise ValueError(f"{path}, line {n}: not JSON ({e.msg})") from None
-                if not isinstance(row, dict):
-                    raise ValueError(f"{path}, line {n}: expected a JSON object")
-                rows.append((n, row))
+        for n, line in ((n, line) for n, line in enumerate(f, 1) if line.strip()):
+            try:
+                rows.append((n, json.loads(line)))
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}, line {n}: not JSON ({e.msg})") from None
+            if not isinstance(rows[-1][1], dict):
+                raise ValueError(f"{path}, line {n}: expected a JSON object")
     return rows
 
 
@@ -352,11 +351,10 @@ def load_checkpoint(path):
 
 @dataclass
 class Checkpoint:
-    """What a model path holds, read once. kind "hf": a Hugging Face folder (a hub id is downloaded
-    to one); kind "ours": a .pt written by continue_train.py or distill.py, whose whole dict
-    (model, optimizer, step, rng, args, ...) is `ckpt`."""
+    """What a model path holds, read once. kind "hf": a Hugging Face folder (a hub id is downloaded to one);
+    "gguf": a llama.cpp file (gguf_model.py); "ours": a .pt of continue_train.py or distill.py, its dict `ckpt`."""
     path: str                 # the file, or the resolved HF folder
-    kind: str                 # "hf" or "ours"
+    kind: str                 # "hf", "gguf" or "ours"
     config: Qwen3Config       # .bitnet / .subln say whether it is already a 1.58-bit model
     tokenizer: str | None     # the tokenizer that belongs to it (None: not recorded)
     ckpt: dict | None = None  # kind "ours" only
@@ -367,7 +365,9 @@ class Checkpoint:
 
 
 def read_checkpoint(path):
-    """Open a model path once: one of our .pt files (torch.load) or an HF folder / hub id (config.json)."""
+    """Open a model path once: our .pt (torch.load), a GGUF (its tokenizer inside) or an HF folder / hub id."""
+    if is_gguf(path):
+        return Checkpoint(*gguf_source(path))
     if os.path.isfile(path) or path.endswith(".pt"):
         ckpt = load_checkpoint(path)
         return Checkpoint(path, "ours", Qwen3Config.from_dict(dict(ckpt["config"])),
@@ -381,8 +381,8 @@ def read_checkpoint(path):
 
 def model_from(src, dtype=torch.float32):
     """The model of a read_checkpoint(): every key and shape checked (strict)."""
-    if src.kind == "hf":
-        return Qwen3.from_pretrained(src.path, dtype=dtype)
+    if src.kind in ("hf", "gguf"):
+        return (Qwen3.from_pretrained if src.kind == "hf" else load_gguf)(src.path, dtype=dtype)
     model = build_model(src.config)            # BitLinear + SubLN in place when the config says so
     ours, theirs = set(model.state_dict()), set(src.ckpt["model"])
     if ours != theirs:

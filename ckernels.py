@@ -7,10 +7,10 @@ activations to int8 per token (Eq. 3), accumulates in int32 and applies one fp32
 Every kernel has a plain-C path (path 0) and SIMD paths chosen at run time (path -1: the best this
 CPU has) that equal it bit for bit. build_ffi.py compiles it with cffi; lib() builds on first use.
 
-    import kernels
-    packed = kernels.pack_ternary(codes)                         # (N, K) int8 -> (N, Kp/4) uint8
-    y = kernels.ternary_linear(x, packed, scale, K)              # (M, K) fp32 -> (M, N) fp32
-    acc = kernels.ternary_gemm_int(*kernels.quantize(x)[::2], packed)   # exact int32 accumulators
+    import ckernels
+    packed = ckernels.pack_ternary(codes)                         # (N, K) int8 -> (N, Kp/4) uint8
+    y = ckernels.ternary_linear(x, packed, scale, K)              # (M, K) fp32 -> (M, N) fp32
+    acc = ckernels.ternary_gemm_int(*ckernels.quantize(x)[::2], packed)   # exact int32 accumulators
 
 packed.py builds the 1.58-bit model from these; test_ternary.py checks them against PyTorch.
 decode_attention and DecodeStep wrap decode_cpu.c (one decode token in one C call; test_decode.py).
@@ -33,13 +33,13 @@ def lib():
         import build_ffi
         state = build_ffi.module_state()
         if state != "ok":
-            print(f"kernels.py: building the C kernels ({state} module; python build_ffi.py) ...", file=sys.stderr)
+            print(f"ckernels.py: building the C kernels ({state} module; python build_ffi.py) ...", file=sys.stderr)
             try:
                 build_ffi.build(verbose=True)
             except build_ffi.BuildError as e:
                 if state != "stale":
                     raise build_ffi.BuildError(f"the C kernels are {state} and cannot be built: {e}") from None
-                print(f"kernels.py: WARNING: ternary_cpu.c changed since the module was built, and it cannot be "
+                print(f"ckernels.py: WARNING: ternary_cpu.c changed since the module was built, and it cannot be "
                       f"rebuilt ({e}); using the built one", file=sys.stderr)
         if HERE not in sys.path:
             sys.path.insert(0, HERE)
