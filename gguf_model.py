@@ -201,3 +201,67 @@ def load_gguf(path, dtype=torch.float32):
                 raise ValueError(f"{path}: {k} has shape {tuple(sd[k].shape)}, the config says {tuple(v.shape)}")
             v.copy_(sd[k])
     return model.to(dtype)
+
+
+# ----------------------------------------------------------------------------- what the real model does
+
+@torch.no_grad()
+def perplexity(model, ids):
+    """exp(mean next-token cross-entropy) of one token list (no padding)."""
+    idx = torch.tensor([ids])                                       # (1, T)
+    logits = model(idx)[0, :-1].float()                             # (T-1, vocab)
+    return torch.nn.functional.cross_entropy(logits, idx[0, 1:]).exp().item()
+
+
+@torch.no_grad()
+def zero_shot_accuracy(model, tok, task, examples):
+    """Plain prompts (tasks.py), the label word whose first token scores highest at the last position."""
+    from tasks import get_task, prompt_and_answer
+    labels = [tok.encode(" " + w)[0] for w in get_task(task)["labels"]]
+    hits = [model(torch.tensor([tok.encode(prompt_and_answer(task, ex)[0])]), last_only=True)[0, -1, labels]
+            .argmax().item() == ex["label"] for ex in examples]
+    return sum(hits) / len(hits)
+
+
+def main():
+    import argparse
+    import time
+    from subln import convert_to_bitnet
+    from tasks import load_examples
+    from tokenizer import load_tokenizer
+    p = argparse.ArgumentParser(description="A GGUF model loaded by hand: what it is, its perplexity, a chat "
+                                "answer, zero-shot SST-2, and the same with absmean-ternary linears (no training).",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--model", default="smollm2", help="a .gguf file or a short name (" + ", ".join(SHORT_NAMES) + ")")
+    p.add_argument("--data_dir", default=os.environ.get("BITDISTILL_DATA"), help="the offline data folder")
+    p.add_argument("--tokens", type=int, default=256, help="tokens of corpus/wikitext2_test.raw for the perplexity")
+    p.add_argument("--rows", type=int, default=300, help="first SST-2 validation rows for zero-shot accuracy")
+    args = p.parse_args()
+    if not args.data_dir or not os.path.isdir(args.data_dir):
+        raise FileNotFoundError(f"--data_dir {args.data_dir!r} is not a folder: set BITDISTILL_DATA or pass --data_dir")
+    torch.manual_seed(0)
+    t0 = time.time()
+    model, tok = load_gguf(args.model).eval(), load_tokenizer(args.model)
+    c = model.config
+    print(f"{gguf_path(args.model)} loaded in {time.time() - t0:.1f} s: {c.model_type}, {c.num_hidden_layers} layers, "
+          f"hidden {c.hidden_size}, {c.num_attention_heads} heads / {c.num_key_value_heads} KV heads, head_dim "
+          f"{c.head_dim}, FFN {c.intermediate_size}, vocab {c.vocab_size}, tied {c.tie_word_embeddings}, RoPE base "
+          f"{c.rope_theta:g}, {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters")
+    with open(os.path.join(args.data_dir, "corpus", "wikitext2_test.raw"), encoding="utf-8") as f:
+        ids = tok.encode(f.read(20_000))[:args.tokens]
+    chat = (f"<|im_start|>system\n{tok.chat_system}<|im_end|>\n<|im_start|>user\nWhat is the capital of France?"
+            "<|im_end|>\n<|im_start|>assistant\n")
+    prompt = torch.tensor([tok.encode(chat)])
+    rows = load_examples("sst2", "validation", data_dir=args.data_dir)[:args.rows]
+    for name in ("full precision", "absmean ternary, no training"):
+        if name != "full precision":
+            convert_to_bitnet(model, subln=False)                    # Eq. 1-3 in every linear, nothing learned
+        answer = model.generate(prompt, 24, eos_token_id=tok.eos_token_id)[0, prompt.shape[1]:].tolist()
+        print(f"{name}: perplexity of the first {len(ids)} tokens of wikitext2_test.raw {perplexity(model, ids):.4g}; "
+              f"zero-shot SST-2 (first {len(rows)} validation rows) {100 * zero_shot_accuracy(model, tok, 'sst2', rows):.1f}%; "
+              f"chat: {tok.decode(answer)!r}")
+
+
+if __name__ == "__main__":
+    from training import run_cli
+    run_cli(main)

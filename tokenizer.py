@@ -79,9 +79,22 @@ class Tokenizer(tiktoken.Encoding):
         self.chat_system = chat_system   # the chat template's default system message (None: Qwen's)
         self.eos_token_id = self.encode_single_token(eos_token) if eos_token else None
         self.pad_token_id = self.encode_single_token(pad_token) if pad_token else None
+        # bytes with no token of their own (SmolLM2 has none for 21, e.g. \x04; Qwen has all 256)
+        self.unknown_bytes = frozenset(b for b in range(256) if bytes([b]) not in mergeable_ranks)
+        ascii_unknown = "".join(chr(b) for b in self.unknown_bytes if b < 128)
+        self._unknown = re.compile("[" + re.escape(ascii_unknown) + "]") if ascii_unknown else None
 
     def encode_ordinary(self, text):
-        return super().encode_ordinary(unicodedata.normalize("NFC", text) if self.nfc else text)
+        text = unicodedata.normalize("NFC", text) if self.nfc else text
+        if self._unknown is not None and self._unknown.search(text):
+            # Hugging Face's BPE (no unk token) drops a byte that has no token and merges across it;
+            # tiktoken would fail on it: regex pieces, then each piece's known bytes BPE-merged
+            ids = []
+            for piece in regex.findall(self._pat_str, text):
+                known = bytes(b for b in piece.encode("utf-8") if b not in self.unknown_bytes)
+                ids += self._encode_single_piece(known) if known else []
+            return ids
+        return super().encode_ordinary(text)
 
     def encode(self, text, *, allowed_special="all", disallowed_special=()):
         allowed = frozenset(self.special_tokens_set if allowed_special == "all" else allowed_special)
@@ -160,7 +173,9 @@ def _from_tokenizer_json(path):
         pattern = steps[0]["pattern"]["Regex"]
     merges = [m.split(" ") if isinstance(m, str) else m for m in model["merges"]]
     added = {t["content"]: t for t in tj.get("added_tokens", [])}
-    return _vocab_to_ranks(model["vocab"], merges, path), pattern, normalizer == "NFC", added
+    # SmolLM2 lists its added tokens in the BPE vocab too (same ids); Qwen does not
+    vocab = {t: i for t, i in model["vocab"].items() if added.get(t, {}).get("id") != i}
+    return _vocab_to_ranks(vocab, merges, path), pattern, normalizer == "NFC", added
 
 
 def _from_vocab_merges(folder):
@@ -247,8 +262,8 @@ def load_tokenizer(path):
         raise ValueError(f"{path}: token ids are not exactly 0..{len(ranks) + len(special_tokens) - 1} "
                          f"({len(ranks)} ranks + {len(special_tokens)} added tokens); the rank file may be truncated "
                          "or the added tokens may not belong to it")
-    if any(bytes([b]) not in ranks for b in range(256)):
-        raise ValueError(f"{path}: not all 256 single bytes have a rank, this is not a byte-level BPE vocab")
+    if any(bytes([b]) not in ranks for b in range(32, 127)):
+        raise ValueError(f"{path}: not every printable ASCII byte has a rank, this is not a byte-level BPE vocab")
     content = lambda t: t["content"] if isinstance(t, dict) else t  # configs store "<|x|>" or {"content": ...}
     return Tokenizer(os.path.basename(os.path.normpath(path)), pat_str=pattern, mergeable_ranks=ranks,
                      special_tokens=special_tokens, nfc=nfc,
