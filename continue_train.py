@@ -166,7 +166,8 @@ def save_metrics(args, log, label):
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
-    p.add_argument("--init", default="Qwen/Qwen3-0.6B", help="the model to convert: HF checkpoint folder or hub id, or our .pt")
+    p.add_argument("--init", "--model", default="Qwen/Qwen3-0.6B",
+                   help="the model to convert: HF checkpoint folder or hub id, a .gguf or smollm2 (gguf_model.py), or our .pt")
     p.add_argument("--from_scratch", action="store_true", help="random init from --model_config (toy teacher)")
     p.add_argument("--model_config", default=None, help="JSON with Qwen3Config fields, for --from_scratch")
     p.add_argument("--quant", default="bitnet", choices=("bitnet", "none"), help="1.58-bit (Stage 1) or full precision")

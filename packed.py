@@ -20,6 +20,7 @@ The C calls and their argument checks live in ckernels.py; this file holds the m
     python build_ffi.py                                   # optional: runs on first use anyway
     python packed.py --ckpt out/distill/ckpt.pt --out out/packed.pt      # pack a checkpoint
     python packed.py --load out/packed.pt --prompt "The capital of France is" --tokenizer DIR
+    python packed.py --ckpt smollm2 --check            # the real model, ternarised untrained (gguf_model.py)
 
     from packed import PackedQwen3
     pm = PackedQwen3.from_bitnet(model, head="int8")      # model: a converted (BitLinear) Qwen3
@@ -37,6 +38,7 @@ from bitlinear import BitLinear, weight_quant_int
 from ckernels import (DecodeStep, as_matrix, bf16_call, decode_attention, lib, linear_call, pack_ternary, padded_k,
                      qk_norm_rope, rmsnorm)
 from model import KVCache, Qwen3Config, RMSNorm, generate, rope_cos_sin
+from subln import convert_to_bitnet
 from training import SaveError, atomic_write, model_from, nonneg_int, read_checkpoint, run_cli
 
 FORMAT = "bitdistill-packed-v1"
@@ -353,7 +355,8 @@ class PackedQwen3(nn.Module):
 def main():
     ap = argparse.ArgumentParser(description="Pack a 1.58-bit checkpoint for CPU inference, or run a packed one.",
                                  formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    ap.add_argument("--ckpt", help="a 1.58-bit distill.py / continue_train.py checkpoint (.pt) to pack")
+    ap.add_argument("--ckpt", help="a 1.58-bit distill.py / continue_train.py checkpoint (.pt) to pack; a "
+                    "full-precision model (HF folder, .gguf, smollm2) is ternarised untrained")
     ap.add_argument("--out", help="where to write the packed model (--ckpt); nothing is written without it")
     ap.add_argument("--head", default="int8", choices=HEADS,
                     help="embedding table / lm_head precision: fp32 (PyTorch), bf16 or int8 (C kernels)")
@@ -373,6 +376,10 @@ def main():
         src = read_checkpoint(args.ckpt)                 # opened once: config, weights, tokenizer
         model = model_from(src).eval()
         args.tokenizer = args.tokenizer or src.tokenizer
+        if not model.config.bitnet:                      # a full-precision model (HF, GGUF): stage 1 only
+            print(f"{args.ckpt} is full precision: ternarised now (Eq. 1-2, SubLN before all seven projections "
+                  "with weight 1, nothing trained: expect noise, not text)")
+            convert_to_bitnet(model, subln=True, subln_all=True)
         pm = PackedQwen3.from_bitnet(model, args.head)
         mem = pm.memory()
         print(f"packed {args.ckpt}: linears {mem['linears'] / 1e6:.1f} MB, embedding+head "
