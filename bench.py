@@ -1,11 +1,14 @@
 """
-CPU inference benchmark on Qwen3-0.6B's geometry: PyTorch fp32 and bf16 against the packed
-1.58-bit model (ternary_cpu.c, decode_cpu.c). Random weights: speed and memory depend on the shapes
-only (hidden 1024, intermediate 3072, 28 layers, 16 q / 8 kv heads, head_dim 128, vocab 151936, tied).
+CPU inference benchmark on Qwen3-0.6B's geometry and SmolLM2-135M's (the real model of gguf_model.py):
+PyTorch fp32 and bf16 against the packed 1.58-bit model (ternary_cpu.c, decode_cpu.c). Random
+weights: speed and memory depend on the shapes only (Qwen3-0.6B: hidden 1024, intermediate 3072, 28
+layers, 16 q / 8 kv heads, head_dim 128, vocab 151936, tied; SmolLM2-135M: 576, 1536, 30 layers,
+9 q / 3 kv heads, head_dim 64, vocab 49152, tied, no q/k-norm).
 
     python bench.py                 # everything: ~10 minutes on 2 cores; out/bench.json + out/bench.png
     python bench.py --quick         # fewer repeats and tokens, a smoke run
     python bench.py --json results/bench.json --plot results/bench.png   # the README's published figures
+    python bench.py --model smollm2   # one geometry (a name below, a .gguf, an HF folder: its config only)
 
 Backends: torch-fp32 / torch-bf16 = model.py's Qwen3 in that dtype; ternary = packed.PackedQwen3
 (2-bit linears in C) with the embedding table / tied lm_head in bf16; ternary-int8-head = the same
@@ -33,10 +36,10 @@ from tqdm import tqdm
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
-from figures import plot_bench  # noqa: E402
+from figures import load_results, plot_bench, print_report  # noqa: E402
 from model import Qwen3, Qwen3Config  # noqa: E402
 from profiling import peak_memory_bytes  # noqa: E402  (VmHWM: this process's own peak)
-from training import cpu_name, provenance, write_json  # noqa: E402
+from training import cpu_name, provenance, read_checkpoint, write_json  # noqa: E402
 
 BACKENDS = ("torch-fp32", "torch-bf16", "ternary", "ternary-int8-head", "ternary-int8-head-pydecode")
 
@@ -44,6 +47,19 @@ BACKENDS = ("torch-fp32", "torch-bf16", "ternary", "ternary-int8-head", "ternary
 def qwen3_06b():
     return Qwen3Config(vocab_size=151936, hidden_size=1024, intermediate_size=3072, num_hidden_layers=28,
                        num_attention_heads=16, num_key_value_heads=8, head_dim=128, tie_word_embeddings=True)
+
+
+MODELS = ("qwen3-0.6b", "smollm2")   # the default geometries, in this order
+
+
+def geometry(name):
+    """The config whose shapes are benchmarked: Qwen3-0.6B's, or any model path's own (read once,
+    weights not used): smollm2, a .gguf file, an HF folder or hub id."""
+    if name == "qwen3-0.6b":
+        return qwen3_06b()
+    c = read_checkpoint(name).config
+    c.bitnet = c.subln = c.subln_all = False
+    return c
 
 
 def stats(ts):
@@ -144,8 +160,8 @@ def decode_tokens(fwd, cache, logits, n, warmup, timing=None):
 
 
 @torch.no_grad()
-def run_backend(name, prompt_lens, new_tokens, repeat):
-    config = qwen3_06b()
+def run_backend(name, model_name, prompt_lens, new_tokens, repeat):
+    config = geometry(model_name)
     baseline = peak_memory_bytes(torch.device("cpu"))   # the interpreter, torch and this script, before any model exists
     t0 = time.perf_counter()
     pm = None
@@ -165,7 +181,7 @@ def run_backend(name, prompt_lens, new_tokens, repeat):
         lin, total, head_bytes = mem["linears"], mem["total"], mem["embed_and_head"]
     build_s, log = time.perf_counter() - t0, lambda msg: print(f"  [{name}] {msg}", file=sys.stderr, flush=True)
     log(f"model built in {build_s:.1f} s")
-    res = dict(backend=name, threads=torch.get_num_threads(), build_s=build_s, prefill={}, weight_bytes=dict(
+    res = dict(backend=name, model=model_name, n_linears=7 * config.num_hidden_layers, threads=torch.get_num_threads(), build_s=build_s, prefill={}, weight_bytes=dict(
         linears=lin, total=total, head=head_bytes, per_token=lin + head_bytes), baseline_rss=baseline)
     g = torch.Generator().manual_seed(0)
     for T in prompt_lens:
@@ -197,12 +213,12 @@ def run_backend(name, prompt_lens, new_tokens, repeat):
 # Per-kernel table: each projection shape of one layer, and the lm_head
 
 @torch.no_grad()
-def kernel_table(repeat, quick, bandwidth):
+def kernel_table(repeat, quick, bandwidth, model_name):
     """Each projection shape of one layer and the lm_head, on the best SIMD path at every thread
     count of `bandwidth` ({threads: GB/s}); plain C and PyTorch beside it at the last count."""
     import ckernels as K_
     from packed import Int8Linear
-    c = qwen3_06b()
+    c = geometry(model_name)
     H, I, qd, kvd = c.hidden_size, c.intermediate_size, c.num_attention_heads * c.head_dim, c.num_key_value_heads * c.head_dim
     shapes = [("qkv (fused)", H, qd + 2 * kvd), ("o_proj", qd, H), ("gate_up (fused)", H, 2 * I),
               ("down_proj", I, H), ("lm_head int8", H, c.vocab_size), ("lm_head bf16", H, c.vocab_size)]
@@ -237,7 +253,7 @@ def kernel_table(repeat, quick, bandwidth):
             for th in counts:
                 t = timeit(lambda: run(x, best, th), 2, repeat * 4)
                 med, gmac = t["median"], M * N * K / t["median"] / 1e9
-                rows.append(dict(kernel=name, K=K, N=N, M=M, threads=th, us=med * 1e6, us_p10=t["p10"] * 1e6,
+                rows.append(dict(kernel=name, model=model_name, K=K, N=N, M=M, threads=th, us=med * 1e6, us_p10=t["p10"] * 1e6,
                                  us_p90=t["p90"] * 1e6, gmac_s=gmac, weight_gb_s=wbytes / med / 1e9,
                                  x_isa_peak=None if name == "lm_head bf16" or not peak[th] else gmac / peak[th],
                                  x_bandwidth=wbytes / med / 1e9 / bandwidth[th],
@@ -246,115 +262,11 @@ def kernel_table(repeat, quick, bandwidth):
     return rows, {str(th): p for th, p in peak.items()}
 
 
-# ---------------------------------------------------------------------------------------------
-# Report
-
-def load_results(path):
-    """A bench.json as print_report wants it (JSON keys are strings: prompt lengths back to ints)."""
-    with open(path) as f:
-        R = json.load(f)
-    for b in R["backends"]:
-        b["prefill"] = {int(k): v for k, v in b["prefill"].items()}
-        b["decode_by_threads"] = {int(k): v for k, v in b["decode_by_threads"].items()}
-    return R
-
-
-def fmt_mb(b):
-    return f"{b / 1e6:8.1f} MB"
-
-
-def print_report(R):
-    bws = R["bandwidth_gb_s"]
-    print(f"\nCPU: {R['cpu']} | flags: {' '.join(R['cpu_flags'])} | threads: {R['threads']} | "
-          f"kernels: {R['simd']}")
-    print("measured read bandwidth: " + ", ".join(f"{v:.1f} GB/s at {th} thread{'s' * (th != '1')}"
-                                                  for th, v in bws["dram_1GiB_by_threads"].items()) +
-          f" (1 GiB buffer); {bws['l3_128MiB']:.1f} GB/s (128 MiB buffer)")
-    bw = bws["dram_1GiB"]
-    lens = R["prompt_lens"]
-    print("\n| backend | " + " | ".join(f"prefill {T} tok/s [p10-p90]" for T in lens) +
-          " | decode tok/s [p10-p90] | weight MB read/token | decode GB/s (x of measured) | "
-          "linear weights | whole model | peak RSS |")
-    print("|" + "---|" * (7 + len(lens)))
-    for b in R["backends"]:
-        wb = b["weight_bytes"]
-        d = b["decode"]
-        gbs = wb["per_token"] * d["tok_s"] / 1e9
-        pre = " | ".join(f"{b['prefill'][T]['tok_s']:7.1f} [{b['prefill'][T]['tok_s_p10']:.0f}-"
-                         f"{b['prefill'][T]['tok_s_p90']:.0f}]" for T in lens)
-        print(f"| {b['backend']:17s} | {pre} | {d['tok_s']:6.1f} [{d['tok_s_p10']:.1f}-{d['tok_s_p90']:.1f}] | "
-              f"{wb['per_token'] / 1e6:7.1f} | {gbs:5.1f} ({gbs / bw:.2f}x) | {fmt_mb(wb['linears'])} | "
-              f"{fmt_mb(wb['total'])} | {fmt_mb(b['peak_rss'])} |")
-    print("linear weights = the 196 q/k/v/o/gate/up/down matrices (ternary: 2-bit codes + fp32 scales); whole model = "
-          "every tensor held (tied embedding once); weight MB read/token = linear weights + lm_head.")
-    print_decode_split(R)
-    if R.get("kernels"):
-        main_th = R["threads"]
-        print("\nper-kernel (best SIMD path; x of ISA peak = GMAC/s over the path's int8 peak measured here: "
-              + ", ".join(f"{v:.0f} GMAC/s at {th} thr." for th, v in R["isa_peak_gmac_s"].items()) +
-              f"; speed-ups, their time / ours, at {main_th} threads)")
-        print("| kernel | K x N | tokens | threads | µs [p10-p90] | GMAC/s (x of ISA peak) | weight GB/s (x of bandwidth) "
-              "| vs torch fp32 | vs torch bf16 | vs our plain C |")
-        print("|---|---|---|---|---|---|---|---|---|---|")
-        for k in R["kernels"]:
-            vs = (f"{k['vs_torch_fp32']:.2f}x | {k['vs_torch_bf16']:.2f}x | {k['vs_plain_c']:.2f}x"
-                  if k["threads"] == main_th else "– | – | –")
-            peak = f" ({k['x_isa_peak']:.2f}x)" if k["x_isa_peak"] is not None else ""
-            print(f"| {k['kernel']} | {k['K']}x{k['N']} | {k['M']} | {k['threads']} | {k['us']:.1f} [{k['us_p10']:.1f}-"
-                  f"{k['us_p90']:.1f}] | {k['gmac_s']:.1f}{peak} | {k['weight_gb_s']:.1f} ({k['x_bandwidth']:.2f}x) | {vs} |")
-    print_goals(R)
-
-
-def print_decode_split(R):
-    """One decode token of the C step, split, at each thread count, against its bandwidth floor."""
-    rows = [(b, th, d) for b in R["backends"] for th, d in b["decode_by_threads"].items() if "split_ms" in d]
-    if not rows:
-        return
-    print("\ndecode, one token of the C step (medians; floor = the bytes a token must read, the weights plus the "
-          "fp16 KV cache at the mean position, over the read bandwidth measured by the same process right after)")
-    print("| backend | threads | tok/s | ms/token | linears ms | lm_head ms | everything else ms | MB read/token "
-          "(weights + KV) | floor tok/s | x of floor |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
-    for b, th, d in rows:
-        sp, nbytes = d["split_ms"], b["weight_bytes"]["per_token"] + b["kv_bytes_per_token"]
-        floor = b["bandwidth_after_decode"][str(th)] * 1e9 / nbytes
-        print(f"| {b['backend']} | {th} | {d['tok_s']:.1f} | {1e3 / d['tok_s']:.2f} | {sp['linears']:.2f} | "
-              f"{sp['head']:.2f} | {sp['rest']:.2f} | {b['weight_bytes']['per_token'] / 1e6:.1f} + "
-              f"{b['kv_bytes_per_token'] / 1e6:.1f} | {floor:.1f} | {d['tok_s'] / floor:.2f}x |")
-
-
-def print_goals(R):
-    """The issue-15 goals this run can judge: reported, never asserted."""
-    B = {b["backend"]: b for b in R["backends"]}
-    out = []
-    int8 = B.get("ternary-int8-head")
-    if int8 and "split_ms" in int8["decode"]:
-        nbytes = int8["weight_bytes"]["per_token"] + int8["kv_bytes_per_token"]
-        floor = int8["bandwidth_after_decode"][str(R["threads"])] * 1e9 / nbytes
-        out.append(("decode (int8 head, C step) >= 80% of its bandwidth floor", int8["decode"]["tok_s"] / floor, 0.8))
-        out.append(("... everything outside the matrix kernels <= 3 ms per token (ms)",
-                    int8["decode"]["split_ms"]["rest"], 3.0))
-    torch_b = [B[n] for n in ("torch-fp32", "torch-bf16") if n in B]
-    packed = [b for n, b in B.items() if n.startswith("ternary") and 128 in b["prefill"]]
-    if torch_b and packed and 128 in torch_b[0]["prefill"]:
-        fastest = max(b["prefill"][128]["tok_s"] for b in torch_b)
-        out.append(("prefill 128 >= 2.65x the fastest PyTorch", max(b["prefill"][128]["tok_s"] for b in packed) / fastest, 2.65))
-    heads = [k for k in R.get("kernels", []) if k["kernel"] == "lm_head int8" and k["threads"] == R["threads"]]
-    if heads:
-        out.append(("int8 lm_head GEMV >= 80% of the measured read bandwidth", heads[0]["x_bandwidth"], 0.8))
-    if int8 and "torch-bf16" in B:
-        grown = lambda b: b["peak_rss"] - b["baseline_rss"]
-        out.append(("peak memory of the packed model (RSS growth over the bare process) <= 1/4 of bf16's",
-                    grown(int8) / grown(B["torch-bf16"]), 0.25))
-    print("\ngoals (issue 15; reported, not asserted)" * bool(out))
-    for text, value, target in out:
-        met = value <= target if "<=" in text else value >= target
-        print(f"  [{'met' if met else 'NOT met'}] {text}: {value:.2f} (target {target})")
-
-
 def main():
     ap = argparse.ArgumentParser(description=__doc__.strip().split("\n\n")[0],
                                  formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    ap.add_argument("--model", default=",".join(MODELS),
+                    help="comma-separated geometries: qwen3-0.6b, smollm2, a .gguf or an HF folder (its config only)")
     ap.add_argument("--threads", type=int, default=os.cpu_count(), help="threads for PyTorch and the C kernels")
     ap.add_argument("--backends", default=",".join(BACKENDS), help=f"comma-separated, from {', '.join(BACKENDS)}")
     ap.add_argument("--prompt_lens", default="128,512", help="comma-separated prompt lengths timed for prefill")
@@ -376,9 +288,14 @@ def main():
         args.repeat, args.new_tokens = 2, 32
     lens = [int(t) for t in args.prompt_lens.split(",")]
     if args.worker:
-        print("RESULT " + json.dumps(run_backend(args.worker, lens, args.new_tokens, args.repeat)))
+        print("RESULT " + json.dumps(run_backend(args.worker, args.model, lens, args.new_tokens, args.repeat)))
         return
     started = time.time()
+    models = [m for m in args.model.split(",") if m]
+    for m in models:
+        geometry(m)                                   # a missing or foreign model: one line, before any work
+    for out in (args.json, args.plot):                # the output folders exist before ten minutes of work
+        os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     import build_ffi
     import ckernels
     simd = build_ffi.describe(ckernels.lib()[0])
@@ -401,30 +318,35 @@ def main():
     names = [b for b in args.backends.split(",") if b]
     for name in names:
         if name not in BACKENDS:
-            sys.exit(f"bench.py: error: unknown backend {name!r}; choose from {', '.join(BACKENDS)}")
+            raise ValueError(f"unknown backend {name!r}; choose from {', '.join(BACKENDS)}")
+    runs = [(m, name) for m in models for name in names]
     t_all = time.perf_counter()
-    for i, name in enumerate(names):
+    for i, (model, name) in enumerate(runs):
         done = time.perf_counter() - t_all
-        eta = f", about {done / i * (len(names) - i) / 60:.0f} min left for the backends" if i else ""
-        print(f"[{i + 1}/{len(names)}] {name}: build, prefill {args.prompt_lens}, decode {args.new_tokens} tokens"
-              f"{eta}", flush=True)
-        cmd = [sys.executable, os.path.abspath(__file__), "--worker", name, "--threads", str(args.threads),
-               "--prompt_lens", args.prompt_lens, "--new_tokens", str(args.new_tokens), "--repeat", str(args.repeat)]
+        eta = f", about {done / i * (len(runs) - i) / 60:.0f} min left for the backends" if i else ""
+        print(f"[{i + 1}/{len(runs)}] {model} {name}: build, prefill {args.prompt_lens}, decode {args.new_tokens} "
+              f"tokens{eta}", flush=True)
+        cmd = [sys.executable, os.path.abspath(__file__), "--worker", name, "--model", model, "--threads",
+               str(args.threads), "--prompt_lens", args.prompt_lens, "--new_tokens", str(args.new_tokens),
+               "--repeat", str(args.repeat)]
         t0 = time.perf_counter()
         out = subprocess.run(cmd, stdout=subprocess.PIPE, text=True)  # the worker's progress: stderr
         lines = [l for l in out.stdout.splitlines() if l.startswith("RESULT ")]
         if out.returncode or not lines:
-            sys.exit(f"backend {name} failed (exit {out.returncode}):\n{out.stdout[-2000:]}")
+            sys.exit(f"bench.py: error: backend {name} on {model} failed (exit {out.returncode}):\n{out.stdout[-2000:]}")
         res = json.loads(lines[-1][7:])
         res["prefill"] = {int(k): v for k, v in res["prefill"].items()}
         res["decode_by_threads"] = {int(k): v for k, v in res["decode_by_threads"].items()}
         R["backends"].append(res)
-        print(f"{name}: prefill " + ", ".join(f"{T}: {res['prefill'][T]['tok_s']:.1f}" for T in lens) +
+        print(f"{model} {name}: prefill " + ", ".join(f"{T}: {res['prefill'][T]['tok_s']:.1f}" for T in lens) +
               f" tok/s, decode {res['decode']['tok_s']:.1f} tok/s ({time.perf_counter() - t0:.0f} s)")
     if not args.no_kernels:
-        print("per-kernel table: 6 shapes x (best SIMD, plain C, torch fp32, torch bf16) ...", flush=True)
+        print("per-kernel table: 6 shapes x (best SIMD, plain C, torch fp32, torch bf16) per geometry ...", flush=True)
         bws = {int(th): v for th, v in R["bandwidth_gb_s"]["dram_1GiB_by_threads"].items()}
-        R["kernels"], R["isa_peak_gmac_s"] = kernel_table(args.repeat, args.quick, bws)
+        R["kernels"] = []
+        for m in models:
+            rows, R["isa_peak_gmac_s"] = kernel_table(args.repeat, args.quick, bws, m)
+            R["kernels"] += rows
     print_report(R)
     R["provenance"] = provenance(started)
     write_json(args.json, R)
@@ -434,4 +356,5 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    from training import run_cli
+    run_cli(main)

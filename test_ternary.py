@@ -369,9 +369,9 @@ def test_readme_bench_tables_are_results_bench_json(capsys):
     # every row of the README's benchmark tables (backends, decode split, kernels) and every goal
     # line is what `python bench.py --report results/bench.json` prints from the committed file:
     # a stale figure fails
-    import bench
+    from figures import load_results, print_report
     here = os.path.dirname(os.path.abspath(__file__))
-    bench.print_report(bench.load_results(os.path.join(here, "results", "bench.json")))
+    print_report(load_results(os.path.join(here, "results", "bench.json")))
     out = capsys.readouterr().out.splitlines()
     rows = [l for l in out if l.startswith("| ") and not l.startswith(("| backend", "| kernel"))]
     goals = [l for l in out if l.startswith("  [")]
