@@ -160,8 +160,7 @@ def decode_tokens(fwd, cache, logits, n, warmup, timing=None):
 
 
 @torch.no_grad()
-def run_backend(name, model_name, prompt_lens, new_tokens, repeat):
-    config = geometry(model_name)
+def run_backend(name, model_name, config, prompt_lens, new_tokens, repeat):
     baseline = peak_memory_bytes(torch.device("cpu"))   # the interpreter, torch and this script, before any model exists
     t0 = time.perf_counter()
     pm = None
@@ -213,12 +212,11 @@ def run_backend(name, model_name, prompt_lens, new_tokens, repeat):
 # Per-kernel table: each projection shape of one layer, and the lm_head
 
 @torch.no_grad()
-def kernel_table(repeat, quick, bandwidth, model_name):
+def kernel_table(repeat, quick, bandwidth, model_name, c):
     """Each projection shape of one layer and the lm_head, on the best SIMD path at every thread
     count of `bandwidth` ({threads: GB/s}); plain C and PyTorch beside it at the last count."""
     import ckernels as K_
     from packed import Int8Linear
-    c = geometry(model_name)
     H, I, qd, kvd = c.hidden_size, c.intermediate_size, c.num_attention_heads * c.head_dim, c.num_key_value_heads * c.head_dim
     shapes = [("qkv (fused)", H, qd + 2 * kvd), ("o_proj", qd, H), ("gate_up (fused)", H, 2 * I),
               ("down_proj", I, H), ("lm_head int8", H, c.vocab_size), ("lm_head bf16", H, c.vocab_size)]
@@ -280,6 +278,7 @@ def main():
     ap.add_argument("--report", metavar="JSON", default=None,
                     help="only print the tables of an earlier run's JSON (the README's: results/bench.json)")
     ap.add_argument("--worker", help=argparse.SUPPRESS)  # internal: run one backend, print JSON
+    ap.add_argument("--config", help=argparse.SUPPRESS)  # internal: the worker's geometry, as JSON
     args = ap.parse_args()
     if args.report:
         return print_report(load_results(args.report))
@@ -288,12 +287,12 @@ def main():
         args.repeat, args.new_tokens = 2, 32
     lens = [int(t) for t in args.prompt_lens.split(",")]
     if args.worker:
-        print("RESULT " + json.dumps(run_backend(args.worker, args.model, lens, args.new_tokens, args.repeat)))
+        config = Qwen3Config.from_dict(json.loads(args.config))  # read by the parent: no file reader in this RSS
+        print("RESULT " + json.dumps(run_backend(args.worker, args.model, config, lens, args.new_tokens, args.repeat)))
         return
     started = time.time()
     models = [m for m in args.model.split(",") if m]
-    for m in models:
-        geometry(m)                                   # a missing or foreign model: one line, before any work
+    configs = {m: geometry(m) for m in models}        # a missing or foreign model: one line, before any work
     for out in (args.json, args.plot):                # the output folders exist before ten minutes of work
         os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     import build_ffi
@@ -326,7 +325,8 @@ def main():
         eta = f", about {done / i * (len(runs) - i) / 60:.0f} min left for the backends" if i else ""
         print(f"[{i + 1}/{len(runs)}] {model} {name}: build, prefill {args.prompt_lens}, decode {args.new_tokens} "
               f"tokens{eta}", flush=True)
-        cmd = [sys.executable, os.path.abspath(__file__), "--worker", name, "--model", model, "--threads",
+        cmd = [sys.executable, os.path.abspath(__file__), "--worker", name, "--model", model, "--config",
+               json.dumps(configs[model].to_dict()), "--threads",
                str(args.threads), "--prompt_lens", args.prompt_lens, "--new_tokens", str(args.new_tokens),
                "--repeat", str(args.repeat)]
         t0 = time.perf_counter()
@@ -345,7 +345,7 @@ def main():
         bws = {int(th): v for th, v in R["bandwidth_gb_s"]["dram_1GiB_by_threads"].items()}
         R["kernels"] = []
         for m in models:
-            rows, R["isa_peak_gmac_s"] = kernel_table(args.repeat, args.quick, bws, m)
+            rows, R["isa_peak_gmac_s"] = kernel_table(args.repeat, args.quick, bws, m, configs[m])
             R["kernels"] += rows
     print_report(R)
     R["provenance"] = provenance(started)
