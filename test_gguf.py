@@ -343,3 +343,33 @@ def test_kernel_paths_equal_plain_c_on_the_real_shapes():
         qv, kc, vc = torch.randn(9 * 64, generator=g), torch.randn(3, 50, 64, generator=g).half(), \
             torch.randn(3, 50, 64, generator=g).half()
         assert torch.equal(ckernels.decode_attention(qv, kc, vc, 37, path, 2), ckernels.decode_attention(qv, kc, vc, 37, 0))
+
+
+# ----------------------------------------------------------------------------- the three stages, as a user runs them
+
+def test_three_stages_and_packing_run_on_the_real_model(tmp_path, data_dir):
+    """continue_train.py --model smollm2, distill.py (FP16-SFT teacher, BitDistill from the stage-2
+    student) and packed.py on its checkpoint, each for a step or two: every stage hands a loadable
+    checkpoint to the next and each results file names the model that was loaded."""
+    import subprocess
+    import sys
+    here = os.path.dirname(os.path.abspath(__file__))
+    run = lambda script, *a: subprocess.run([sys.executable, os.path.join(here, script), *map(str, a)],
+                                            capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    small = ("--task", "sst2", "--train_limit", 4, "--eval_limit", 2, "--max_len", 48, "--batch_size", 2,
+             "--epochs", 1, "--eval_batch_size", 2, "--data_dir", data_dir)
+    steps = [("continue_train.py", "--model", "smollm2", "--tokens", 256, "--block_size", 64, "--batch_size", 2,
+              "--eval_interval", 100, "--eval_iters", 1, "--data", os.path.join(data_dir, "corpus", "tinyshakespeare.txt"),
+              "--out_dir", tmp_path / "ct"),
+             ("distill.py", *small, "--method", "fp16-sft", "--model", "smollm2", "--out_dir", tmp_path / "fp"),
+             ("distill.py", *small, "--student", tmp_path / "ct" / "ckpt.pt", "--teacher", tmp_path / "fp" / "ckpt.pt",
+              "--out_dir", tmp_path / "bd"),
+             ("packed.py", "--ckpt", tmp_path / "bd" / "ckpt.pt", "--max_new_tokens", 4, "--check")]
+    for script, *args in steps:
+        p = run(script, *args)
+        assert p.returncode == 0, (script, p.stdout[-1500:], p.stderr[-3000:])
+    assert "greedy tokens identical" in p.stdout
+    with open(tmp_path / "fp" / "results.json") as f:
+        assert json.load(f)["args"]["loaded_from"] == os.path.abspath(gguf_path("smollm2"))
+    p = run("continue_train.py", "--model", "nothere.gguf", "--out_dir", tmp_path / "x")
+    assert p.returncode != 0 and "continue_train.py: error: no GGUF file at 'nothere.gguf'" in p.stderr

@@ -366,7 +366,7 @@ def test_save_load_two_bits_per_weight(tmp_path, one_thread):
 
 
 def test_readme_bench_tables_are_results_bench_json(capsys):
-    # every row of the README's benchmark tables (backends, decode split, kernels) and every goal
+    # every row of docs/speed.md's benchmark tables (two geometries: backends, decode split, kernels) and every goal
     # line is what `python bench.py --report results/bench.json` prints from the committed file:
     # a stale figure fails
     from figures import load_results, print_report
@@ -375,6 +375,6 @@ def test_readme_bench_tables_are_results_bench_json(capsys):
     out = capsys.readouterr().out.splitlines()
     rows = [l for l in out if l.startswith("| ") and not l.startswith(("| backend", "| kernel"))]
     goals = [l for l in out if l.startswith("  [")]
-    with open(os.path.join(here, "README.md"), encoding="utf-8") as f:
-        readme = f.read()
-    assert len(rows) == 5 + 4 + 20 and len(goals) == 5 and all(r in readme for r in rows + goals)
+    with open(os.path.join(here, "docs", "speed.md"), encoding="utf-8") as f:
+        doc = f.read()
+    assert len(rows) == 2 * (5 + 4 + 20) and len(goals) == 5 and all(r in doc for r in rows + goals)
