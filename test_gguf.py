@@ -356,7 +356,7 @@ def test_three_stages_and_packing_run_on_the_real_model(tmp_path, data_dir):
     here = os.path.dirname(os.path.abspath(__file__))
     run = lambda script, *a: subprocess.run([sys.executable, os.path.join(here, script), *map(str, a)],
                                             capture_output=True, text=True, timeout=600, cwd=tmp_path)
-    small = ("--task", "sst2", "--train_limit", 4, "--eval_limit", 2, "--max_len", 48, "--batch_size", 2,
+    small = ("--task", "sst2", "--train_limit", 4, "--eval_limit", 2, "--max_len", 48, "--batch_size", 2, "--micro_batch_size", 2,
              "--epochs", 1, "--eval_batch_size", 2, "--data_dir", data_dir)
     steps = [("continue_train.py", "--model", "smollm2", "--tokens", 256, "--block_size", 64, "--batch_size", 2,
               "--eval_interval", 100, "--eval_iters", 1, "--data", os.path.join(data_dir, "corpus", "tinyshakespeare.txt"),
