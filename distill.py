@@ -117,10 +117,10 @@ def check_pipeline(args):
         return
     todo = []
     if args.student.endswith(".pt") and not os.path.exists(args.student):
-        todo.append(f"`python continue_train.py --out_dir {os.path.dirname(args.student)}` (stage 2, the student "
-                    f"{args.student}; or skip it with --student Qwen/Qwen3-0.6B)")
+        todo.append(f"`python continue_train.py --model {args.model} --out_dir {os.path.dirname(args.student)}` (stage 2, "
+                    f"the student {args.student}; or skip it with --student {args.model})")
     if not (args.no_ld and args.no_ad) and args.teacher.endswith(".pt") and not os.path.exists(args.teacher):
-        todo.append(f"`python distill.py --task {args.task} --method fp16-sft --out_dir "
+        todo.append(f"`python distill.py --task {args.task} --method fp16-sft --model {args.model} --out_dir "
                     f"{os.path.dirname(args.teacher)}` (the teacher {args.teacher})")
     if todo:
         raise FileNotFoundError("BitDistill starts from earlier runs; run first: " + ", then ".join(todo)

@@ -317,6 +317,7 @@ def test_bare_commands_offline_point_to_what_works(tmp_path, data_dir):
     p = run("continue_train.py", env={"HF_HUB_OFFLINE": "1", "BITDISTILL_DATA": ""}, workdir=tmp_path)
     assert_one_error_line(p, r"could not stream 'tiiuae/falcon-refinedweb' .* python toy.py")
     p = run("distill.py", "--task", "sst2", env=offline, workdir=tmp_path)
-    assert_one_error_line(p, r"run first: `python continue_train.py --out_dir out/continue_train` .*, then "
-                             r"`python distill.py --task sst2 --method fp16-sft --out_dir out/sst2-fp16-sft`.* python toy.py")
+    assert_one_error_line(p, r"run first: `python continue_train.py --model Qwen/Qwen3-0.6B --out_dir out/continue_train` "
+                             r".*, then `python distill.py --task sst2 --method fp16-sft --model Qwen/Qwen3-0.6B --out_dir "
+                             r"out/sst2-fp16-sft`.* python toy.py")
     assert not os.path.exists(tmp_path / "out" / "sst2-bitdistill")   # nothing created before the check
