@@ -217,7 +217,10 @@ def parse_args(argv=None):
     p.add_argument("--plot", nargs="+", default=None, metavar="METRICS_JSON",
                    help="only plot: overlay the loss curves of these runs (Figure 3a) into --plot_out")
     p.add_argument("--plot_out", default="loss.png", help="output PNG of --plot")
-    return apply_recipe(p.parse_args(argv), ("subln_at",))
+    args = apply_recipe(p.parse_args(argv), ("subln_at",))
+    if args.from_scratch:   # --init is not loaded: a results file names what was (--model_config)
+        args.init = None
+    return args
 
 
 def main(argv=None):

@@ -99,6 +99,10 @@ def build_student(args, own):
         args.continued = own.args.get("continued", False)
         return model_from(own), args.tokenizer or own.tokenizer
     path = args.student if args.method == "bitdistill" else args.model
+    if args.method == "bitdistill":   # the path not loaded is not recorded: results name what was loaded
+        args.model = None
+    else:
+        args.student = None
     src = read_checkpoint(path)
     args.loaded_from = src.path                   # what was loaded (the resolved folder of a hub id)                   # opened once: config, weights, tokenizer
     model = model_from(src)

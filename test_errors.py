@@ -9,6 +9,7 @@ import errno
 import fcntl
 import glob
 import hashlib
+import json
 import os
 import shutil
 import signal
@@ -321,3 +322,17 @@ def test_bare_commands_offline_point_to_what_works(tmp_path, data_dir):
                              r".*, then `python distill.py --task sst2 --method fp16-sft --model Qwen/Qwen3-0.6B --out_dir "
                              r"out/sst2-fp16-sft`.* python toy.py")
     assert not os.path.exists(tmp_path / "out" / "sst2-bitdistill")   # nothing created before the check
+
+
+def test_bench_writes_json_anywhere_with_the_default_figure(tmp_path, tiny_hf):
+    """bench.py with --json outside out/ and the default --plot (out/bench.png, in a folder that does
+    not exist yet), as ../shared/peer/run.sh calls it: both files written, no traceback at the end;
+    on a tiny geometry (an HF folder's config: --model takes any model path for its shapes)."""
+    p = run("bench.py", "--model", tiny_hf, "--quick", "--backends", "ternary-int8-head", "--prompt_lens", 8,
+            "--no_kernels", "--json", tmp_path / "some" / "dir" / "bench.json", workdir=tmp_path)
+    assert p.returncode == 0 and "Traceback" not in p.stderr, p.stderr[-3000:]
+    with open(tmp_path / "some" / "dir" / "bench.json") as f:
+        assert json.load(f)["backends"][0]["model"] == tiny_hf
+    assert (tmp_path / "out" / "bench.png").stat().st_size > 1000
+    p = run("bench.py", "--model", tmp_path / "nothere.gguf", "--quick", workdir=tmp_path)
+    assert_one_error_line(p, r"bench.py: error: no GGUF file at")

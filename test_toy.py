@@ -1,5 +1,6 @@
 """The toy pipeline (toy.py, the README's quick start) in its smoke preset: a few steps per stage,
 checking that every stage hands a loadable checkpoint to the next and that the report is written."""
+import glob
 import json
 import os
 import subprocess
@@ -23,6 +24,11 @@ def test_toy_pipeline_smoke(tmp_path, data_dir):
     assert not {ex["sentence"] for ex in tasks.load_examples("sst2", "validation", data_dir)} & set(text)
     pre_args = json.load(open(out / "pretrain" / "metrics.json"))["args"]
     assert any(f.endswith("glue_train_text.txt") for f in pre_args["data"])
+    # every results / metrics file names the model it loaded, never an unused default hub id
+    written = glob.glob(str(out / "**" / "results.json"), recursive=True) + \
+        glob.glob(str(out / "**" / "metrics.json"), recursive=True)
+    assert len(written) >= 8 and not [f for f in written if "Qwen/Qwen3-0.6B" in open(f).read()]
+    assert pre_args["init"] is None and pre_args["from_scratch"]
     out = out / "authors"                                  # every stage after pretraining: --recipe authors
     for name, subln in (("ct", True), ("ct_nosubln", False)):
         student = load_model(str(out / name / "ckpt.pt"))  # strict load
@@ -91,6 +97,17 @@ def test_toy_pipeline_smoke(tmp_path, data_dir):
 
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "toy_fewlabels")
+
+
+def test_every_committed_results_file_is_strict_json():
+    """Strict JSON has no NaN / Infinity: every .json under results/ parses with them refused."""
+    def refuse(c):
+        raise ValueError(f"{c} is not JSON")
+    files = glob.glob(os.path.join(os.path.dirname(RESULTS), "**", "*.json"), recursive=True)
+    assert len(files) > 50
+    for f in files:
+        with open(f, encoding="utf-8") as fh:
+            json.load(fh, parse_constant=refuse)
 
 
 def test_readme_tables_are_the_results_files():
