@@ -229,13 +229,14 @@ def main():
     from subln import convert_to_bitnet
     from tasks import load_examples
     from tokenizer import load_tokenizer
+    from training import positive_int
     p = argparse.ArgumentParser(description="A GGUF model loaded by hand: what it is, its perplexity, a chat "
                                 "answer, zero-shot SST-2, and the same with absmean-ternary linears (no training).",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--model", default="smollm2", help="a .gguf file or a short name (" + ", ".join(SHORT_NAMES) + ")")
     p.add_argument("--data_dir", default=os.environ.get("BITDISTILL_DATA"), help="the offline data folder")
-    p.add_argument("--tokens", type=int, default=256, help="tokens of corpus/wikitext2_test.raw for the perplexity")
-    p.add_argument("--rows", type=int, default=300, help="first SST-2 validation rows for zero-shot accuracy")
+    p.add_argument("--tokens", type=positive_int, default=256, help="tokens of corpus/wikitext2_test.raw for the perplexity")
+    p.add_argument("--rows", type=positive_int, default=300, help="first SST-2 validation rows for zero-shot accuracy")
     args = p.parse_args()
     if not args.data_dir or not os.path.isdir(args.data_dir):
         raise FileNotFoundError(f"--data_dir {args.data_dir!r} is not a folder: set BITDISTILL_DATA or pass --data_dir")
