@@ -188,7 +188,8 @@ def get_args(argv=None):
     p.add_argument("--recipe", default="authors", choices=sorted(RECIPES),
                    help="authors: the released code's choices; paper: the paper's text (recipe.py, README); "
                         "each item below left at None follows it")
-    p.add_argument("--model", default="Qwen/Qwen3-0.6B", help="full-precision base (fp16-sft, bitnet-sft)")
+    p.add_argument("--model", default="Qwen/Qwen3-0.6B",
+                   help="full-precision base (fp16-sft, bitnet-sft): HF folder or hub id, a .gguf or smollm2, our .pt")
     p.add_argument("--student", default="out/continue_train/ckpt.pt",
                    help="bitdistill student: a continue_train.py checkpoint, or an HF model (converted here)")
     p.add_argument("--teacher", default=None, help="fp16-sft checkpoint (None: out/<task>-fp16-sft/ckpt.pt)")

@@ -200,8 +200,8 @@ def _from_tiktoken(path):
     return ranks, QWEN_PATTERN, True, {}
 
 
-# llama.cpp's `tokenizer.ggml.pre` names of the pre-tokenizers this file can express as one regex
-GGUF_PRE = {"smollm": SMOLLM_PATTERN, "qwen2": QWEN_PATTERN}
+# llama.cpp's `tokenizer.ggml.pre` names of the pre-tokenizers read from a GGUF here (tested on SmolLM2's)
+GGUF_PRE = {"smollm": SMOLLM_PATTERN}
 CONTROL = 3  # llama.cpp's token type of <|endoftext|>, <|im_start|>, ... (1: a normal BPE token)
 
 

@@ -13,3 +13,5 @@ python continue_train.py "${COMMON[@]}" --tokens 350000 --eval_interval 25 --out
 mkdir -p results/smollm2_stage2/fp results/smollm2_stage2/ct
 cp "$OUT/fp/metrics.json" results/smollm2_stage2/fp/
 cp "$OUT/ct/metrics.json" "$OUT/ct/loss.png" "$OUT/ct/train_log.csv" results/smollm2_stage2/ct/
+python continue_train.py --plot results/smollm2_stage2/fp/metrics.json results/smollm2_stage2/ct/metrics.json \
+    --plot_out results/smollm2_stage2/stage2.png
