@@ -123,7 +123,7 @@ def evaluate(model, val, args, ctx, device, rank, world_size, verbose):
     """Mean next-token loss over the first eval_iters * batch_size validation blocks (the same
     blocks for any world size: rank r takes blocks r, r + world, ...). Called with the model
     uncompiled: compiling it would add a no_grad graph (and one per shorter last batch), a one-off
-    stall longer than the evaluation itself on a GPU (issue 16)."""
+    stall longer than the evaluation itself on a GPU."""
     model.eval()
     n = min((len(val) - 1) // args.block_size, args.eval_iters * args.batch_size)
     mine = list(range(rank, n, world_size))
