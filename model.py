@@ -287,28 +287,33 @@ class Qwen3(nn.Module):
             config = Qwen3Config.from_hf(json.load(f))
         sd = read_safetensors(path)
         model = cls(config)
-        ours = model.state_dict()
-        # tied embeddings: our lm_head.weight *is* embed_tokens.weight; the checkpoint may or may
-        # not repeat it under lm_head.weight (if it does, it must be the same tensor)
-        if config.tie_word_embeddings:
-            ours.pop("lm_head.weight")
-            if "lm_head.weight" in sd:
-                if not torch.equal(sd["lm_head.weight"], sd["model.embed_tokens.weight"]):
-                    raise ValueError("tie_word_embeddings is true but lm_head.weight differs from "
-                                     "model.embed_tokens.weight in the checkpoint")
-                sd.pop("lm_head.weight")
-        missing, unexpected = sorted(set(ours) - set(sd)), sorted(set(sd) - set(ours))
-        if missing or unexpected:
-            raise ValueError(f"checkpoint {path} does not match the {config.model_type} architecture: "
-                             f"missing {missing[:8]}{'...' if len(missing) > 8 else ''}, "
-                             f"unexpected {unexpected[:8]}{'...' if len(unexpected) > 8 else ''}")
-        with torch.no_grad():
-            for k, v in ours.items():  # one explicit copy per key, every shape asserted
-                if sd[k].shape != v.shape:
-                    raise ValueError(f"shape mismatch for {k}: checkpoint {tuple(sd[k].shape)}, "
-                                     f"model {tuple(v.shape)} (is config.json from the same model?)")
-                v.copy_(sd[k])
+        load_hf_state_dict(model, sd, path)
         return model.to(dtype)
+
+
+def load_hf_state_dict(model, sd, path):
+    """Copies a checkpoint's {Hugging Face key: tensor} into model, strictly: the same keys, every
+    shape asserted. Tied embeddings: our lm_head.weight *is* embed_tokens.weight; the checkpoint may
+    or may not repeat it under lm_head.weight (if it does, it must be the same tensor)."""
+    config, ours = model.config, model.state_dict()
+    if config.tie_word_embeddings:
+        ours.pop("lm_head.weight")
+        if "lm_head.weight" in sd:
+            if not torch.equal(sd["lm_head.weight"], sd["model.embed_tokens.weight"]):
+                raise ValueError("tie_word_embeddings is true but lm_head.weight differs from "
+                                 "model.embed_tokens.weight in the checkpoint")
+            sd.pop("lm_head.weight")
+    missing, unexpected = sorted(set(ours) - set(sd)), sorted(set(sd) - set(ours))
+    if missing or unexpected:
+        raise ValueError(f"checkpoint {path} does not match the {config.model_type} architecture: "
+                         f"missing {missing[:8]}{'...' if len(missing) > 8 else ''}, "
+                         f"unexpected {unexpected[:8]}{'...' if len(unexpected) > 8 else ''}")
+    with torch.no_grad():
+        for k, v in ours.items():  # one explicit copy per key, every shape asserted
+            if sd[k].shape != v.shape:
+                raise ValueError(f"shape mismatch for {k}: checkpoint {tuple(sd[k].shape)}, "
+                                 f"model {tuple(v.shape)} (is the config from the same model?)")
+            v.copy_(sd[k])
 
 
 @torch.no_grad()

@@ -60,6 +60,21 @@ def greedy_steps(pm, idx, steps, c_decode):
     return toks, torch.stack(out)
 
 
+def assert_c_step_equals_forward(pm, idx, steps):
+    """`steps` greedy tokens of the C step at 1 and 2 threads: the same tokens as the op-by-op
+    PyTorch forward, and every step's logits equal bit for bit."""
+    n = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        ref_toks, ref = greedy_steps(pm, idx, steps, False)
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            toks, got = greedy_steps(pm, idx, steps, True)
+            assert toks == ref_toks and torch.equal(got, ref), threads
+    finally:
+        torch.set_num_threads(n)
+
+
 @pytest.mark.parametrize("head", ["int8", "bf16"])
 def test_c_decode_step_equals_pytorch_forward_qwen3_06b(head):
     """The one-call C decode step (decode_cpu.c) against the per-operation PyTorch forward of the
@@ -75,16 +90,7 @@ def test_c_decode_step_equals_pytorch_forward_qwen3_06b(head):
             if isinstance(mod, P.RMSNorm):
                 mod.weight.uniform_(0.5, 1.5, generator=g)
     idx = torch.randint(0, c.vocab_size, (1, 7), generator=torch.Generator().manual_seed(2))
-    n = torch.get_num_threads()
-    try:
-        torch.set_num_threads(1)
-        ref_toks, ref = greedy_steps(pm, idx, 64, False)
-        for threads in (1, 2):
-            torch.set_num_threads(threads)
-            toks, got = greedy_steps(pm, idx, 64, True)
-            assert toks == ref_toks and torch.equal(got, ref), threads
-    finally:
-        torch.set_num_threads(n)
+    assert_c_step_equals_forward(pm, idx, 64)
     lin, head_s, total = pm._step.timing
     assert 0 < lin < total and 0 < head_s < total
 

@@ -287,19 +287,9 @@ def test_packed_real_model_c_step_equals_pytorch_forward(ternary, tok, data_dir,
     geometry (K = 576 and 1536, 9 q / 3 KV heads, head_dim 64, vocab 49,152): 32 greedy tokens
     and every step's logits equal bit for bit, at 1 and 2 threads."""
     import packed as P
-    from test_decode import greedy_steps
+    from test_decode import assert_c_step_equals_forward
     pm = P.PackedQwen3.from_bitnet(ternary, head)
-    idx = torch.tensor([tok.encode(corpus_text(data_dir))[:12]])
-    n = torch.get_num_threads()
-    try:
-        torch.set_num_threads(1)
-        ref_toks, ref = greedy_steps(pm, idx, 32, False)
-        for threads in (1, 2):
-            torch.set_num_threads(threads)
-            toks, got = greedy_steps(pm, idx, 32, True)
-            assert toks == ref_toks and torch.equal(got, ref), threads
-    finally:
-        torch.set_num_threads(n)
+    assert_c_step_equals_forward(pm, torch.tensor([tok.encode(corpus_text(data_dir))[:12]]), 32)
 
 
 def test_packed_real_model_equals_fake_quantized_to_rounding(ternary, tok, data_dir, one_thread):
