@@ -81,9 +81,10 @@ def plot_weights(before, after, out_png):
 
 # ----------------------------------------------------------------------------- the toy and the benchmark
 
-def plot_toy(rows, stage2_runs, out_png):
+def plot_toy(rows, stage2_runs, out_png, val=False):
     """Left: accuracy per method, bars from 0 with their value, ± std over seeds, one dot per seed.
-    Right: Figure 3a from the toy's stage-2 runs, stage2_runs = [(metrics.json, label), ...]."""
+    Right: Figure 3a from the stage-2 runs, stage2_runs = [(metrics.json, label), ...]; val: with
+    their held-out loss (dots)."""
     fig, (a, b) = new_figure(2, (13, 4.5))
     y = range(len(rows))
     a.barh(y, [r["mean"] for r in rows], xerr=[r["std"] or 0 for r in rows], color="tab:blue", alpha=0.6)
@@ -94,8 +95,8 @@ def plot_toy(rows, stage2_runs, out_png):
     a.set_yticks(list(y), [r["row"] for r in rows])
     a.set(xlim=(0, 100), xlabel=f"validation accuracy (%, axis from 0), {rows[0]['n_seeds']} seed(s); dots: single seeds")
     a.invert_yaxis()
-    draw_loss_curves(b, [p for p, _ in stage2_runs], [label for _, label in stage2_runs], val=False)
-    label_axes(b, "stage-2 step", "training loss", "stage 2 of the 1.58-bit student"
+    draw_loss_curves(b, [p for p, _ in stage2_runs], [label for _, label in stage2_runs], val=val)
+    label_axes(b, "stage-2 step", "next-token loss (nats)", "stage 2 of the 1.58-bit student"
                + (",\nwith and without SubLN (Figure 3a's comparison)" if len(stage2_runs) > 1 else ""))
     save_figure(fig, out_png, dpi=110)
 

@@ -338,28 +338,33 @@ def test_kernel_paths_equal_plain_c_on_the_real_shapes():
 # ----------------------------------------------------------------------------- the three stages, as a user runs them
 
 def test_three_stages_and_packing_run_on_the_real_model(tmp_path, data_dir):
-    """continue_train.py --model smollm2, distill.py (FP16-SFT teacher, BitDistill from the stage-2
-    student) and packed.py on its checkpoint, each for a step or two: every stage hands a loadable
+    """toy.py's smollm2-smoke preset (continue_train.py --model smollm2, then distill.py's four Table 1
+    rows, a step each) and packed.py on the BitDistill checkpoint: every stage hands a loadable
     checkpoint to the next and each results file names the model that was loaded."""
     import subprocess
     import sys
+    import toy
     here = os.path.dirname(os.path.abspath(__file__))
     run = lambda script, *a: subprocess.run([sys.executable, os.path.join(here, script), *map(str, a)],
                                             capture_output=True, text=True, timeout=600, cwd=tmp_path)
-    small = ("--task", "sst2", "--train_limit", 4, "--eval_limit", 2, "--max_len", 48, "--batch_size", 2, "--micro_batch_size", 2,
-             "--epochs", 1, "--eval_batch_size", 2, "--data_dir", data_dir)
-    steps = [("continue_train.py", "--model", "smollm2", "--tokens", 256, "--block_size", 64, "--batch_size", 2,
-              "--eval_interval", 100, "--eval_iters", 1, "--data", os.path.join(data_dir, "corpus", "tinyshakespeare.txt"),
-              "--out_dir", tmp_path / "ct"),
-             ("distill.py", *small, "--method", "fp16-sft", "--model", "smollm2", "--out_dir", tmp_path / "fp"),
-             ("distill.py", *small, "--student", tmp_path / "ct" / "ckpt.pt", "--teacher", tmp_path / "fp" / "ckpt.pt",
-              "--out_dir", tmp_path / "bd"),
-             ("packed.py", "--ckpt", tmp_path / "bd" / "ckpt.pt", "--max_new_tokens", 4, "--check")]
-    for script, *args in steps:
-        p = run(script, *args)
-        assert p.returncode == 0, (script, p.stdout[-1500:], p.stderr[-3000:])
-    assert "greedy tokens identical" in p.stdout
-    with open(tmp_path / "fp" / "results.json") as f:
-        assert json.load(f)["args"]["loaded_from"] == os.path.abspath(gguf_path("smollm2"))
+    toy.main(["--preset", "smollm2-smoke", "--out", str(tmp_path), "--data_dir", data_dir])
+    res = json.load(open(tmp_path / "authors" / "sst2" / "results.json"))
+    assert [r["row"] for r in res["rows"]] == ["FP16-SFT", "BitNet-SFT", "BitNet-SFT + SubLN + CT", "BitDistill"]
+    assert [p["pair"] for p in res["paired"]] == ["FP16-SFT - BitNet-SFT", "BitDistill - BitNet-SFT",
+                                                  "BitDistill - FP16-SFT", "BitDistill - BitNet-SFT + SubLN + CT"]
+    assert res["model"] == "smollm2" and res["rows"][-1]["distill_layer"] == 24      # int(0.8 x 30 layers)
+    ppl = res["stage2_heldout_ppl"]       # the pretrained model's held-out perplexity, then the ternary student's
+    assert list(ppl) == ["full precision (the pretrained LLM)", "1.58-bit with SubLN"]
+    assert ppl["full precision (the pretrained LLM)"]["first_ppl"] < 100 < 1e5 < ppl["1.58-bit with SubLN"]["first_ppl"]
+    starts = {"FP16-SFT": gguf_path("smollm2"), "BitNet-SFT": gguf_path("smollm2"),
+              "BitNet-SFT + SubLN + CT": str(tmp_path / "authors" / "ct" / "ckpt.pt"),
+              "BitDistill": str(tmp_path / "authors" / "ct" / "ckpt.pt")}
+    for row, start in starts.items():
+        with open(os.path.join(toy.run_dir(str(tmp_path / "authors"), "sst2", 1, row), "results.json")) as f:
+            r = json.load(f)
+        assert r["args"]["loaded_from"] == os.path.abspath(start) and r["args"]["prompt"] == "chat"
+    p = run("packed.py", "--ckpt", os.path.join(toy.run_dir(str(tmp_path / "authors"), "sst2", 1, "BitDistill"), "ckpt.pt"),
+            "--max_new_tokens", 4, "--check")
+    assert p.returncode == 0 and "greedy tokens identical" in p.stdout, (p.stdout[-1500:], p.stderr[-3000:])
     p = run("continue_train.py", "--model", "nothere.gguf", "--out_dir", tmp_path / "x")
     assert p.returncode != 0 and "continue_train.py: error: no GGUF file at 'nothere.gguf'" in p.stderr

