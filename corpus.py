@@ -9,19 +9,26 @@ and cut into blocks of block_size + 1 tokens (x = block[:-1], y = block[1:]). Tw
     a hub dataset    streamed with `datasets` (the paper's tiiuae/falcon-refinedweb; needs internet);
                      the first val_docs documents are held out
 
+Also the toy LM's text (toy.py): the GLUE tasks' training sentences without labels
+(unlabeled_text) and a small byte-level BPE vocabulary trained on the corpus and them (make_tokenizer).
+
     from corpus import find_files, tokenize_corpus, get_batch
     train, val = tokenize_corpus(find_files(["../shared/data/corpus"]), tok, val_fraction=0.05)
     x, y = get_batch(train, range(8), block_size=128, seed=1, device="cpu")   # (8, 128) each
 """
 import glob
+import json
 import os
+import time
 
 import numpy as np
 import torch
 from tqdm import tqdm
 
 from model import hub_reason
-from training import epoch_order, read_jsonl
+from tasks import TASKS, load_examples
+from tokenizer import save_tiktoken, train_bpe
+from training import epoch_order, read_jsonl, write_text
 
 EOT = "<|endoftext|>"  # document separator (id 151643 in Qwen's vocab)
 TEXT_EXTS = (".jsonl", ".json", ".txt", ".raw", ".text", ".md")
@@ -124,3 +131,33 @@ def pack_stream(rows, tok, block_size, text_field, docs_done):
         while len(buf) >= T + 1:
             yield torch.tensor(buf[:T + 1]), n
             buf = buf[T:]
+
+
+# ----------------------------------------------------------------------------- the toy LM's text (toy.py)
+
+TOY_UNLABELED = ("sst2", "qnli", "mnli")   # whose train split's text (no label) the toy LLM reads
+
+
+def unlabeled_text(data_dir, out):
+    """The GLUE tasks' training sentences, one per line, without their labels: the domain text the
+    toy LLM is pretrained on (the paper's Qwen3 has read web text like it). Validation rows never."""
+    path = os.path.join(out, "unlabeled", "glue_train_text.txt")
+    if not os.path.exists(path):
+        lines = [ex[f] for task in TOY_UNLABELED for ex in load_examples(task, "train", data_dir)
+                 for f in TASKS[task]["fields"]]
+        write_text(path, "\n".join(lines) + "\n")
+    return path
+
+
+def make_tokenizer(files, vocab, out):
+    """A vocab-token byte-level BPE (tokenizer.train_bpe) on these files, saved as <out>/tokenizer."""
+    path = os.path.join(out, "tokenizer", "vocab.tiktoken")
+    if not os.path.exists(path):
+        texts = []
+        for name in files:
+            with open(name, encoding="utf-8") as f:
+                texts.append("".join(json.loads(l)["text"] + "\n" for l in f) if name.endswith(".jsonl") else f.read())
+        t0 = time.time()
+        save_tiktoken(train_bpe("\n".join(texts), vocab - 3), os.path.dirname(path))  # + 3 added tokens
+        print(f"trained a {vocab}-token BPE vocabulary in {time.time() - t0:.0f} s -> {path}")
+    return path

