@@ -9,6 +9,11 @@ layers, 16 q / 8 kv heads, head_dim 128, vocab 151936, tied; SmolLM2-135M: 576, 
     python bench.py --quick         # fewer repeats and tokens, a smoke run
     python bench.py --json results/bench.json --plot results/bench.png   # the README's published figures
     python bench.py --model smollm2   # one geometry (a name below, a .gguf, an HF folder: its config only)
+    python bench.py --model out/.../bitdistill/ckpt.pt   # a 1.58-bit checkpoint: its own weights packed
+
+A 1.58-bit checkpoint (a stage-2/3 .pt) is measured with its own weights: the ternary backends pack
+it (PackedQwen3.from_bitnet, its SubLN layout included), the torch backends are the full-precision
+model of its geometry (no SubLN), the model it was distilled from.
 
 Backends: torch-fp32 / torch-bf16 = model.py's Qwen3 in that dtype; ternary = packed.PackedQwen3
 (2-bit linears in C) with the embedding table / tied lm_head in bf16; ternary-int8-head = the same
@@ -53,8 +58,8 @@ MODELS = ("qwen3-0.6b", "smollm2")   # the default geometries, in this order
 
 
 def geometry(name):
-    """The config whose shapes are benchmarked: Qwen3-0.6B's, or any model path's own (read once,
-    weights not used): smollm2, a .gguf file, an HF folder or hub id."""
+    """The full-precision config whose shapes are benchmarked: Qwen3-0.6B's, or any model path's own
+    (smollm2, a .gguf file, an HF folder or hub id, a .pt checkpoint: the SubLN/BitLinear flags off)."""
     if name == "qwen3-0.6b":
         return qwen3_06b()
     c = read_checkpoint(name).config
@@ -119,6 +124,18 @@ def random_packed(config, head):
     return pm
 
 
+def trained_packed(path, head):
+    """The packed model of a 1.58-bit checkpoint's own weights (its float copy is freed after packing;
+    the peak RSS then includes it, the weight bytes do not)."""
+    import packed as P
+    from training import load_model
+    return P.PackedQwen3.from_bitnet(load_model(path).eval(), head)
+
+
+def is_ternary_checkpoint(name):
+    return name.endswith(".pt") and read_checkpoint(name).config.bitnet
+
+
 def random_torch(config, dtype):
     torch.manual_seed(0)
     old = torch.get_default_dtype()
@@ -172,7 +189,8 @@ def run_backend(name, model_name, config, prompt_lens, new_tokens, repeat):
         total = sum(p.numel() * p.element_size() for p in model.parameters())  # tied: counted once
         head_bytes = model.lm_head.weight.numel() * model.lm_head.weight.element_size()
     else:
-        pm = random_packed(config, "bf16" if name == "ternary" else "int8")
+        head = "bf16" if name == "ternary" else "int8"
+        pm = trained_packed(model_name, head) if is_ternary_checkpoint(model_name) else random_packed(config, head)
         pm.c_decode = not name.endswith("pydecode")   # the one-call C step, or PyTorch op by op
         new_cache = lambda n: pm.new_cache(1, n)
         fwd = lambda idx, cache, last: pm(idx, cache, last_only=last)
@@ -264,7 +282,8 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.strip().split("\n\n")[0],
                                  formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     ap.add_argument("--model", default=",".join(MODELS),
-                    help="comma-separated geometries: qwen3-0.6b, smollm2, a .gguf or an HF folder (its config only)")
+                    help="comma-separated geometries: qwen3-0.6b, smollm2, a .gguf or an HF folder (its config only), "
+                         "a 1.58-bit .pt checkpoint (its weights packed)")
     ap.add_argument("--threads", type=int, default=os.cpu_count(), help="threads for PyTorch and the C kernels")
     ap.add_argument("--backends", default=",".join(BACKENDS), help=f"comma-separated, from {', '.join(BACKENDS)}")
     ap.add_argument("--prompt_lens", default="128,512", help="comma-separated prompt lengths timed for prefill")

@@ -154,7 +154,8 @@ def plot_bench(R, out_png):
         ax.bar(range(len(names)), [v[j] for v in vals], color=[f"C{i}" for i in range(len(names))])
         ax.set_xticks(range(len(names)), names, rotation=35, ha="right", fontsize=8)
         ax.set_title(f"{m} (tok/s)")
-    fig.suptitle(f"{', '.join(sorted(models))} geometry, random weights, {R['threads']} threads, {R['cpu']}", fontsize=9)
+    weights = "a checkpoint's ternary weights" if any(m.endswith(".pt") for m in models) else "random weights"
+    fig.suptitle(f"{', '.join(sorted(models))} geometry, {weights}, {R['threads']} threads, {R['cpu']}", fontsize=9)
     save_figure(fig, out_png, dpi=110)
 
 
@@ -186,7 +187,8 @@ def print_report(R):
                                                   for th, v in bws["dram_1GiB_by_threads"].items()) +
           f" (1 GiB buffer); {bws['l3_128MiB']:.1f} GB/s (128 MiB buffer)")
     for model in dict.fromkeys(model_of(b) for b in R["backends"]):
-        print(f"\n## {model} geometry (random weights)")
+        print(f"\n## {model} " + ("(its ternary weights packed; torch: the full-precision geometry, random weights)"
+                                   if model.endswith(".pt") else "geometry (random weights)"))
         print_model_report(R, model, [b for b in R["backends"] if model_of(b) == model],
                            [k for k in R.get("kernels", []) if model_of(k) == model])
     print_goals(R)

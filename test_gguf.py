@@ -363,8 +363,15 @@ def test_three_stages_and_packing_run_on_the_real_model(tmp_path, data_dir):
         with open(os.path.join(toy.run_dir(str(tmp_path / "authors"), "sst2", 1, row), "results.json")) as f:
             r = json.load(f)
         assert r["args"]["loaded_from"] == os.path.abspath(start) and r["args"]["prompt"] == "chat"
-    p = run("packed.py", "--ckpt", os.path.join(toy.run_dir(str(tmp_path / "authors"), "sst2", 1, "BitDistill"), "ckpt.pt"),
-            "--max_new_tokens", 4, "--check")
+    student = os.path.join(toy.run_dir(str(tmp_path / "authors"), "sst2", 1, "BitDistill"), "ckpt.pt")
+    p = run("packed.py", "--ckpt", student, "--max_new_tokens", 4, "--check")
     assert p.returncode == 0 and "greedy tokens identical" in p.stdout, (p.stdout[-1500:], p.stderr[-3000:])
+    # bench.py on the distilled student: its own ternary weights packed (the FP16-SFT teacher's .pt is not ternary)
+    import bench
+    teacher = os.path.join(toy.run_dir(str(tmp_path / "authors"), "sst2", 1, "FP16-SFT"), "ckpt.pt")
+    assert bench.is_ternary_checkpoint(student) and not bench.is_ternary_checkpoint(teacher)
+    p = run("bench.py", "--model", student, "--quick", "--backends", "ternary-int8-head", "--prompt_lens", 8,
+            "--no_kernels", "--threads", 1, "--json", tmp_path / "bench.json", "--plot", tmp_path / "bench.png")
+    assert p.returncode == 0 and f"## {student} (its ternary weights packed" in p.stdout, (p.stdout[-1500:], p.stderr[-3000:])
     p = run("continue_train.py", "--model", "nothere.gguf", "--out_dir", tmp_path / "x")
     assert p.returncode != 0 and "continue_train.py: error: no GGUF file at 'nothere.gguf'" in p.stderr
