@@ -97,7 +97,8 @@ def plot_toy(rows, stage2_runs, out_png, val=False):
     a.invert_yaxis()
     draw_loss_curves(b, [p for p, _ in stage2_runs], [label for _, label in stage2_runs], val=val)
     label_axes(b, "stage-2 step", "next-token loss (nats)", "stage 2 of the 1.58-bit student"
-               + (",\nwith and without SubLN (Figure 3a's comparison)" if len(stage2_runs) > 1 else ""))
+               + (",\nwith and without SubLN (Figure 3a's comparison)" if any("without" in l for _, l in stage2_runs)
+                  else ",\nagainst the full-precision model" if len(stage2_runs) > 1 else ""))
     save_figure(fig, out_png, dpi=110)
 
 
