@@ -26,7 +26,6 @@ import torch
 from tqdm import tqdm
 
 from model import hub_reason
-from tasks import TASKS, load_examples
 from tokenizer import save_tiktoken, train_bpe
 from training import epoch_order, read_jsonl, write_text
 
@@ -141,6 +140,7 @@ TOY_UNLABELED = ("sst2", "qnli", "mnli")   # whose train split's text (no label)
 def unlabeled_text(data_dir, out):
     """The GLUE tasks' training sentences, one per line, without their labels: the domain text the
     toy LLM is pretrained on (the paper's Qwen3 has read web text like it). Validation rows never."""
+    from tasks import TASKS, load_examples     # toy.py only: stage 2 never loads the task module
     path = os.path.join(out, "unlabeled", "glue_train_text.txt")
     if not os.path.exists(path):
         lines = [ex[f] for task in TOY_UNLABELED for ex in load_examples(task, "train", data_dir)
