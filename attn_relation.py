@@ -17,7 +17,7 @@ Relations span all L tokens in both directions (Algorithm 1 applies no causal ma
 causal model already depend only on earlier tokens); only padding is masked.
 Used by distill.py on ONE layer (|Υ| = 1, as the paper recommends), with α = 1. With
 norm="authors" the loss is divided once more by (layers × A_r), as the authors' released trainer
-does (recipe-audit item 1); the paper's text has no such division.
+does (recipe item ad_norm); the paper's text has no such division.
 
 Usage:
     from attn_relation import attention_relation_loss
@@ -25,6 +25,8 @@ Usage:
                                    attention_mask=mask)   # scalar
 Tests: python -m pytest -q test_distill.py -k relation
 """
+import math
+
 import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
@@ -135,7 +137,7 @@ def attention_relation_loss(student_qkv, teacher_qkv, split_heads, temperature=1
     heads than Q (GQA, before repeat_kv) and the teacher may be wider than the student.
     attention_mask: (B, L), 1 = real token, 0 = padding (left or right). Returns a float32 scalar.
     norm "paper": Eq. (11) / Algorithm 1 as printed. norm "authors": then divided once more by
-    (distilled layers × A_r) = A_r here (|Υ| = 1), as the authors' trainer does (trainer.py 452),
+    (distilled layers × A_r) = A_r here (|Υ| = 1), as the authors' trainer does (their trainer.py),
     which makes the same γ A_r times weaker. The authors' code masks no padding; we always do."""
     if norm not in ("paper", "authors"):
         raise ValueError(f"norm must be 'paper' or 'authors', got {norm!r}")
@@ -157,3 +159,28 @@ def attention_relation_loss(student_qkv, teacher_qkv, split_heads, temperature=1
             loss = loss + relation_kl(s, t, mask, scaled_dot, temperature, chunk_size)
     n_layers = 1                                       # |Υ|: one distilled layer per call
     return loss / (n_layers * split_heads) if norm == "authors" else loss
+
+
+# Algorithm 1 as printed in the paper, the reference the function above is tested against.
+def algorithm1_reference(student_states, teacher_states, split_heads, temperature=1.0, scaled_dot=False):
+    """Algorithm 1 of the paper as printed, loop by loop: no chunks, no padding mask, the
+    (B·A_r·L, L) relations materialised at once, F.kl_div(..., reduction='batchmean') and the
+    clamp(1e-8). scaled_dot: Eq. (12) instead. attention_relation_loss above (chunked,
+    padding-aware: the one training runs) equals it on unpadded rows (test_distill)."""
+    loss = 0.0
+    for i in range(3):
+        s_values, t_values = student_states[i], teacher_states[i]
+        B, L = s_values.shape[0], s_values.shape[2]
+        rel = []
+        for x in (s_values, t_values):
+            D = x.shape[1] * x.shape[3] // split_heads
+            x = x.transpose(1, 2).reshape(B, L, split_heads, D).transpose(1, 2)   # (B, A_r, L, D)
+            if scaled_dot:
+                rel.append((x @ x.transpose(-2, -1) / math.sqrt(D)).reshape(-1, L))
+            else:
+                x = F.normalize(x, dim=-1)
+                rel.append((x @ x.transpose(-2, -1) / temperature).reshape(-1, L))
+        s_prob = F.softmax(rel[0], dim=-1).clamp(min=1e-8)             # (B·A_r·L, L)
+        t_prob = F.softmax(rel[1], dim=-1).clamp(min=1e-8)
+        loss = loss + F.kl_div(torch.log(s_prob), t_prob, reduction="batchmean", log_target=False)
+    return loss

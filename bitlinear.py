@@ -35,10 +35,13 @@ def weight_quant_int(w):
     return codes, delta
 
 
-# Eq. (1): Q_w(W) = Δ · RoundClip(W / (Δ+ε), -1, 1)   (de-quantized float)
-# The reference form, one line per symbol. The arithmetic is float32 whatever W's dtype (the result
-# comes back in W's dtype), so the codes are weight_quant_int's, the ones packed inference uses.
+# Eq. (1): Q_w(W) = Δ · RoundClip(W / (Δ+ε), -1, 1)   (de-quantized float), what BitLinear.forward runs.
+# The arithmetic is float32 whatever W's dtype (the result comes back in W's dtype), so the codes
+# are weight_quant_int's, the ones packed inference uses. FUSED (below) picks the form: the
+# reference, one line per symbol, or the same values with fewer passes over memory.
 def weight_quant(w):
+    if FUSED:
+        return weight_quant_fused(w)
     wf = w.float()
     delta = wf.abs().mean()
     return (delta * round_clip(wf / (delta + EPS), -1, 1)).to(w.dtype)
@@ -54,20 +57,26 @@ def activation_quant_int(x):
 
 
 # Eq. (3): Q_INT8(X) = γ/127 · RoundClip(127/(γ+ε) · X, -128, 127)   (de-quantized float)
-# Reference form; float32 arithmetic as above: under bf16 autocast, bf16 arithmetic would round
-# 127/(γ+ε)·X to a multiple of 0.5 above 64 before RoundClip, and train on codes inference never sees.
+# Float32 arithmetic as above: under bf16 autocast, bf16 arithmetic would round 127/(γ+ε)·X to a
+# multiple of 0.5 above 64 before RoundClip, and train on codes inference never sees.
 def activation_quant(x):
+    if FUSED:
+        return activation_quant_fused(x)
     xf = x.float()
     gamma = xf.abs().amax(dim=-1, keepdim=True)  # (..., 1)
     return (gamma / 127.0 * round_clip(xf * (127.0 / (gamma + EPS)), -128, 127)).to(x.dtype)
 
 
-# The forms training runs: the same values as the two references, bit for bit (test_speed), with
+# The fused forms: the same values as the reference lines above, bit for bit (test_speed), with
 # fewer passes over memory. The reference activation quantizer makes 5 tensors the size of X
 # (|X|, the scaled X, its rounding, the clip, the product); this one makes 1 and rounds, clips and
 # rescales it in place (a bf16 X adds, to both, its fp32 copy and the cast back). Under
 # torch.compile the whole of it becomes one reduction and one elementwise kernel: X read twice,
 # Q(X) written once. No autograd graph is built (no_grad): the STE below supplies the gradient.
+# Like nanoGPT's flash/manual switch: FUSED = False runs the reference lines everywhere.
+FUSED = True
+
+
 @torch.no_grad()
 def weight_quant_fused(w):
     wf = w.float()                                                      # no copy when W is fp32
@@ -101,49 +110,28 @@ def ste(x, q):
     return _STE.apply(x, q)
 
 
-# One weight quantization per optimizer step. Within a step (all its micro-batches) the latent
-# weights do not change, so Q_w(W) is computed once and reused: later micro-batches read the cached
-# Q_w(W) (the STE costs nothing) instead of redoing the absmean-round-clip over W each time.
-_STEP_CACHE = None     # {id(BitLinear): Q_w(W)} inside weight_quant_once(), else None
-
-
-@contextlib.contextmanager
-def weight_quant_once(enabled=True):
-    """Around one optimizer step's forward/backward passes (never across an optimizer.step()): each
-    BitLinear quantizes its weight on the first micro-batch and reuses it. Results are bit-identical
-    to quantizing every time. enabled=False (FSDP: the gathered weights are transient) does nothing."""
-    global _STEP_CACHE
-    if not enabled or _STEP_CACHE is not None:
-        yield
-        return
-    _STEP_CACHE = {}
-    try:
-        yield
-    finally:
-        _STEP_CACHE = None
-
-
 class BitLinear(nn.Linear):
     """Drop-in nn.Linear whose forward is F.linear(Q_INT8(x), Q_w(W)) with STE gradients.
     The latent full-precision weight is what the optimizer updates (and what checkpoints hold).
     in_norm: an optional SubLN on the input, before Eq. (3); subln.py sets it on q/k/v/gate/up
-    when SubLN goes before all seven projections (the authors' released runs)."""
+    when SubLN goes before all seven projections (the authors' released runs).
+    step_weight: Q_w(W) kept for the rest of one optimizer step inside weight_quant_once(), else None."""
 
     def __init__(self, *args, **kw):
         super().__init__(*args, **kw)
         self.register_module("in_norm", None)
+        self.once_per_step, self.step_weight = False, None
 
     def forward(self, x):
         if self.in_norm is not None:
             x = self.in_norm(x)
-        if _STEP_CACHE is None:
-            q = weight_quant_fused(self.weight)          # Eq. (1)-(2)
-        else:                                            # once per optimizer step (weight_quant_once)
-            q = _STEP_CACHE.get(id(self))
-            if q is None:
-                q = _STEP_CACHE[id(self)] = weight_quant_fused(self.weight)
+        q = self.step_weight
+        if q is None:
+            q = weight_quant(self.weight)                # Eq. (1)-(2)
+            if self.once_per_step:
+                self.step_weight = q
         w = ste(self.weight, q)
-        x = ste(x, activation_quant_fused(x))            # Eq. (3)
+        x = ste(x, activation_quant(x))                  # Eq. (3)
         return F.linear(x, w, self.bias)
 
     @classmethod
@@ -156,6 +144,25 @@ class BitLinear(nn.Linear):
             if linear.bias is not None:
                 bl.bias.copy_(linear.bias)
         return bl
+
+
+# One weight quantization per optimizer step. Within a step (all its micro-batches) the latent
+# weights do not change, so Q_w(W) is computed once and reused: later micro-batches read the
+# layer's step_weight (the STE costs nothing) instead of redoing the absmean-round-clip over W.
+@contextlib.contextmanager
+def weight_quant_once(model, enabled=True):
+    """Around one optimizer step's forward/backward passes (never across an optimizer.step()): each
+    BitLinear of `model` quantizes its weight on the first micro-batch and reuses it. Results are
+    bit-identical to quantizing every time. enabled=False (FSDP: the gathered weights are transient)
+    does nothing."""
+    layers = [m for m in model.modules() if isinstance(m, BitLinear)] if enabled else []
+    for m in layers:
+        m.once_per_step, m.step_weight = True, None
+    try:
+        yield
+    finally:
+        for m in layers:
+            m.once_per_step, m.step_weight = False, None
 
 
 def bitlinear_int_reference(x, w):

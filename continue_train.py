@@ -398,7 +398,7 @@ def train(args, ddp, rank, local_rank, world_size, device, master):
             group["lr"] = lr
         loss_sum = torch.zeros((), device=device)
         prof.start()
-        with weight_quant_once(not args.fsdp):   # Q_w(W) once per optimizer step (bitlinear.py)
+        with weight_quant_once(raw_model, not args.fsdp):   # Q_w(W) once per optimizer step (bitlinear.py)
             for micro in range(accum):
                 x, y, docs_read = next_batch(step, micro)                               # (B, T) each
                 x, y = x.to(device), y.to(device)

@@ -197,29 +197,29 @@ def get_args(argv=None):
     p.add_argument("--subln", action="store_true", default=True, help="SubLN when converting here, Eq. (4)-(5)")
     p.add_argument("--no_subln", dest="subln", action="store_false", help="no SubLN (the Table 5 ablation)")
     p.add_argument("--subln_at", default=None, choices=("all", "o_down"),
-                   help="when converting here: SubLN before all 7 projections or only o_proj/down_proj (item 5)")
+                   help="when converting here: SubLN before all 7 projections or only o_proj/down_proj (a recipe item)")
     p.add_argument("--no_ld", action="store_true", help="no logits distillation (Table 6)")
     p.add_argument("--no_ad", action="store_true", help="no attention distillation (Table 6)")
     p.add_argument("--ld_form", default=None, choices=("authors", "paper"),
                    help="L_LD: authors = every non-pad position, token mean, x τ²; paper = Eq. (8)-(9) over the "
                         "answer tokens, Σ per sample / N (items 3, 15)")
     p.add_argument("--ce_form", default=None, choices=("token_mean", "sample_sum"),
-                   help="L_CE: mean over the answer tokens, or Eq. (14)'s Σ per sample / N (item 4)")
+                   help="L_CE: mean over the answer tokens, or Eq. (14)'s Σ per sample / N (a recipe item)")
     p.add_argument("--tau", type=positive_float, default=5.0, help="logits distillation temperature, Eq. (9)")
     p.add_argument("--lambda_ld", type=nonneg_float, default=None, help="λ; None: 10 (classification), 1 (CNN/DM)")
     p.add_argument("--gamma_ad", type=nonneg_float, default=None, help="γ; None: 1e5 (classification), 1e3 (CNN/DM)")
     p.add_argument("--ad_norm", default=None, choices=("authors", "paper"),
-                   help="L_AD: authors = Eq. (11) then / (layers x A_r); paper = Eq. (11) as printed (item 1)")
-    p.add_argument("--split_heads", type=nonneg_int, default=None, help="A_r, relation heads (item 2); 0: the student's heads")
+                   help="L_AD: authors = Eq. (11) then / (layers x A_r); paper = Eq. (11) as printed (a recipe item)")
+    p.add_argument("--split_heads", type=nonneg_int, default=None, help="A_r, relation heads (a recipe item); 0: the student's heads")
     p.add_argument("--qk_capture", default=None, choices=("after_rope", "before_rope"),
-                   help="Q/K handed to L_AD after or before RoPE (item 7)")
+                   help="Q/K handed to L_AD after or before RoPE (a recipe item)")
     p.add_argument("--distill_layer", default=None,
-                   help="student layer for L_AD (Figure 3b); auto: the authors' table, else int(0.8 L) (item 6)")
+                   help="student layer for L_AD (Figure 3b); auto: the authors' table, else int(0.8 L) (a recipe item)")
     p.add_argument("--teacher_layer", type=int, default=None, help="None: same relative depth as the student's")
     p.add_argument("--ad_temperature", type=positive_float, default=1.0, help="Algorithm 1 relation temperature")
     p.add_argument("--ad_scaled_dot", action="store_true", help="Eq. (12) A·Aᵀ/√d_r instead of Algorithm 1")
     p.add_argument("--prompt", default=None, choices=("auto", "chat", "plain"),
-                   help="auto: Qwen's chat template when the tokenizer has its tokens, else plain text (item 12)")
+                   help="auto: Qwen's chat template when the tokenizer has its tokens, else plain text (a recipe item)")
     p.add_argument("--data_dir", default=os.environ.get("BITDISTILL_DATA"),
                    help="offline data folder (env BITDISTILL_DATA); unset = Hugging Face hub")
     p.add_argument("--train_limit", type=nonneg_int, default=0, help="use only the first N training rows (0: all)")
@@ -230,14 +230,14 @@ def get_args(argv=None):
     p.add_argument("--max_len", type=positive_int, default=512, help="tokens per training example (prompt cut to fit)")
     p.add_argument("--batch_size", type=positive_int, default=32, help="global batch (samples per optimizer step)")
     p.add_argument("--micro_batch_size", type=positive_int, default=4, help="samples per forward, per process")
-    p.add_argument("--epochs", type=positive_float, default=None, help="passes over the training rows (item 10)")
+    p.add_argument("--epochs", type=positive_float, default=None, help="passes over the training rows (a recipe item)")
     p.add_argument("--max_steps", type=nonneg_int, default=0, help="overrides --epochs when > 0")
-    p.add_argument("--lr", type=positive_float, default=None, help=f"None: {TEACHER_LR:g} (fp16-sft), else --recipe's (item 9)")
-    p.add_argument("--min_lr_ratio", type=nonneg_float, default=None, help="the cosine ends at lr x this (item 10)")
-    p.add_argument("--warmup_ratio", type=nonneg_float, default=None, help="linear warmup, fraction of the steps (item 10)")
+    p.add_argument("--lr", type=positive_float, default=None, help=f"None: {TEACHER_LR:g} (fp16-sft), else --recipe's (a recipe item)")
+    p.add_argument("--min_lr_ratio", type=nonneg_float, default=None, help="the cosine ends at lr x this (a recipe item)")
+    p.add_argument("--warmup_ratio", type=nonneg_float, default=None, help="linear warmup, fraction of the steps (a recipe item)")
     p.add_argument("--warmup_steps", type=nonneg_int, default=None, help="overrides --warmup_ratio")
-    p.add_argument("--weight_decay", type=nonneg_float, default=None, help="AdamW, not on norms and biases (item 11)")
-    p.add_argument("--beta2", type=nonneg_float, default=None, help="AdamW β2; β1 0.9, eps 1e-8 (item 11)")
+    p.add_argument("--weight_decay", type=nonneg_float, default=None, help="AdamW, not on norms and biases (a recipe item)")
+    p.add_argument("--beta2", type=nonneg_float, default=None, help="AdamW β2; β1 0.9, eps 1e-8 (a recipe item)")
     p.add_argument("--grad_clip", type=nonneg_float, default=1.0, help="clip the global grad norm (0: off)")
     p.add_argument("--gen_len", type=positive_int, default=128, help="CNN/DM generation length (paper: up to 4096)")
     p.add_argument("--eval_batch_size", type=positive_int, default=8, help="prompts per greedy generation batch")
@@ -314,7 +314,7 @@ def train(args, model, student, teacher, tok, layers, ctx, device, dist, data, o
         for g in opt.param_groups:
             g["lr"] = lr
         logged = {}
-        with weight_quant_once():                # Q_w(W) once per optimizer step (bitlinear.py)
+        with weight_quant_once(student):         # Q_w(W) once per optimizer step (bitlinear.py)
             for micro in range(grad_accum):
                 if ddp:  # all-reduce the gradients only on the last micro-step
                     model.require_backward_grad_sync = micro == grad_accum - 1

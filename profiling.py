@@ -1,5 +1,5 @@
 """
-Training speed, one command away (issue 16): `--profile N` in continue_train.py and distill.py runs
+Training speed, one command away: `--profile N` in continue_train.py and distill.py runs
 one warm-up optimizer step and then N timed ones, and prints tokens/s, the step split into forward
 / backward / optimizer, peak memory and model FLOPs utilisation (MFU). It evaluates nothing and
 writes nothing: the output folder is not touched.
@@ -171,7 +171,7 @@ def add_compile_args(p):
 
 
 def use_compile(flag, device):
-    """On a GPU compiling pays for itself within minutes (issue 16: 2.6x for stage 2 on an H100);
+    """On a GPU compiling pays for itself within minutes (2.6x for stage 2 on an H100, docs/speed.md);
     on a CPU the toy runs are over before it would, and the matmuls dominate anyway."""
     return device.type == "cuda" if flag is None else flag
 

@@ -8,8 +8,8 @@ The recipe: where the paper's text and the authors' released code (microsoft/Bit
                        nothing to follow, so both recipes use the authors' values
 
 Every item is also a flag of its own (continue_train.py / distill.py), which wins over --recipe;
-the resolved values are saved in each run's checkpoint and results.json. The audit behind this
-table is ../shared/recipe-audit.md (item numbers below are its rows).
+the resolved values are saved in each run's checkpoint and results.json. The README's recipe table
+gives, per item, the paper's words and the authors' file.
 
     from recipe import apply_recipe
     apply_recipe(args)   # fills every item left at None from RECIPES[args.recipe]
@@ -22,28 +22,28 @@ from attn_relation import check_split_heads
 # value in both columns.
 ITEMS = {
     # stage 1 / 2
-    "subln_at":    ("all", "o_down"),            # 5: SubLN before all 7 projections / before o_proj, down_proj (Eq. 4-5)
+    "subln_at":    ("all", "o_down"),            # SubLN before all 7 projections / before o_proj, down_proj (Eq. 4-5)
     # stage 3, the losses
-    "ad_norm":     ("authors", "paper"),          # 1: L_AD / (layers x A_r) after Algorithm 1's batchmean / Eq. 11 as printed
-    "split_heads": (32, None),                    # 2: A_r = 32 / "the number of attention heads" (None: the student's)
-    "ld_form":     ("authors", "paper"),          # 3, 15: every non-pad position, token mean, x τ² / answer tokens, Σ/N (Eq. 8-9)
-    "ce_form":     ("token_mean", "sample_sum"),  # 4: mean over answer tokens / Σ over answer tokens, 1/N (Eq. 14)
-    "qk_capture":  ("after_rope", "after_rope"),  # 7: the paper does not say; the authors take Q/K after RoPE
-    "distill_layer": ("auto", "auto"),            # 6: the paper: "a later layer" (Fig. 3b); auto = distill_layer_for()
-    "prompt":      ("auto", "auto"),              # 12: not given in the paper; auto = Qwen chat template if the tokenizer has it
+    "ad_norm":     ("authors", "paper"),          # L_AD / (layers x A_r) after Algorithm 1's batchmean / Eq. 11 as printed
+    "split_heads": (32, None),                    # A_r = 32 / "the number of attention heads" (None: the student's)
+    "ld_form":     ("authors", "paper"),          # every non-pad position, token mean, x τ² / answer tokens, Σ/N (Eq. 8-9)
+    "ce_form":     ("token_mean", "sample_sum"),  # mean over answer tokens / Σ over answer tokens, 1/N (Eq. 14)
+    "qk_capture":  ("after_rope", "after_rope"),  # the paper does not say; the authors take Q/K after RoPE
+    "distill_layer": ("auto", "auto"),            # the paper: "a later layer" (Fig. 3b); auto = distill_layer_for()
+    "prompt":      ("auto", "auto"),              # not given in the paper; auto = Qwen chat template if the tokenizer has it
     # stage 3, the optimizer (grid-searched in the paper, no values given)
-    "lr":          (5e-5, 5e-5),                  # 9: student (Qwen3-0.6B yaml); the fp16-sft teacher: TEACHER_LR
-    "epochs":      (3.0, 3.0),                    # 10
-    "warmup_ratio": (0.05, 0.05),                 # 10: then cosine
-    "min_lr_ratio": (0.0, 0.0),                   # 10: cosine decays to 0
-    "weight_decay": (0.01, 0.01),                 # 11: not on norms and biases
-    "beta2":       (0.999, 0.999),                # 11: AdamW betas (0.9, 0.999), eps 1e-8
+    "lr":          (5e-5, 5e-5),                  # student (Qwen3-0.6B yaml); the fp16-sft teacher: TEACHER_LR
+    "epochs":      (3.0, 3.0),                    # passes over the training rows
+    "warmup_ratio": (0.05, 0.05),                 # then cosine
+    "min_lr_ratio": (0.0, 0.0),                   # cosine decays to 0
+    "weight_decay": (0.01, 0.01),                 # not on norms and biases
+    "beta2":       (0.999, 0.999),                # AdamW betas (0.9, 0.999), eps 1e-8
 }
 AUTHORS_SPLIT_HEADS = ITEMS["split_heads"][0]
-TEACHER_LR = 1e-5                                 # 9: sft_nli.yaml, the FP16-SFT run
+TEACHER_LR = 1e-5                                 # sft_nli.yaml, the FP16-SFT run
 RECIPES = {name: {k: v[i] for k, v in ITEMS.items()} for i, name in enumerate(("authors", "paper"))}
 
-# 6: the layer the authors distil, by (layers, hidden size) of the known Qwen3 sizes (0-based
+# The layer the authors distil, by (layers, hidden size) of the known Qwen3 sizes (0-based
 # index into model.layers, as their trainer indexes its per-layer states)
 AUTHORS_LAYER = {(28, 1024): 22,   # Qwen3-0.6B: layers_used_for_distill [22], sft_nli_bitnet_allnorm_distill.yaml
                  (28, 2048): 24}   # Qwen3-1.7B: qwen3-exp.sh
@@ -76,7 +76,7 @@ def apply_recipe(args, items=None):
     return args
 
 
-# ----------------------------------------------------------------------------- the distilled layers (item 6) and A_r (item 2)
+# ----------------------------------------------------------------------------- the distilled layers and A_r
 
 def layer_index(i, n_layers, who):
     if not -n_layers <= i < n_layers:
@@ -101,7 +101,7 @@ def distill_layers(args, student, teacher):
     t_n = teacher.config.num_hidden_layers
     t_layer = layer_index(args.teacher_layer if args.teacher_layer is not None
                           else teacher_layer_for(s_layer, cfg.num_hidden_layers, t_n), t_n, "teacher")
-    args.split_heads = relation_heads_for(args.split_heads or cfg.num_attention_heads,  # A_r (recipe item 2)
+    args.split_heads = relation_heads_for(args.split_heads or cfg.num_attention_heads,  # A_r (recipe item split_heads)
                                           [c.num_attention_heads * c.head_dim for c in (cfg, teacher.config)]
                                           + [c.num_key_value_heads * c.head_dim for c in (cfg, teacher.config)])
     for who, c in (("student", cfg), ("teacher", teacher.config)):

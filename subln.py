@@ -33,7 +33,7 @@ def convert_to_bitnet(model, subln=True, subln_all=False):
     """In place: Qwen3 -> 1.58-bit BitNet. Returns the model. Latent weights are copied unchanged.
     subln: SubLN before o_proj and down_proj, Eq. (4)-(5). subln_all: also before q, k, v, gate and
     up (each its own, inside the BitLinear), as the authors' released runs do (their
-    `standard_bitnet=False`; recipe-audit item 5)."""
+    `standard_bitnet=False`; recipe item subln_at)."""
     c = model.config
     if c.bitnet:
         raise ValueError("model is already converted to BitNet")

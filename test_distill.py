@@ -18,7 +18,7 @@ import distill
 import losses
 import recipe
 import tasks
-from attn_relation import attention_relation_loss, relation_heads
+from attn_relation import algorithm1_reference, attention_relation_loss, relation_heads
 from model import Qwen3, Qwen3Config
 from subln import convert_to_bitnet
 from training import load_model
@@ -26,29 +26,7 @@ from training import load_model
 TOKENIZER = os.path.abspath(os.path.join(os.environ.get("BITDISTILL_DATA", ""), "tokenizers", "qwen3"))
 
 
-# ----------------------------------------------------------------------------- Algorithm 1, literally
-
-def algorithm1_reference(student_states, teacher_states, split_heads, temperature=1.0, scaled_dot=False):
-    """Algorithm 1 of the paper as printed (one sample at a time, no chunks, no mask), with
-    F.kl_div(..., reduction='batchmean') and the clamp(1e-8). scaled_dot: Eq. (12) instead."""
-    loss = 0.0
-    for i in range(3):
-        s_values, t_values = student_states[i], teacher_states[i]
-        B, L = s_values.shape[0], s_values.shape[2]
-        rel = []
-        for x in (s_values, t_values):
-            D = x.shape[1] * x.shape[3] // split_heads
-            x = x.transpose(1, 2).reshape(B, L, split_heads, D).transpose(1, 2)
-            if scaled_dot:
-                rel.append((x @ x.transpose(-2, -1) / math.sqrt(D)).reshape(-1, L))
-            else:
-                x = F.normalize(x, dim=-1)
-                rel.append((x @ x.transpose(-2, -1) / temperature).reshape(-1, L))
-        s_prob = F.softmax(rel[0], dim=-1).clamp(min=1e-8)
-        t_prob = F.softmax(rel[1], dim=-1).clamp(min=1e-8)
-        loss = loss + F.kl_div(torch.log(s_prob), t_prob, reduction="batchmean", log_target=False)
-    return loss
-
+# ----------------------------------------------------------------------------- Algorithm 1
 
 def random_qkv(B, L, n_head, n_kv, head_dim, seed):
     g = torch.Generator().manual_seed(seed)
@@ -178,7 +156,7 @@ def test_recipe_items_against_loops():
     ref = sum(loop_kl(t_logits[b, i] / tau, s_logits[b, i] / tau) for b, i in rows) / len(rows) * tau ** 2
     got = losses.logits_distill_loss(s_logits, t_logits, mask, tau, form="authors")
     assert got.item() == pytest.approx(float(ref), rel=1e-5)
-    # L_CE, authors (item 4): the mean over the answer tokens of the batch
+    # L_CE, authors (recipe item ce_form): the mean over the answer tokens of the batch
     nll = [-F.log_softmax(s_logits[b, i - 1].double(), -1)[idx[b, i]] for b in range(B) for i in range(1, T)
            if answer[b, i]]
     assert losses.ce_loss(s_logits, idx, answer, "token_mean").item() == pytest.approx(float(sum(nll) / len(nll)),
@@ -204,7 +182,7 @@ def authors_ad_reference(s_qkv, t_qkv, split_heads, n_layers=1):
 
 
 def test_ad_authors_normalisation_against_a_loop():
-    # item 1: at the same γ the authors' L_AD is A_r times smaller than Eq. (11) as printed
+    # recipe item ad_norm: at the same γ the authors' L_AD is A_r times smaller than Eq. (11) as printed
     s_qkv, t_qkv = random_qkv(2, 5, 4, 2, 8, seed=5), random_qkv(2, 5, 8, 4, 8, seed=6)
     ref = authors_ad_reference(s_qkv, t_qkv, 8)
     got = attention_relation_loss(s_qkv, t_qkv, 8, norm="authors")

@@ -232,8 +232,11 @@ def test_ctrl_c_says_where_the_last_checkpoint_is(smoke, tmp_path):
     cmd = [sys.executable, os.path.join(HERE, "continue_train.py"), "--init", smoke["pre"], "--tokens", "1e7",
            "--block_size", "32", "--batch_size", "2", "--eval_interval", "2", "--eval_iters", "1",
            "--out_dir", str(out)]
+    # the child starts with Ctrl-C at its default, as from a terminal: a shell's background job (`pytest &`)
+    # ignores SIGINT, and an ignored SIGINT is inherited, so Python in the child would never see it
     p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=HERE,
-                         env={**os.environ, "BITDISTILL_DATA": os.environ["BITDISTILL_DATA"]})
+                         env={**os.environ, "BITDISTILL_DATA": os.environ["BITDISTILL_DATA"]},
+                         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     t0 = time.time()
     while not (out / "ckpt.pt").exists() and time.time() - t0 < 120:
         time.sleep(0.2)

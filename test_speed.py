@@ -1,5 +1,5 @@
 """
-Tests of training speed (issue 16; profiling.py, README "Training speed"): the fused quantizers
+Tests of training speed (profiling.py, docs/speed.md): the fused quantizers
 equal the reference forms of Eq. (1)-(3), compiled training equals eager with a bounded number of
 graphs, right-padded stage-3 batches run causal-only with the masked forward's losses, one
 weight quantization per optimizer step, the model FLOPs, and the --profile reports.
@@ -35,13 +35,19 @@ def quant_inputs(dtype):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_fused_quantizers_equal_the_references(dtype):
-    """The training forms of Eq. (1)-(3) (fewer passes over memory, no autograd graph) give the
-    reference functions' values bit for bit, eager and (Eq. 3) under torch.compile, in fp32 and bf16.
+def test_fused_quantizers_equal_the_references(dtype, monkeypatch):
+    """The fused forms of Eq. (1)-(3) (fewer passes over memory, no autograd graph; what
+    weight_quant / activation_quant run with bitlinear.FUSED) give the reference lines' values (FUSED
+    off) bit for bit, eager and (Eq. 3) under torch.compile, in fp32 and bf16.
     Compiled Eq. (1)-(2) sums mean|W| in another order: Δ may differ in the last bit, the codes not."""
+    import bitlinear
     compiled_a, compiled_w = torch.compile(activation_quant_fused), torch.compile(weight_quant_fused)
     for x in quant_inputs(dtype):
+        monkeypatch.setattr(bitlinear, "FUSED", False)
         ref_a, ref_w = activation_quant(x), weight_quant(x)
+        xg = x.detach().requires_grad_()                 # the reference lines ran: they build a graph
+        assert weight_quant(xg).requires_grad and activation_quant(xg).requires_grad
+        monkeypatch.setattr(bitlinear, "FUSED", True)
         got_a, got_w = activation_quant_fused(x), weight_quant_fused(x)
         assert got_a.dtype == got_w.dtype == dtype
         assert torch.equal(got_a, ref_a) and torch.equal(got_w, ref_w)
@@ -103,7 +109,7 @@ def test_weight_quantized_once_per_optimizer_step(monkeypatch):
         losses_, grads = [], []
         for step in range(2):
             calls.clear()
-            with bitlinear.weight_quant_once(once):
+            with bitlinear.weight_quant_once(model, once):
                 for micro in range(3):
                     loss = model(data[step, micro]).float().logsumexp(-1).mean() / 3
                     loss.backward()

@@ -111,9 +111,9 @@ def test_every_committed_results_file_is_strict_json():
 
 
 def test_readme_tables_are_the_results_files():
-    # the README's toy tables are exactly what `python toy.py --compare results/toy_fewlabels/authors/T
+    # docs/results.md's toy tables are exactly what `python toy.py --compare results/toy_fewlabels/authors/T
     # results/toy_fewlabels/paper/T` prints from the committed results files: a stale figure fails
-    with open(os.path.join(os.path.dirname(RESULTS), "..", "README.md"), encoding="utf-8") as f:
+    with open(os.path.join(os.path.dirname(RESULTS), "..", "docs", "results.md"), encoding="utf-8") as f:
         readme = f.read()
     for task in ("sst2", "qnli"):
         table = toy.compare_table([os.path.join(RESULTS, r, task) for r in ("authors", "paper")])

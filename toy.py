@@ -84,8 +84,8 @@ def shape(hidden, intermediate, layers, heads, kv_heads, head_dim):
 
 
 SFT = ["--epochs", "3", "--batch_size", "32", "--micro_batch_size", "32", "--max_len", "128"]   # the recipe's 3 epochs
-# quick: the README's quick start (one seed ~15-20 min on 2 cores); gpu: bigger, for one GPU (not run
-# here: no GPU in the sessions that built it); smoke: a few steps per stage (the CI test)
+# quick: the README's quick start (one seed ~15-20 min on 2 cores); gpu: bigger, for one GPU (not yet
+# run on a GPU); smoke: a few steps per stage (the CI test)
 PRESETS = {
     "quick": dict(
         vocab=4096, model=shape(256, 768, layers=4, heads=4, kv_heads=2, head_dim=64),     # 4.2M parameters

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Issue 16's GPU figures in one sitting, on random weights of Qwen3-0.6B's geometry (no hub, no
+# The training-speed GPU figures in one sitting, on random weights of Qwen3-0.6B's geometry (no hub, no
 # internet: the device machine has neither). From the project root:
 #     bash results/profile_gpu/run.sh DATA SCRATCH [stage2] [stall] [stage3] [quant]
 # DATA: the offline data folder (tokenizers/qwen3, corpus, glue/sst2); SCRATCH: a folder for the
