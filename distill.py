@@ -73,10 +73,16 @@ def forward_both(model, teacher, idx, mask, layers, args, ctx):
     return s, t
 
 
-def loss_terms(model, teacher, batch, tok, args, device, ctx, layers):
-    """Eq. (13) on one micro-batch of examples: returns (L, {'ce', 'ld', 'ad'} as floats)."""
+def encode_rows(rows, tok, args):
+    """The training rows tokenized once, before the first step: (ids, n_prompt) per row."""
     chat = chat_tokens(tok) if args.prompt == "chat" else None
-    seqs, n_prompts = zip(*[encode_example(tok, args.task, ex, args.max_len, chat) for ex in batch])
+    return [encode_example(tok, args.task, ex, args.max_len, chat) for ex in rows]
+
+
+def loss_terms(model, teacher, batch, tok, args, device, ctx, layers):
+    """Eq. (13) on one micro-batch of encoded rows (encode_rows): returns (L, {'ce', 'ld', 'ad'},
+    the terms detached)."""
+    seqs, n_prompts = zip(*batch)
     idx, mask, answer = (t.to(device) for t in collate(seqs, tok.eot_token, n_prompts))  # (B, T) each
     if args.compile:                                       # T varies per batch: one graph for every T
         mark_dynamic_length(idx)
@@ -84,8 +90,15 @@ def loss_terms(model, teacher, batch, tok, args, device, ctx, layers):
     # after it), so the models run without the mask, as SDPA's fused causal kernels; the pads' own
     # outputs change and leave every loss through `mask` (test_speed: equal to the masked forward).
     s, t = forward_both(model, teacher, idx, None, layers, args, ctx)
-    loss, terms = distill_loss(s, t, idx, mask, answer, args)
+    loss, terms = distill_loss(s, t, idx, mask, answer, **loss_settings(args))
     return loss, dict(terms, positions=idx.shape)          # (B, T) processed: for --profile's FLOPs
+
+
+def loss_settings(args):
+    """The keywords of losses.distill_loss (Eq. 13) from the command line: the recipe's forms, λ, γ."""
+    return dict(ce_form=args.ce_form, ld_form=args.ld_form, tau=args.tau, lambda_ld=args.lambda_ld,
+                split_heads=args.split_heads, ad_temperature=args.ad_temperature,
+                ad_scaled_dot=args.ad_scaled_dot, ad_norm=args.ad_norm, gamma_ad=args.gamma_ad)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -279,6 +292,7 @@ def train(args, model, student, teacher, tok, layers, ctx, device, dist, data, o
                          f"processes = {per_step}")
     grad_accum = args.batch_size // per_step
     args.n_train_rows = len(data)
+    data = encode_rows(data, tok, args)            # tokenized once; micro_batch picks from these
     max_steps = args.max_steps or math.ceil(args.epochs * len(data) / args.batch_size)
     warmup = args.warmup_steps if args.warmup_steps is not None else int(args.warmup_ratio * max_steps)
     opt = adamw(student, args.lr, args.weight_decay, (0.9, args.beta2), 1e-8, device)
@@ -322,12 +336,15 @@ def train(args, model, student, teacher, tok, layers, ctx, device, dist, data, o
                 loss, terms = loss_terms(model, teacher, batch, tok, args, device, ctx, layers)   # Eq. (13)
                 B, T = terms.pop("positions")
                 prof.mark("forward", tokens=B * T, flops=flops(B, T))
-                check_finite(loss, step, ckpt_path)    # NaN/inf: stop, keep the last good checkpoint
                 (loss / grad_accum).backward()
                 prof.mark("backward")
-                for k, v in terms.items():
+                for k, v in terms.items():                 # detached 0-dim tensors: no sync here
                     logged[k] = logged.get(k, 0.0) + v / grad_accum
         norm = torch.nn.utils.clip_grad_norm_(student.parameters(), args.grad_clip or float("inf"))  # 0: off
+        *values, norm = torch.stack([*logged.values(), norm.float()]).tolist()   # the step's one sync
+        logged = dict(zip(logged, values))
+        total = logged["ce"] + args.lambda_ld * logged.get("ld", 0.0) + args.gamma_ad * logged.get("ad", 0.0)
+        check_finite(total, step, ckpt_path)   # NaN/inf: stop before the optimizer step, keep the last good checkpoint
         opt.step()
         opt.zero_grad(set_to_none=True)
         prof.mark("optimizer")
@@ -335,10 +352,9 @@ def train(args, model, student, teacher, tok, layers, ctx, device, dist, data, o
         if prof.step_done():
             return
         if master:  # rank 0's values; loss = ce + λ·ld + γ·ad, the terms printed unweighted
-            total = logged["ce"] + args.lambda_ld * logged.get("ld", 0.0) + args.gamma_ad * logged.get("ad", 0.0)
             parts = " | ".join(f"{k} {v:.4g}" for k, v in logged.items())
             print(f"step {step}/{max_steps} | loss {total:.4f} | {parts} | lr {lr:.2e} | "
-                  f"norm {norm.item():.3f} | {(time.time() - t0) * 1000:.0f} ms", flush=True)
+                  f"norm {norm:.3f} | {(time.time() - t0) * 1000:.0f} ms", flush=True)
             if not args.profile and (step == max_steps or (args.save_every and step % args.save_every == 0)):
                 save(step)
 

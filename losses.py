@@ -77,14 +77,17 @@ def logits_distill_loss(s_logits, t_logits, sel_mask, tau, form="paper", chunk=N
 # Eq. (13): L = L_CE + λ·L_LD + γ·L_AD. s / t: the student's / teacher's outputs on one batch,
 # dicts with "logits" (B, T, V) and "qkv" (Q, K, V of the distilled layer, Eq. 10); the teacher's
 # entries are None for a term that is switched off (--no_ld, --no_ad, or no teacher at all).
-def distill_loss(s, t, idx, mask, answer, args):
-    terms = {"ce": ce_loss(s["logits"], idx, answer, args.ce_form)}                         # Eq. (14)
+# idx, mask, answer: (B, T) token ids, real-token mask, answer-token mask. The keywords are the
+# recipe's forms (recipe.py) and the weights λ, γ; returns L and the unweighted terms, detached.
+def distill_loss(s, t, idx, mask, answer, *, ce_form, ld_form, tau, lambda_ld, split_heads, ad_temperature,
+                 ad_scaled_dot, ad_norm, gamma_ad):
+    terms = {"ce": ce_loss(s["logits"], idx, answer, ce_form)}                              # Eq. (14)
     if t["logits"] is not None:
-        terms["ld"] = logits_distill_loss(s["logits"], t["logits"], answer if args.ld_form == "paper" else mask,
-                                          args.tau, args.ld_form)                            # Eq. (8)-(9)
+        terms["ld"] = logits_distill_loss(s["logits"], t["logits"], answer if ld_form == "paper" else mask,
+                                          tau, ld_form)                                      # Eq. (8)-(9)
     if t["qkv"] is not None:
-        terms["ad"] = attention_relation_loss(s["qkv"], t["qkv"], args.split_heads, args.ad_temperature,
-                                              attention_mask=mask, scaled_dot=args.ad_scaled_dot,
-                                              norm=args.ad_norm)                             # Eq. (10)-(12)
-    loss = terms["ce"] + args.lambda_ld * terms.get("ld", 0.0) + args.gamma_ad * terms.get("ad", 0.0)
-    return loss, {k: v.item() for k, v in terms.items()}
+        terms["ad"] = attention_relation_loss(s["qkv"], t["qkv"], split_heads, ad_temperature,
+                                              attention_mask=mask, scaled_dot=ad_scaled_dot,
+                                              norm=ad_norm)                                  # Eq. (10)-(12)
+    loss = terms["ce"] + lambda_ld * terms.get("ld", 0.0) + gamma_ad * terms.get("ad", 0.0)
+    return loss, {k: v.detach() for k, v in terms.items()}

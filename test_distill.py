@@ -211,12 +211,13 @@ def test_eq13_total_is_ce_plus_lambda_ld_plus_gamma_ad(recipe):
         ad = authors_ad_reference(s_qkv, t_qkv, 4)
     assert min(ce, 3 * ld, 70 * ad) > 0.05                                       # every term matters
     loss, terms = losses.distill_loss({"logits": s_logits, "qkv": s_qkv}, {"logits": t_logits, "qkv": t_qkv},
-                                       idx, mask, answer, args)
+                                       idx, mask, answer, **distill.loss_settings(args))
     assert loss.item() == pytest.approx(float(ce + 3 * ld + 70 * ad), rel=1e-5)
-    assert terms == pytest.approx({"ce": float(ce), "ld": float(ld), "ad": float(ad)}, rel=1e-5)
+    assert {k: float(v) for k, v in terms.items()} == pytest.approx({"ce": float(ce), "ld": float(ld), "ad": float(ad)},
+                                                                    rel=1e-5)
     # a switched-off term (teacher output None) leaves the sum, and only it
     loss, terms = losses.distill_loss({"logits": s_logits, "qkv": s_qkv}, {"logits": None, "qkv": t_qkv},
-                                       idx, mask, answer, args)
+                                       idx, mask, answer, **distill.loss_settings(args))
     assert loss.item() == pytest.approx(float(ce + 70 * ad), rel=1e-5) and set(terms) == {"ce", "ad"}
 
 
@@ -271,7 +272,8 @@ def train_steps(method, student, teacher, rows, tok, steps=8, lr=3e-3):
     ctx = torch.autocast("cpu", enabled=False)
     log = []
     for _ in range(steps):
-        loss, terms = distill.loss_terms(student, teacher, rows, tok, args, "cpu", ctx, (1, 1))
+        loss, terms = distill.loss_terms(student, teacher, distill.encode_rows(rows, tok, args), tok, args, "cpu",
+                                         ctx, (1, 1))
         loss.backward()
         opt.step()
         opt.zero_grad()
@@ -354,6 +356,24 @@ def test_distill_end_to_end(tmp_path, data_dir, capsys):
     assert student.config.bitnet and student.config.subln
     distill.main(bd + ["--out_dir", str(out / "sst2-bitdistill"), "--eval_only"])                                # same checkpoint, same greedy result
     assert json.load(open(out / "sst2-bitdistill" / "results.json"))["metrics"] == res["metrics"]
+
+
+def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, data_dir, monkeypatch):
+    """Stage 3's guard, once per step, before the optimizer step: a NaN learning rate at step 2
+    makes every weight NaN, step 3's loss is NaN, and the run stops with step 2's checkpoint kept."""
+    import training
+    base = save_tiny(tmp_path / "tiny.pt", tiny_model())
+    real_lr = distill.get_lr
+    monkeypatch.setattr(distill, "get_lr", lambda step, *a: float("nan") if step == 2 else real_lr(step, *a))
+    out = tmp_path / "nan"
+    with pytest.raises(training.NonFiniteLossError) as e:
+        distill.main(["--task", "sst2", "--batch_size", "4", "--micro_batch_size", "2", "--train_limit", "64",
+                      "--eval_limit", "4", "--data_dir", data_dir, "--method", "bitnet-sft", "--model", base,
+                      "--max_steps", "5", "--save_every", "2", "--out_dir", str(out)])
+    msg = str(e.value)
+    assert "loss is nan at step 3" in msg and f"last good checkpoint is kept at {out / 'ckpt.pt'}" in msg
+    assert training.load_checkpoint(str(out / "ckpt.pt"))["step"] == 2
+    assert not (out / "results.json").exists()
 
 
 @pytest.mark.parametrize("form", ["paper", "authors"])
