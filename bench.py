@@ -44,7 +44,8 @@ sys.path.insert(0, HERE)
 from figures import load_results, plot_bench, print_report  # noqa: E402
 from model import Qwen3, Qwen3Config  # noqa: E402
 from profiling import peak_memory_bytes  # noqa: E402  (VmHWM: this process's own peak)
-from training import cpu_name, provenance, read_checkpoint, write_json  # noqa: E402
+from harness import cpu_name, provenance, write_json  # noqa: E402
+from training import read_checkpoint  # noqa: E402
 
 BACKENDS = ("torch-fp32", "torch-bf16", "ternary", "ternary-int8-head", "ternary-int8-head-pydecode")
 
@@ -375,5 +376,5 @@ def main():
 
 
 if __name__ == "__main__":
-    from training import run_cli
+    from harness import run_cli
     run_cli(main)

@@ -55,10 +55,10 @@ from recipe import RECIPES, apply_recipe
 from subln import build_model, convert_to_bitnet
 from profiling import Profiler, add_compile_args, training_flops_per_token, use_compile
 from tokenizer import load_tokenizer
-from training import (HelpFormatter, adamw, autocast_context, check_finite, check_resume, claim_out_dir,
-                      get_lr, get_rng_state, load_model, model_from, nonneg_float, nonneg_int,
-                      positive_float, positive_int, provenance, read_checkpoint, resolve_dtype, run_cli,
-                      save_checkpoint, set_rng_state, setup_distributed, write_json, write_text)
+from harness import (HelpFormatter, check_resume, claim_out_dir, nonneg_float, nonneg_int, positive_float,
+                     positive_int, provenance, run_cli, save_checkpoint, write_json, write_text)
+from training import (adamw, autocast_context, check_finite, get_lr, get_rng_state, load_model, model_from,
+                      read_checkpoint, resolve_dtype, set_rng_state, setup_distributed)
 
 # settings a resumed run must share with the run it continues (--tokens: may grow)
 RESUME_KEYS = ("init", "from_scratch", "model_config", "quant", "subln", "subln_at", "tokens", "block_size",

@@ -27,7 +27,8 @@ from tqdm import tqdm
 
 from model import hub_reason
 from tokenizer import save_tiktoken, train_bpe
-from training import epoch_order, read_jsonl, write_text
+from harness import read_jsonl, write_text
+from training import epoch_order
 
 EOT = "<|endoftext|>"  # document separator (id 151643 in Qwen's vocab)
 TEXT_EXTS = (".jsonl", ".json", ".txt", ".raw", ".text", ".md")

@@ -48,10 +48,10 @@ from tasks import (METHODS, TASKS, chat_tokens, collate, collect_results, encode
                    print_table, task_splits)
 from profiling import Profiler, add_compile_args, mark_dynamic_length, training_flops_per_token, use_compile
 from tokenizer import check_same_tokenizer, load_tokenizer
-from training import (HelpFormatter, adamw, autocast_context, check_finite, check_resume, claim_out_dir,
-                      get_lr, get_rng_state, micro_batch, model_from, nonneg_float, nonneg_int,
-                      positive_float, positive_int, provenance, read_checkpoint, resolve_dtype, run_cli,
-                      save_checkpoint, set_rng_state, setup_distributed, write_json)
+from harness import (HelpFormatter, check_resume, claim_out_dir, nonneg_float, nonneg_int, positive_float,
+                     positive_int, provenance, run_cli, save_checkpoint, write_json)
+from training import (adamw, autocast_context, check_finite, get_lr, get_rng_state, micro_batch, model_from,
+                      read_checkpoint, resolve_dtype, set_rng_state, setup_distributed)
 
 load_tokenizer = functools.lru_cache(maxsize=4)(load_tokenizer)  # teacher and student share one
 

@@ -218,7 +218,7 @@ def main():
     from subln import convert_to_bitnet
     from tasks import load_examples
     from tokenizer import load_tokenizer
-    from training import positive_int
+    from harness import positive_int
     p = argparse.ArgumentParser(description="A GGUF model loaded by hand: what it is, its perplexity, a chat "
                                 "answer, zero-shot SST-2, and the same with absmean-ternary linears (no training).",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -253,5 +253,5 @@ def main():
 
 
 if __name__ == "__main__":
-    from training import run_cli
+    from harness import run_cli
     run_cli(main)

@@ -39,7 +39,8 @@ from ckernels import (DecodeStep, as_matrix, bf16_call, decode_attention, lib, l
                      qk_norm_rope, rmsnorm)
 from model import KVCache, Qwen3Config, RMSNorm, generate, rope_cos_sin
 from subln import convert_to_bitnet
-from training import SaveError, atomic_write, model_from, nonneg_int, read_checkpoint, run_cli
+from harness import SaveError, atomic_write, nonneg_int, run_cli
+from training import model_from, read_checkpoint
 
 FORMAT = "bitdistill-packed-v1"
 HEADS = ("fp32", "bf16", "int8")

@@ -34,7 +34,7 @@ import time
 import torch
 
 from bitlinear import BitLinear, activation_quant, activation_quant_fused, ste, weight_quant, weight_quant_fused
-from training import HelpFormatter, positive_int, run_cli
+from harness import HelpFormatter, positive_int, run_cli
 
 
 def linear_flops_per_token(config):

@@ -21,7 +21,7 @@ import torch
 from tqdm import tqdm
 
 from model import hub_reason
-from training import read_jsonl
+from harness import read_jsonl
 
 # ----------------------------------------------------------------------------------------------
 # Tasks: where the data lives, the prompt, the answer.

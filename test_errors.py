@@ -21,6 +21,7 @@ import pytest
 import torch
 
 import toy
+import harness
 import training
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -251,23 +252,23 @@ def test_ctrl_c_says_where_the_last_checkpoint_is(smoke, tmp_path):
 
 def test_a_full_disk_keeps_the_previous_file(tmp_path):
     path = tmp_path / "results.json"
-    training.write_json(path, {"a": 1})
+    harness.write_json(path, {"a": 1})
     before = path.read_bytes()
 
     def full(tmp):
         with open(tmp, "w") as f:
             f.write("{partial")
         raise OSError(errno.ENOSPC, "No space left on device")
-    with pytest.raises(training.SaveError, match=f"no space left on {tmp_path}: the previous results.json is intact"):
-        training.atomic_write(str(path), full)
+    with pytest.raises(harness.SaveError, match=f"no space left on {tmp_path}: the previous results.json is intact"):
+        harness.atomic_write(str(path), full)
 
     def torch_full(tmp):
         raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 123 vs 45")
-    with pytest.raises(training.SaveError, match="no space left on"):
-        training.atomic_write(str(path), torch_full)
+    with pytest.raises(harness.SaveError, match="no space left on"):
+        harness.atomic_write(str(path), torch_full)
     assert path.read_bytes() == before and os.listdir(tmp_path) == ["results.json"]   # no temp file left
     (tmp_path / ".results.json.tmp999999").write_text("left by a killed run")
-    training.clean_stale_tmp(str(tmp_path))
+    harness.clean_stale_tmp(str(tmp_path))
     assert os.listdir(tmp_path) == ["results.json"]
 
 

@@ -14,6 +14,7 @@ import pytest
 import torch
 
 import continue_train as ct
+import harness
 import training
 from training import load_model
 
@@ -205,7 +206,7 @@ def test_tiny_teacher_from_scratch_then_its_student(tmp_path, data_dir):
 def test_results_are_strict_json(tmp_path):
     # every results writer goes through write_json: NaN / inf become null, never bare NaN
     path = tmp_path / "r.json"
-    training.write_json(str(path), {"std": float("nan"), "x": [1.5, float("inf")], "n": {"m": -float("inf")}})
+    harness.write_json(str(path), {"std": float("nan"), "x": [1.5, float("inf")], "n": {"m": -float("inf")}})
     text = path.read_text()
     assert "NaN" not in text and "Infinity" not in text
     assert json.loads(text, parse_constant=lambda c: pytest.fail(f"non-strict JSON constant {c}")) == \
@@ -222,7 +223,7 @@ def test_training_helpers(tmp_path):
         training.check_finite(torch.tensor(float("inf")), 7, "/nonexistent/ckpt.pt")
     assert isinstance(training.autocast_context("cpu", torch.float32), type(training.nullcontext()))
     path = str(tmp_path / "sub" / "ckpt.pt")
-    training.save_checkpoint(path, {"model": {}, "config": {"vocab_size": 8, "hidden_size": 4, "intermediate_size": 8,
+    harness.save_checkpoint(path, {"model": {}, "config": {"vocab_size": 8, "hidden_size": 4, "intermediate_size": 8,
                                                             "num_hidden_layers": 1, "num_attention_heads": 1}, "step": 3})
     assert training.load_checkpoint(path)["step"] == 3 and os.listdir(tmp_path / "sub") == ["ckpt.pt"]  # no temp left
     with open(path, "r+b") as f:

@@ -57,7 +57,8 @@ from corpus import make_tokenizer, unlabeled_text
 from figures import plot_toy, plot_toy_summary
 from recipe import distill_layer_for
 from tasks import compare_table, load_toy_results, paired_difference, selection_table
-from training import HelpFormatter, provenance, read_checkpoint, run_cli, write_json, write_text
+from harness import HelpFormatter, provenance, run_cli, write_json, write_text
+from training import read_checkpoint
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
