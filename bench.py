@@ -45,7 +45,7 @@ from figures import load_results, plot_bench, print_report  # noqa: E402
 from model import Qwen3, Qwen3Config  # noqa: E402
 from profiling import peak_memory_bytes  # noqa: E402  (VmHWM: this process's own peak)
 from harness import cpu_name, provenance, write_json  # noqa: E402
-from training import read_checkpoint  # noqa: E402
+from model import read_checkpoint  # noqa: E402
 
 BACKENDS = ("torch-fp32", "torch-bf16", "ternary", "ternary-int8-head", "ternary-int8-head-pydecode")
 
@@ -129,7 +129,7 @@ def trained_packed(path, head):
     """The packed model of a 1.58-bit checkpoint's own weights (its float copy is freed after packing;
     the peak RSS then includes it, the weight bytes do not)."""
     import packed as P
-    from training import load_model
+    from model import load_model
     return P.PackedQwen3.from_bitnet(load_model(path).eval(), head)
 
 

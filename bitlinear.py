@@ -173,11 +173,3 @@ def bitlinear_int_reference(x, w):
     codes, delta = weight_quant_int(w)            # (N, K) int8, ()
     acc = q.to(torch.int32) @ codes.to(torch.int32).t()  # (..., N) int32, exact
     return acc.float() * (gamma / 127.0) * delta
-
-
-def weight_memory_gb(model):
-    """Weights as deployed: BitLinear weights at 2 bits (packed ternary), everything else
-    (embeddings, lm_head, norms; full precision, as subln.py keeps them) at 16 bits."""
-    ternary = sum(m.weight.numel() for m in model.modules() if isinstance(m, BitLinear))
-    total = sum(p.numel() for p in model.parameters())
-    return (ternary * 2 / 8 + (total - ternary) * 2) / 1e9

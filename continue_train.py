@@ -25,7 +25,7 @@ Offline on a CPU, `python toy.py` runs this script twice: a tiny full-precision 
 Figure 3a (with / without SubLN): a run with --out_dir out/subln, one with --no_subln --out_dir out/no_subln, then
     python continue_train.py --plot out/subln/metrics.json out/no_subln/metrics.json --plot_out fig3a.png
 Written to --out_dir: ckpt.pt (model, optimizer, step, RNG, config, args; loads with
-training.load_model), metrics.json + train_log.csv (loss curve, val loss/ppl), loss.png, and with
+model.load_model), metrics.json + train_log.csv (loss curve, val loss/ppl), loss.png, and with
 --plot_weights weights.png (Figure 2: latent weights / Δ before and after). An interrupted run
 continues with the same command plus --resume.
 """
@@ -41,30 +41,26 @@ from contextlib import nullcontext
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
-                                                     get_optimizer_state_dict, set_optimizer_state_dict)
-from torch.distributed.fsdp import fully_shard
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 from bitlinear import weight_quant_once
 from corpus import find_files, get_batch, open_stream, pack_stream, stream_val_tokens, tokenize_corpus, val_blocks
 from figures import latent_weights_over_delta, plot_loss_curves, plot_weights
-from model import Qwen3Config
+from model import Qwen3Config, load_model, model_from, read_checkpoint
 from recipe import RECIPES, apply_recipe
 from subln import build_model, convert_to_bitnet
-from profiling import Profiler, add_compile_args, training_flops_per_token, use_compile
+from profiling import Profiler, training_flops_per_token
 from tokenizer import load_tokenizer
 from harness import (HelpFormatter, check_resume, claim_out_dir, nonneg_float, nonneg_int, positive_float,
                      positive_int, provenance, run_cli, save_checkpoint, write_json, write_text)
-from training import (adamw, autocast_context, check_finite, get_lr, get_rng_state, load_model, model_from,
-                      read_checkpoint, resolve_dtype, set_rng_state, setup_distributed)
+from training import (adamw, add_run_args, autocast_context, check_finite, fsdp_shard, full_state_dicts, get_lr,
+                      get_rng_state, load_optimizer, resolve_dtype, set_rng_state, setup_distributed, use_compile)
 
 # settings a resumed run must share with the run it continues (--tokens: may grow)
 RESUME_KEYS = ("init", "from_scratch", "model_config", "quant", "subln", "subln_at", "tokens", "block_size",
                "batch_size", "grad_accum", "seed", "lr", "min_lr", "weight_decay", "beta1", "beta2", "dataset",
                "text_field", "val_fraction", "val_docs")
-FULL_STATE = StateDictOptions(full_state_dict=True, cpu_offload=True)  # FSDP: unsharded, on rank 0's CPU
 
 
 # ----------------------------------------------------------------------------- model and loss
@@ -198,19 +194,12 @@ def parse_args(argv=None):
     p.add_argument("--weight_decay", type=nonneg_float, default=0.1, help="AdamW decay on 2-D weights")
     p.add_argument("--beta1", type=float, default=0.9, help="AdamW β1")
     p.add_argument("--beta2", type=float, default=0.95, help="AdamW β2")
-    p.add_argument("--grad_clip", type=nonneg_float, default=1.0, help="clip the global grad norm (0: off)")
-    p.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16"),
-                   help="autocast dtype; auto: bfloat16 on GPUs that support it, else float32")
-    add_compile_args(p)
-    p.add_argument("--profile", type=nonneg_int, default=0, metavar="N", help="only time 1 + N optimizer steps: "
-                   "tok/s, data/forward/backward/optimizer ms, peak memory, MFU (profiling.py); writes nothing")
+    add_run_args(p)     # --grad_clip --dtype --compile --profile --resume --overwrite (training.py)
     p.add_argument("--fsdp", action="store_true",
                    help="torchrun only: shard model, gradients and optimizer over the processes (FSDP2) instead of DDP")
     p.add_argument("--eval_interval", type=positive_int, default=500, help="validate and checkpoint every N steps")
     p.add_argument("--eval_iters", type=positive_int, default=20, help="validation batches of --batch_size blocks")
     p.add_argument("--out_dir", default="out/continue_train", help="ckpt.pt, metrics.json, train_log.csv, loss.png")
-    p.add_argument("--resume", action="store_true", help="continue from <out_dir>/ckpt.pt")
-    p.add_argument("--overwrite", action="store_true", help="start over in an --out_dir that holds an earlier run")
     p.add_argument("--seed", type=int, default=1337, help="init (from scratch) and data order")
     p.add_argument("--label", default=None, help="run name in metrics.json / plots (default from quant, subln)")
     p.add_argument("--plot_weights", action="store_true", help="weights.png: latent W/Δ before and after (Figure 2)")
@@ -272,22 +261,12 @@ def setup_model(args, ckpt_path, device, ddp, local_rank):
                  "log": {k: [r for r in v if r["step"] < ckpt["step"]] for k, v in ckpt["log"].items()}}
     else:
         model, tokenizer = build_student(args)
-    # DDP keeps a full copy of the model, its gradients and AdamW's two moments (~16 bytes per parameter
-    # in fp32) on every device: the default while that fits one GPU. FSDP (--fsdp) shards all three over
-    # the N processes (~16/N bytes per parameter, plus one block's full weights while it computes), at the
-    # cost of all-gathering the weights in every forward and backward: for a student + optimizer too big
-    # for one GPU. FSDP2: one unit per transformer block, then the root (embeddings, tied lm_head, norm).
-    if args.fsdp:
-        for block in model.model.layers:
-            fully_shard(block)
-        fully_shard(model)                                     # also moves the shards to `device`
+    if args.fsdp:   # DDP: a full copy on every device; FSDP: 1/N of it (training.fsdp_shard)
+        fsdp_shard(model)
     raw_model = model.to(device)
     optimizer = adamw(raw_model, args.lr, args.weight_decay, (args.beta1, args.beta2), 1e-8, device)  # decay on 2-D weights only
     if args.resume:
-        if not args.fsdp:
-            optimizer.load_state_dict(ckpt["optimizer"])
-        elif ckpt["optimizer"]["state"]:   # every rank read the full checkpoint, each keeps its shard
-            set_optimizer_state_dict(raw_model, optimizer, ckpt["optimizer"], options=FULL_STATE)
+        load_optimizer(raw_model, optimizer, ckpt["optimizer"], args.fsdp)
         set_rng_state(ckpt["rng"])
     if args.compile:   # training only: evaluate() runs raw_model eagerly, so no evaluation ever recompiles
         model = torch.compile(model)
@@ -327,12 +306,7 @@ def setup_data(args, tok, files, ds, rank, world_size, docs_done, master):
 
 def checkpoint(args, ckpt_path, raw_model, optimizer, state, val_loss, tokens_per_step, docs_all, label, master):
     """Every rank takes part (FSDP gathers the full state); rank 0 writes ckpt.pt and the metrics."""
-    if args.fsdp:   # before the first step there is no optimizer state; asked for it,
-        model_sd = get_model_state_dict(raw_model, options=FULL_STATE)   # FSDP would take a dummy step
-        optim_sd = (get_optimizer_state_dict(raw_model, optimizer, options=FULL_STATE) if optimizer.state
-                    else optimizer.state_dict())
-    else:
-        model_sd, optim_sd = raw_model.state_dict(), optimizer.state_dict()
+    model_sd, optim_sd = full_state_dicts(raw_model, optimizer, args.fsdp)   # FSDP: gathered on rank 0's CPU
     if master:
         step, log = state["step"], state["log"]
         log["val"].append({"step": step, "tokens": step * tokens_per_step, "loss": val_loss,

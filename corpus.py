@@ -25,9 +25,8 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from model import hub_reason
 from tokenizer import save_tiktoken, train_bpe
-from harness import read_jsonl, write_text
+from harness import hub_reason, read_jsonl, write_text
 from training import epoch_order
 
 EOT = "<|endoftext|>"  # document separator (id 151643 in Qwen's vocab)

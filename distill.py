@@ -40,18 +40,19 @@ from contextlib import nullcontext
 
 import torch
 
-from bitlinear import weight_memory_gb, weight_quant_once
+from bitlinear import weight_quant_once
 from losses import distill_loss   # Eq. (8)-(9), (13), (14)
+from model import model_from, read_checkpoint
 from recipe import RECIPES, TEACHER_LR, apply_recipe, distill_layers
 from subln import convert_to_bitnet
 from tasks import (METHODS, TASKS, chat_tokens, collate, collect_results, encode_example, evaluate, get_task,
-                   print_table, task_splits)
-from profiling import Profiler, add_compile_args, mark_dynamic_length, training_flops_per_token, use_compile
+                   print_table, task_splits, weight_memory_gb)
+from profiling import Profiler, training_flops_per_token
 from tokenizer import check_same_tokenizer, load_tokenizer
 from harness import (HelpFormatter, check_resume, claim_out_dir, nonneg_float, nonneg_int, positive_float,
                      positive_int, provenance, run_cli, save_checkpoint, write_json)
-from training import (adamw, autocast_context, check_finite, get_lr, get_rng_state, micro_batch, model_from,
-                      read_checkpoint, resolve_dtype, set_rng_state, setup_distributed)
+from training import (adamw, add_run_args, autocast_context, check_finite, get_lr, get_rng_state, mark_dynamic_length,
+                      micro_batch, resolve_dtype, set_rng_state, setup_distributed, use_compile)
 
 load_tokenizer = functools.lru_cache(maxsize=4)(load_tokenizer)  # teacher and student share one
 
@@ -251,18 +252,11 @@ def get_args(argv=None):
     p.add_argument("--warmup_steps", type=nonneg_int, default=None, help="overrides --warmup_ratio")
     p.add_argument("--weight_decay", type=nonneg_float, default=None, help="AdamW, not on norms and biases (a recipe item)")
     p.add_argument("--beta2", type=nonneg_float, default=None, help="AdamW β2; β1 0.9, eps 1e-8 (a recipe item)")
-    p.add_argument("--grad_clip", type=nonneg_float, default=1.0, help="clip the global grad norm (0: off)")
     p.add_argument("--gen_len", type=positive_int, default=128, help="CNN/DM generation length (paper: up to 4096)")
     p.add_argument("--eval_batch_size", type=positive_int, default=8, help="prompts per greedy generation batch")
-    p.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16"),
-                   help="autocast dtype; auto = bfloat16 on CUDA GPUs that support it, else float32")
     p.add_argument("--out_dir", default=None, help="None: out/<task>-<method>")
     p.add_argument("--save_every", type=nonneg_int, default=0, help="checkpoint every N steps (0: at the end)")
-    add_compile_args(p)
-    p.add_argument("--profile", type=nonneg_int, default=0, metavar="N", help="only time 1 + N optimizer steps: "
-                   "tok/s, forward/backward/optimizer ms, peak memory, MFU (profiling.py); evaluates and writes nothing")
-    p.add_argument("--resume", action="store_true", help="continue from <out_dir>/ckpt.pt")
-    p.add_argument("--overwrite", action="store_true", help="start over in an --out_dir that holds an earlier run")
+    add_run_args(p)     # --grad_clip --dtype --compile --profile --resume --overwrite (training.py)
     p.add_argument("--eval_only", action="store_true", help="evaluate <out_dir>/ckpt.pt, no training")
     p.add_argument("--seed", type=int, default=1337, help="data order and initialisation")
     args = p.parse_args(argv)

@@ -176,7 +176,7 @@ def state_dict_from_gguf(reader, config, path):
 
 
 def gguf_source(name):
-    """(absolute path, config, tokenizer path) of a GGUF file or short name: training.read_checkpoint's view."""
+    """(absolute path, config, tokenizer path) of a GGUF file or short name: model.read_checkpoint's view."""
     path = os.path.abspath(gguf_path(name))
     return path, "gguf", config_from_gguf(read_gguf(path), path), path
 

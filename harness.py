@@ -8,6 +8,7 @@ write_json() at a step's end, run_cli() around main(). Nothing here runs inside 
     atomic_write()        every file the project writes: temp file + os.replace; a full disk says so
     save_checkpoint()     one atomic torch.save, loadable with weights_only=True; a Ctrl-C meanwhile is held
     provenance()          what produced a results file: commit, command, libraries, machine, time
+    hub_reason()          a failed Hugging Face hub call in a few words
     run_cli()             the one-line `<script>: error: ...` for bad input (and Ctrl-C), no traceback
     positive_int, ...     argparse types: a bad number is refused when the command line is read
 """
@@ -31,10 +32,12 @@ from contextlib import contextmanager
 import numpy as np
 import torch
 
-from training import NonFiniteLossError
-
 
 # ----------------------------------------------------------------------------- files and checkpoints
+
+class NonFiniteLossError(RuntimeError):
+    """Raised by training.check_finite: the loss became NaN or inf."""
+
 
 class SaveError(OSError):
     """A file could not be written (full disk, no permission); the previous version is intact."""
@@ -207,6 +210,17 @@ def check_resume(args, saved, keys, grow=()):
 
 
 # ----------------------------------------------------------------------------- command line
+
+def hub_reason(e):
+    """A short reason for a failed hub call, without the client's URL-laden retry messages."""
+    name = type(e).__name__
+    if any(k in name for k in ("Offline", "Connection", "LocalEntryNotFound", "Timeout", "MaxRetry")) \
+            or "offline" in str(e).lower() or "resolve" in str(e).lower():
+        return "no connection to the hub"
+    if "NotFound" in name or "404" in str(e):
+        return "not found on the hub"
+    return name
+
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
     """--help shows the script's docstring as written and every option's default."""

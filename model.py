@@ -20,14 +20,19 @@ Differences between the three families, all read from config.json (or a GGUF's m
     llama: Qwen2's block without the biases (SmolLM2, Llama)
 Padding: `attention_mask` (B, T) has 1 for real tokens, 0 for padding. Left and right padding are
 both correct in forward (positions come from the mask); generate() expects left padding.
+
+Any checkpoint, ours included (full precision or 1.58-bit): model = load_model(path), at the end.
 """
 import json
 import os
 from dataclasses import dataclass, asdict, fields
 
+import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from harness import hub_reason
 
 
 @dataclass
@@ -316,6 +321,98 @@ def load_hf_state_dict(model, sd, path):
             v.copy_(sd[k])
 
 
+# ----------------------------------------------------------------------------- every checkpoint, one loader
+# load_model(path) opens any model path once and builds it strictly: an HF folder or hub id
+# (from_pretrained above), a llama.cpp GGUF (gguf_model.py), or a .pt that continue_train.py or
+# distill.py wrote (a plain dict: model, config, optimizer, step, args, rng), converted to BitNet
+# first when its config says so (subln.build_model).
+
+TOKENIZER_FILES = ("tokenizer.json", "vocab.json")  # an HF folder that has one of these has its tokenizer
+# Checkpoints written before the RNG state was stored as lists hold one numpy array (numpy's RNG
+# keys); these are the only globals beyond torch's own that weights_only=True lets through.
+_NUMPY_RNG_GLOBALS = [np.ndarray, np.dtype, type(np.dtype(np.uint32)),
+                      getattr(np, "_core", getattr(np, "core", None)).multiarray._reconstruct]
+CONFIG_KEYS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
+
+
+def load_checkpoint(path):
+    """One of our checkpoint dicts, on CPU, read with weights_only=True: a .pt is a pickle, and a
+    crafted one would otherwise run code. Clear errors for a missing, unreadable or foreign file."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"no checkpoint at {path!r}: check the path (or train first, "
+                                "e.g. with continue_train.py --out_dir ...)")
+    try:
+        with torch.serialization.safe_globals(_NUMPY_RNG_GLOBALS):
+            ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        why = str(e).strip().splitlines()[0].split(". ")[0][:160] if str(e).strip() else type(e).__name__
+        raise ValueError(f"{path} is not a readable checkpoint ({why}); it may be truncated or corrupt, or not a "
+                         "bitdistill checkpoint (only tensors and plain values are loaded)") from None
+    if isinstance(ckpt, dict) and ckpt.get("format", "").startswith("bitdistill-packed"):
+        raise ValueError(f"{path} is a packed model (packed.py --out): run it with packed.py --load")
+    if not isinstance(ckpt, dict) or "model" not in ckpt or "config" not in ckpt:
+        raise ValueError(f"{path} is not a bitdistill checkpoint (needs 'model' and 'config' keys)")
+    missing = [k for k in CONFIG_KEYS if k not in (ckpt["config"] or {})]
+    if missing:
+        raise ValueError(f"{path} has an incomplete 'config' (missing {', '.join(missing)}): it is not a "
+                         "checkpoint this project wrote, or it was damaged")
+    return ckpt
+
+
+@dataclass
+class Checkpoint:
+    """What a model path holds, read once. kind "hf": a Hugging Face folder (a hub id is downloaded to one);
+    "gguf": a llama.cpp file (gguf_model.py); "ours": a .pt of continue_train.py or distill.py, its dict `ckpt`."""
+    path: str                 # the file, or the resolved HF folder
+    kind: str                 # "hf", "gguf" or "ours"
+    config: Qwen3Config       # .bitnet / .subln say whether it is already a 1.58-bit model
+    tokenizer: str | None     # the tokenizer that belongs to it (None: not recorded)
+    ckpt: dict | None = None  # kind "ours" only
+
+    @property
+    def args(self):
+        return (self.ckpt or {}).get("args", {})
+
+
+def read_checkpoint(path):
+    """Open a model path once: our .pt (torch.load), a GGUF (its tokenizer inside) or an HF folder / hub id."""
+    from gguf_model import gguf_source, is_gguf
+    if is_gguf(path):
+        return Checkpoint(*gguf_source(path))
+    if os.path.isfile(path) or path.endswith(".pt"):
+        ckpt = load_checkpoint(path)
+        return Checkpoint(path, "ours", Qwen3Config.from_dict(dict(ckpt["config"])),
+                          ckpt.get("args", {}).get("tokenizer"), ckpt)
+    folder = resolve_checkpoint_dir(path)
+    with open(os.path.join(folder, "config.json")) as f:
+        config = Qwen3Config.from_hf(json.load(f))
+    has_tok = any(os.path.isfile(os.path.join(folder, n)) for n in TOKENIZER_FILES)
+    return Checkpoint(folder, "hf", config, os.path.abspath(folder) if has_tok else None)
+
+
+def model_from(src, dtype=torch.float32):
+    """The model of a read_checkpoint(): every key and shape checked (strict)."""
+    from gguf_model import load_gguf   # gguf_model.py and subln.py build on this file
+    from subln import build_model
+    if src.kind in ("hf", "gguf"):
+        return (Qwen3.from_pretrained if src.kind == "hf" else load_gguf)(src.path, dtype=dtype)
+    model = build_model(src.config)            # BitLinear + SubLN in place when the config says so
+    ours, theirs = set(model.state_dict()), set(src.ckpt["model"])
+    if ours != theirs:
+        miss, extra = sorted(ours - theirs), sorted(theirs - ours)
+        raise ValueError(f"{src.path}: its weights do not fit its config ({len(miss)} missing, e.g. {miss[:2]}; "
+                         f"{len(extra)} unexpected, e.g. {extra[:2]}): the file is damaged or from another version")
+    try:
+        model.load_state_dict(src.ckpt["model"], strict=True)
+    except RuntimeError as e:                  # a shape that does not fit
+        raise ValueError(f"{src.path}: {str(e).splitlines()[-1].strip()[:300]}") from None
+    return model.to(dtype)
+
+
+def load_model(path, dtype=torch.float32):   # an HF checkpoint (folder or hub id) or our .pt, strictly
+    return model_from(read_checkpoint(path), dtype)
+
+
 @torch.no_grad()
 def generate(model, idx, max_new_tokens, temperature=0.0, top_p=1.0, attention_mask=None,
              eos_token_id=None, generator=None):
@@ -373,17 +470,6 @@ def resolve_checkpoint_dir(path):
         raise FileNotFoundError(f"could not download {path!r} from the Hugging Face hub ({hub_reason(e)}). Without "
                                 "internet, pass a local checkpoint folder, or run the whole pipeline at toy scale: "
                                 "python toy.py") from None
-
-
-def hub_reason(e):
-    """A short reason for a failed hub call, without the client's URL-laden retry messages."""
-    name = type(e).__name__
-    if any(k in name for k in ("Offline", "Connection", "LocalEntryNotFound", "Timeout", "MaxRetry")) \
-            or "offline" in str(e).lower() or "resolve" in str(e).lower():
-        return "no connection to the hub"
-    if "NotFound" in name or "404" in str(e):
-        return "not found on the hub"
-    return name
 
 
 def read_safetensors(path):

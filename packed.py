@@ -40,7 +40,7 @@ from ckernels import (DecodeStep, as_matrix, bf16_call, decode_attention, lib, l
 from model import KVCache, Qwen3Config, RMSNorm, generate, rope_cos_sin
 from subln import convert_to_bitnet
 from harness import SaveError, atomic_write, nonneg_int, run_cli
-from training import model_from, read_checkpoint
+from model import model_from, read_checkpoint
 
 FORMAT = "bitdistill-packed-v1"
 HEADS = ("fp32", "bf16", "int8")
@@ -223,7 +223,7 @@ class PackedQwen3(nn.Module):
     @classmethod
     @torch.no_grad()
     def from_bitnet(cls, model, head="int8"):
-        """From a converted (BitLinear) Qwen3, e.g. training.load_model(ckpt) of a distill.py run."""
+        """From a converted (BitLinear) Qwen3, e.g. model.load_model(ckpt) of a distill.py run."""
         c = Qwen3Config.from_dict(model.config.to_dict())
         pm = cls(c, head)
         emb = model.model.embed_tokens.weight.detach()

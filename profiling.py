@@ -159,30 +159,6 @@ class Profiler:
         return res
 
 
-# ----------------------------------------------------------------------------- torch.compile
-
-def add_compile_args(p):
-    """--compile / --no_compile; neither: on for CUDA devices, off on the CPU (see use_compile)."""
-    p.add_argument("--compile", dest="compile", action="store_true", default=None,
-                   help="torch.compile the training forward and backward; evaluation stays eager "
-                        "(None: on for CUDA devices, off on the CPU)")
-    p.add_argument("--no_compile", dest="compile", action="store_false", default=argparse.SUPPRESS,
-                   help="never torch.compile")
-
-
-def use_compile(flag, device):
-    """On a GPU compiling pays for itself within minutes (2.6x for stage 2 on an H100, docs/speed.md);
-    on a CPU the toy runs are over before it would, and the matmuls dominate anyway."""
-    return device.type == "cuda" if flag is None else flag
-
-
-def mark_dynamic_length(*tensors):
-    """Stage 3's batches are padded to their longest example, so T changes every step: marked
-    dynamic before the first compile, one graph serves every length (no recompile per new T)."""
-    for t in tensors:
-        torch._dynamo.maybe_mark_dynamic(t, 1)
-
-
 # ----------------------------------------------------------------------------- the quantizers alone
 
 def best_ms(fn, device, reps):

@@ -14,7 +14,7 @@ authors' released runs; the paper's text puts it only before o_proj and down_pro
     from model import Qwen3
     from subln import convert_to_bitnet
     model = convert_to_bitnet(Qwen3.from_pretrained("Qwen/Qwen3-0.6B"), subln=True)
-Loading any checkpoint (HF or ours, full precision or 1.58-bit): training.load_model.
+Loading any checkpoint (HF or ours, full precision or 1.58-bit): model.load_model.
 """
 from bitlinear import BitLinear
 from model import Qwen3, RMSNorm
@@ -39,6 +39,14 @@ def convert_to_bitnet(model, subln=True, subln_all=False):
         raise ValueError("model is already converted to BitNet")
     if subln_all and not subln:
         raise ValueError("SubLN before all seven projections needs SubLN (drop --no_subln or use --subln_at o_down)")
+    bitnet_layers(model, subln, subln_all)
+    c.bitnet, c.subln, c.subln_all = True, subln, subln_all
+    return model
+
+
+def bitnet_layers(model, subln, subln_all):
+    """The conversion itself: every projection a BitLinear, and the SubLNs."""
+    c = model.config
     for block in model.model.layers:
         for part, names in LINEARS.items():
             mod = getattr(block, part)
@@ -51,16 +59,12 @@ def convert_to_bitnet(model, subln=True, subln_all=False):
             w = block.self_attn.o_proj.weight
             block.self_attn.subln = SubLN(c.num_attention_heads * c.head_dim, c.rms_norm_eps).to(w)  # Eq. (4)
             block.mlp.subln = SubLN(c.intermediate_size, c.rms_norm_eps).to(w)                     # Eq. (5)
-    c.bitnet, c.subln, c.subln_all = True, subln, subln_all
-    return model
 
 
 def build_model(config):
-    """An (untrained) model of `config`, converted to BitNet if config.bitnet says so: the skeleton
-    that one of our checkpoints' state dict loads into strictly."""
-    bitnet, subln, subln_all = config.bitnet, config.subln, config.subln_all
-    config.bitnet, config.subln, config.subln_all = False, False, False
-    model = Qwen3(config)
-    if bitnet:
-        convert_to_bitnet(model, subln=subln, subln_all=subln_all)
+    """An (untrained) model of `config`, with BitLinear and SubLN where config.bitnet / .subln /
+    .subln_all say: the skeleton that one of our checkpoints' state dict loads into strictly."""
+    model = Qwen3(config)                 # nn.Linear everywhere
+    if config.bitnet:
+        bitnet_layers(model, config.subln, config.subln_all)
     return model

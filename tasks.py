@@ -1,10 +1,9 @@
 """
 The downstream tasks of BitNet Distillation (paper section 4.1) as causal-LM fine-tuning: where
 each data set lives, its prompt template, its answer text, batching, greedy evaluation and the
-metrics of Tables 1-2 (accuracy; BLEU with sacrebleu, ROUGE-1/2/L/Lsum with rouge-score).
-distill.py trains on them; the losses and the models live there, not here. Also the tables that
-compare runs: Tables 1-2 of distill.py runs (print_table), toy.py's side-by-side tables with paired
-differences across seeds (compare_table) and its held-out grid (selection_table).
+metrics of Tables 1-2 (accuracy; BLEU with sacrebleu, ROUGE-1/2/L/Lsum with rouge-score), and
+Tables 1-2 of distill.py runs (print_table). distill.py trains on them; the losses and the models
+live there, not here; toy.py's tables across seeds live in toy.py.
 
     from tasks import load_examples, evaluate
     rows = load_examples("sst2", "validation", data_dir="../shared/data")
@@ -13,15 +12,14 @@ import csv
 import glob
 import json
 import os
-import statistics
 import sys
 import time
 
 import torch
 from tqdm import tqdm
 
-from model import hub_reason
-from harness import read_jsonl
+from bitlinear import BitLinear
+from harness import hub_reason, read_jsonl
 
 # ----------------------------------------------------------------------------------------------
 # Tasks: where the data lives, the prompt, the answer.
@@ -270,6 +268,14 @@ def evaluate(model, tok, task, examples, max_len, gen_len, batch_size, device, c
     return metrics, speed, preds
 
 
+def weight_memory_gb(model):
+    """Weights as deployed: BitLinear weights at 2 bits (packed ternary), everything else
+    (embeddings, lm_head, norms; full precision, as subln.py keeps them) at 16 bits."""
+    ternary = sum(m.weight.numel() for m in model.modules() if isinstance(m, BitLinear))
+    total = sum(p.numel() for p in model.parameters())
+    return (ternary * 2 / 8 + (total - ternary) * 2) / 1e9
+
+
 def collect_results(paths):
     """The results.json of the runs the user names: a run folder, a results.json, or an experiment
     folder whose sub-folders are runs. A file that is not one run's results is skipped with a warning."""
@@ -320,78 +326,3 @@ def print_table(results):
         for r in summ:
             print(f"{r['label']:<28}" + "".join(f"{r['metrics'][c]:>10.2f}" for c in cols)
                   + f"{r['speed']:>10.1f}{r['memory_gb']:>12.4f}")
-
-
-# ----------------------------------------------------------------------------- toy.py's tables across runs
-
-def load_toy_results(folders):
-    res = []
-    for d in folders:
-        path = os.path.join(d, "results.json")
-        try:
-            with open(path) as f:
-                r = json.load(f)
-            assert isinstance(r, dict) and {"recipe", "task", "seeds", "rows", "paired"} <= set(r)
-        except (OSError, ValueError, AssertionError):
-            raise ValueError(f"{path} is not the results.json of a toy.py run (with its rows and paired "
-                             "differences): run python toy.py --out ... first") from None
-        res.append(r)
-    return res
-
-
-def compare_table(folders):
-    """The README's table: each folder's toy results (mean ± std over seeds, each seed, and the paired
-    differences with their 95% interval) side by side, as markdown, from the results files only; a row
-    one folder lacks is "–" there."""
-    res = load_toy_results(folders)
-    tasks = list(dict.fromkeys(r["task"] for r in res))
-    if len(tasks) > 1:   # one table per task
-        return "\n\n".join(compare_table([d for d, r in zip(folders, res) if r["task"] == t]) for t in tasks)
-    fmt = lambda v, s: f"{v:.2f}" + ("" if s is None else f" ± {s:.2f}")
-    head = [f"`--recipe {r['recipe']}`" for r in res]
-    lines = [f"| {res[0]['task'].upper()} validation accuracy (%), seeds {', '.join(map(str, res[0]['seeds']))} | "
-             + " | ".join(f"{h} | per seed" for h in head) + " |", "|---|" + "---:|---|" * len(res)]
-    union = lambda key: list(dict.fromkeys(x[key] for r in res for x in r["rows" if key == "row" else "paired"]))
-    for row in union("row"):
-        cells = []
-        for r in res:
-            x = next((y for y in r["rows"] if y["row"] == row), None)
-            cells += ["–", "–"] if x is None else [fmt(x["mean"], x["std"]), " / ".join(f"{a:.2f}" for a in x["accs"])]
-        lines.append(f"| {row} | " + " | ".join(cells) + " |")
-    for pair in union("pair"):
-        cells = []
-        for r in res:
-            p = next((y for y in r["paired"] if y["pair"] == pair), None)
-            if p is None:
-                cells += ["–", "–"]
-                continue
-            ci = "" if p["ci95"] is None else f" [{p['ci95'][0]:+.2f}, {p['ci95'][1]:+.2f}]"
-            cells += [f"{p['mean']:+.2f}{ci}", " / ".join(f"{d:+.2f}" for d in p["diffs"])]
-        lines.append(f"| {pair.replace(' - ', ' − ')} (paired, 95% interval) | " + " | ".join(cells) + " |")
-    return "\n".join(lines)
-
-
-def selection_table(folder):
-    """The grid `toy.py --select` scored on the held-out train rows (selection.json), as markdown."""
-    with open(os.path.join(folder, "selection.json")) as f:
-        sel = json.load(f)
-    lines = [f"| {sel['task'].upper()}: method | hyperparameters | accuracy on {sel['heldout_rows']} held-out "
-             f"train rows (%), seed {sel['seed']} | chosen |", "|---|---|---:|:-:|"]
-    for p in sel["points"]:
-        hp = ", ".join(f"{k} {v}" for k, v in p["hp"].items())
-        lines.append(f"| {p['method']} | {hp} | {p['heldout_acc']:.2f} | {'✓' if p['hp'] == sel['chosen'][p['method']] else ''} |")
-    return "\n".join(lines)
-
-
-T95 = {1: 12.71, 2: 4.30, 3: 3.18, 4: 2.78, 5: 2.57, 6: 2.45, 7: 2.36, 8: 2.31, 9: 2.26}  # two-sided t, df
-
-
-def paired_difference(a, b, seeds):
-    """a - b seed by seed (the same fine-tuning data order), their mean and 95% t-interval."""
-    diffs = [x - y for x, y in zip(a["accs"], b["accs"])]
-    mean = statistics.mean(diffs)
-    ci = None
-    if len(diffs) > 1:
-        half = T95.get(len(diffs) - 1, 2.0) * statistics.stdev(diffs) / len(diffs) ** 0.5
-        ci = [mean - half, mean + half]
-    return dict(pair=f"{a['row']} - {b['row']}", seeds=seeds, diffs=diffs, mean=mean, ci95=ci)

@@ -2,6 +2,7 @@
 Bad input and faults, as a careful user meets them: every case runs a script as a subprocess on the
 toy's smoke checkpoints and must exit non-zero with one `error:` line naming the problem, no
 Python traceback, and every checkpoint and results file of earlier runs unchanged, byte for byte.
+At the end: the loaders' own errors, and the file layout the README describes.
 
     BITDISTILL_DATA=../shared/data python -m pytest -q test_errors.py
 """
@@ -22,7 +23,8 @@ import torch
 
 import toy
 import harness
-import training
+from model import Qwen3, Qwen3Config, load_checkpoint, load_model
+from test_all import make_hf
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -158,7 +160,7 @@ def make_bad_files(s, tmp):
     with open(tmp / "trunc.pt", "r+b") as f:
         f.truncate(2000)
     torch.save([1, 2, 3], tmp / "alien.pt")
-    ck = training.load_checkpoint(s["pre"])
+    ck = load_checkpoint(s["pre"])
     torch.save(dict(ck, config={}), tmp / "noconf.pt")
     os.makedirs(tmp / "evaltrunc")
     shutil.copy(tmp / "trunc.pt", tmp / "evaltrunc" / "ckpt.pt")
@@ -246,7 +248,7 @@ def test_ctrl_c_says_where_the_last_checkpoint_is(smoke, tmp_path):
     _, err = p.communicate(timeout=60)
     assert p.returncode != 0 and "Traceback" not in err, err[-2000:]
     assert err.strip().splitlines()[-1].startswith("continue_train.py: interrupted; the last checkpoint is")
-    step = training.load_checkpoint(str(out / "ckpt.pt"))["step"]
+    step = load_checkpoint(str(out / "ckpt.pt"))["step"]
     assert f"(step {step})" in err and not glob.glob(str(out / ".*.tmp*"))
 
 
@@ -303,12 +305,12 @@ def test_c_kernels_without_a_compiler(tmp_path, smoke):
 
 def test_grad_clip_0_means_off(smoke, tmp_path):
     import distill
-    base = training.load_model(smoke["pre"])
+    base = load_model(smoke["pre"])
     distill.main(["--task", "sst2", "--method", "fp16-sft", "--model", smoke["pre"], "--max_steps", "2",
                   "--batch_size", "2", "--micro_batch_size", "2", "--eval_limit", "2", "--max_len", "64",
                   "--grad_clip", "0", "--lr", "1e-3", "--warmup_steps", "0", "--prompt", "plain",
                   "--out_dir", str(tmp_path / "r")])
-    tuned = training.load_model(str(tmp_path / "r" / "ckpt.pt"))
+    tuned = load_model(str(tmp_path / "r" / "ckpt.pt"))
     moved = max((a - b).abs().max().item() for a, b in zip(tuned.parameters(), base.parameters()))
     assert moved > 1e-4                                               # it learned: 0 is "off", not "clip to 0"
 
@@ -340,3 +342,72 @@ def test_bench_writes_json_anywhere_with_the_default_figure(tmp_path, tiny_hf):
     assert (tmp_path / "out" / "bench.png").stat().st_size > 1000
     p = run("bench.py", "--model", tmp_path / "nothere.gguf", "--quick", workdir=tmp_path)
     assert_one_error_line(p, r"bench.py: error: no GGUF file at")
+
+
+# ----------------------------------------------------------------------------- loaders' errors, and the layout the README describes
+
+def test_clear_errors(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no checkpoint folder"):
+        Qwen3.from_pretrained(str(tmp_path / "nope"))
+    with pytest.raises(FileNotFoundError, match="Hugging Face hub"):  # offline here
+        Qwen3.from_pretrained("no-such-org-bitdistill/no-such-model")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match="config.json"):
+        Qwen3.from_pretrained(str(tmp_path / "empty"))
+    _, path = make_hf(tmp_path, "qwen3")
+    cfg = json.load(open(os.path.join(path, "config.json")))
+    bad = tmp_path / "llama"
+    bad.mkdir()
+    json.dump(dict(cfg, model_type="gemma3"), open(bad / "config.json", "w"))
+    with pytest.raises(ValueError, match="unsupported model_type .gemma3."):
+        Qwen3.from_pretrained(str(bad))
+    json.dump(cfg, open(bad / "config.json", "w"))
+    with pytest.raises(FileNotFoundError, match="model.safetensors"):
+        Qwen3.from_pretrained(str(bad))
+    # a config.json from another model size: shape mismatch, named
+    os.replace(os.path.join(path, "config.json"), tmp_path / "c.json")
+    json.dump(dict(cfg, intermediate_size=80), open(os.path.join(path, "config.json"), "w"))
+    with pytest.raises(ValueError, match="shape mismatch for model.layers.0.mlp.gate_proj.weight"):
+        Qwen3.from_pretrained(path)
+    # a config.json that claims qwen2 (q/k/v bias) for a qwen3 checkpoint: missing keys, named
+    json.dump(dict(cfg, model_type="qwen2"), open(os.path.join(path, "config.json"), "w"))
+    with pytest.raises(ValueError, match="missing.*q_proj.bias"):
+        Qwen3.from_pretrained(path)
+    with pytest.raises(ValueError, match="not a bitdistill checkpoint"):
+        torch.save({"weights": 1}, tmp_path / "x.pt")
+        load_model(str(tmp_path / "x.pt"))
+    m = Qwen3(Qwen3Config(vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                          num_attention_heads=2, num_key_value_heads=1, head_dim=8))
+    with pytest.raises(ValueError, match="attention_mask has shape"):
+        m(torch.zeros(2, 5, dtype=torch.long), attention_mask=torch.ones(2, 4))
+
+
+SCRIPTS = {"continue_train", "distill", "toy", "bench"}   # commands; everything else is a library module
+
+
+def test_layout_stage_scripts_are_leaves():
+    """The structure the README describes: the two stages share only library modules, no library
+    imports a script, every function stays readable (< 100 lines). A file holds one concept, at
+    whatever length that concept takes."""
+    import ast
+    import glob
+    here = os.path.dirname(os.path.abspath(__file__))
+    imports = {}
+    for path in sorted(glob.glob(os.path.join(here, "*.py"))):
+        name = os.path.basename(path)[:-3]
+        with open(path, encoding="utf-8") as f:
+            src = f.read()
+        tree = ast.parse(src)
+        mods = set()
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Import):
+                mods |= {a.name.split(".")[0] for a in node.names}
+            elif isinstance(node, ast.ImportFrom) and node.module:
+                mods.add(node.module.split(".")[0])
+            elif isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                assert node.end_lineno - node.lineno < 100, f"{name}.{node.name} is {node.end_lineno - node.lineno + 1} lines"
+        imports[name] = mods
+    assert "distill" not in imports["continue_train"] and "continue_train" not in imports["distill"]
+    for name, mods in imports.items():
+        if name not in SCRIPTS and not name.startswith("test_"):
+            assert not mods & SCRIPTS, f"library module {name}.py imports the script(s) {mods & SCRIPTS}"

@@ -19,7 +19,8 @@ from bitlinear import (BitLinear, activation_quant, activation_quant_fused, acti
 from losses import distill_loss
 from test_distill import save_tiny, tiny_model
 from test_train import losses, run
-from training import load_model
+import training
+from model import load_model
 
 
 # ----------------------------------------------------------------------------- Eq. (1)-(3), fused
@@ -272,8 +273,7 @@ def test_profile_bitdistill_writes_nothing(tmp_path, data_dir, capsys):
 
 def test_compile_default_is_on_for_cuda_only():
     """--compile / --no_compile / neither: neither means on for a CUDA device, off on the CPU."""
-    import profiling
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
-    assert [profiling.use_compile(ct.parse_args(a).compile, d) for a in ([], ["--compile"], ["--no_compile"])
+    assert [training.use_compile(ct.parse_args(a).compile, d) for a in ([], ["--compile"], ["--no_compile"])
             for d in (cpu, cuda)] == [False, True, True, True, False, False]
     assert distill.get_args(["--task", "sst2"]).compile is None

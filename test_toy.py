@@ -9,7 +9,7 @@ import torch
 
 import tasks
 import toy
-from training import load_model
+from model import load_model
 
 
 def test_toy_pipeline_smoke(tmp_path, data_dir):

@@ -16,7 +16,7 @@ import torch
 import continue_train as ct
 import harness
 import training
-from training import load_model
+from model import load_checkpoint, load_model
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 QWEN_VOCAB = 151936  # Qwen's embedding size: the real tokenizer's ids must fit
@@ -67,7 +67,7 @@ def test_resume_gives_the_same_losses(tmp_path, data_dir, byte_tok, tiny_hf, mon
     with pytest.raises(KeyboardInterrupt):
         run(tmp_path, data_dir, byte_tok, tiny_hf, *args, name="b")
     monkeypatch.setattr(ct, "check_finite", real_check)
-    assert training.load_checkpoint(str(tmp_path / "b" / "ckpt.pt"))["step"] == 4  # last checkpoint
+    assert load_checkpoint(str(tmp_path / "b" / "ckpt.pt"))["step"] == 4  # last checkpoint
     _, resumed = run(tmp_path, data_dir, byte_tok, tiny_hf, *args, "--resume", name="b")
     assert losses(resumed) == losses(full)  # exactly: model, optimizer, data order, RNG restored
     assert [r["loss"] for r in resumed["val"]] == [r["loss"] for r in full["val"]]
@@ -111,12 +111,12 @@ def test_fsdp_two_processes_match_one_and_resume(tmp_path, data_dir, byte_tok, t
     _, single = run(tmp_path, data_dir, byte_tok, tiny_hf, "--tokens", str(4 * 2 * 32 * 4), *args, name="single")
     out, _ = run_torchrun(tmp_path, data_dir, byte_tok, tiny_hf, "--fsdp", "--tokens", str(2 * 2 * 32 * 4), *args,
                           name="fsdp")
-    assert training.load_checkpoint(str(out / "ckpt.pt"))["step"] == 2
+    assert load_checkpoint(str(out / "ckpt.pt"))["step"] == 2
     _, fsdp = run_torchrun(tmp_path, data_dir, byte_tok, tiny_hf, "--fsdp", "--tokens", str(4 * 2 * 32 * 4), *args,
                            "--resume", name="fsdp")
     assert losses(fsdp) == pytest.approx(losses(single), rel=1e-4)
     assert [r["loss"] for r in fsdp["val"]] == pytest.approx([r["loss"] for r in single["val"]], rel=1e-4)
-    ckpt = training.load_checkpoint(str(out / "ckpt.pt"))  # one file: the full (unsharded) model and optimizer
+    ckpt = load_checkpoint(str(out / "ckpt.pt"))  # one file: the full (unsharded) model and optimizer
     model = load_model(str(out / "ckpt.pt"))         # strict
     assert all(torch.equal(v, ckpt["model"][k]) for k, v in model.state_dict().items())
     assert ckpt["step"] == 4 and len(ckpt["optimizer"]["state"]) > 0
@@ -167,7 +167,7 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, data_dir, b
     msg = str(e.value)
     assert "loss is nan at step 4" in msg and f"last good checkpoint is kept at {ckpt}" in msg
     assert "--resume" in msg and "lower --lr" in msg
-    assert training.load_checkpoint(str(ckpt))["step"] == 2
+    assert load_checkpoint(str(ckpt))["step"] == 2
     model = load_model(str(ckpt))
     assert all(torch.isfinite(p).all() for p in model.parameters())
 
@@ -175,7 +175,7 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, data_dir, b
 @pytest.mark.parametrize("subln", [True, False])
 def test_checkpoint_loads_strictly_with_subln_load_model(tmp_path, data_dir, byte_tok, tiny_hf, subln):
     out, _ = run(tmp_path, data_dir, byte_tok, tiny_hf, "--tokens", str(2 * 2 * 32), "--subln" if subln else "--no_subln")
-    ckpt = training.load_checkpoint(str(out / "ckpt.pt"))
+    ckpt = load_checkpoint(str(out / "ckpt.pt"))
     assert {"model", "optimizer", "step", "config", "args", "rng", "tokens_seen"} <= set(ckpt)
     assert ckpt["step"] == 2 and ckpt["tokens_seen"] == 2 * 2 * 32
     model = load_model(str(out / "ckpt.pt"))  # strict
@@ -225,10 +225,10 @@ def test_training_helpers(tmp_path):
     path = str(tmp_path / "sub" / "ckpt.pt")
     harness.save_checkpoint(path, {"model": {}, "config": {"vocab_size": 8, "hidden_size": 4, "intermediate_size": 8,
                                                             "num_hidden_layers": 1, "num_attention_heads": 1}, "step": 3})
-    assert training.load_checkpoint(path)["step"] == 3 and os.listdir(tmp_path / "sub") == ["ckpt.pt"]  # no temp left
+    assert load_checkpoint(path)["step"] == 3 and os.listdir(tmp_path / "sub") == ["ckpt.pt"]  # no temp left
     with open(path, "r+b") as f:
         f.truncate(20)
     with pytest.raises(ValueError, match="not a readable checkpoint.*truncated or corrupt"):
-        training.load_checkpoint(path)
+        load_checkpoint(path)
 
 

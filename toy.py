@@ -56,9 +56,8 @@ from tqdm import tqdm
 from corpus import make_tokenizer, unlabeled_text
 from figures import plot_toy, plot_toy_summary
 from recipe import distill_layer_for
-from tasks import compare_table, load_toy_results, paired_difference, selection_table
 from harness import HelpFormatter, provenance, run_cli, write_json, write_text
-from training import read_checkpoint
+from model import read_checkpoint
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -245,6 +244,81 @@ def get_args(argv):
     p.add_argument("--figure", default=None, metavar="PNG",
                    help="with --compare: also draw Table 1 of every task and recipe and the layer sweep here")
     return p.parse_args(argv)
+
+
+# ----------------------------------------------------------------------------- the tables across seeds
+
+def load_toy_results(folders):
+    res = []
+    for d in folders:
+        path = os.path.join(d, "results.json")
+        try:
+            with open(path) as f:
+                r = json.load(f)
+            assert isinstance(r, dict) and {"recipe", "task", "seeds", "rows", "paired"} <= set(r)
+        except (OSError, ValueError, AssertionError):
+            raise ValueError(f"{path} is not the results.json of a toy.py run (with its rows and paired "
+                             "differences): run python toy.py --out ... first") from None
+        res.append(r)
+    return res
+
+
+def compare_table(folders):
+    """The README's table: each folder's toy results (mean ± std over seeds, each seed, and the paired
+    differences with their 95% interval) side by side, as markdown, from the results files only; a row
+    one folder lacks is "–" there."""
+    res = load_toy_results(folders)
+    tasks = list(dict.fromkeys(r["task"] for r in res))
+    if len(tasks) > 1:   # one table per task
+        return "\n\n".join(compare_table([d for d, r in zip(folders, res) if r["task"] == t]) for t in tasks)
+    fmt = lambda v, s: f"{v:.2f}" + ("" if s is None else f" ± {s:.2f}")
+    head = [f"`--recipe {r['recipe']}`" for r in res]
+    lines = [f"| {res[0]['task'].upper()} validation accuracy (%), seeds {', '.join(map(str, res[0]['seeds']))} | "
+             + " | ".join(f"{h} | per seed" for h in head) + " |", "|---|" + "---:|---|" * len(res)]
+    union = lambda key: list(dict.fromkeys(x[key] for r in res for x in r["rows" if key == "row" else "paired"]))
+    for row in union("row"):
+        cells = []
+        for r in res:
+            x = next((y for y in r["rows"] if y["row"] == row), None)
+            cells += ["–", "–"] if x is None else [fmt(x["mean"], x["std"]), " / ".join(f"{a:.2f}" for a in x["accs"])]
+        lines.append(f"| {row} | " + " | ".join(cells) + " |")
+    for pair in union("pair"):
+        cells = []
+        for r in res:
+            p = next((y for y in r["paired"] if y["pair"] == pair), None)
+            if p is None:
+                cells += ["–", "–"]
+                continue
+            ci = "" if p["ci95"] is None else f" [{p['ci95'][0]:+.2f}, {p['ci95'][1]:+.2f}]"
+            cells += [f"{p['mean']:+.2f}{ci}", " / ".join(f"{d:+.2f}" for d in p["diffs"])]
+        lines.append(f"| {pair.replace(' - ', ' − ')} (paired, 95% interval) | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def selection_table(folder):
+    """The grid `toy.py --select` scored on the held-out train rows (selection.json), as markdown."""
+    with open(os.path.join(folder, "selection.json")) as f:
+        sel = json.load(f)
+    lines = [f"| {sel['task'].upper()}: method | hyperparameters | accuracy on {sel['heldout_rows']} held-out "
+             f"train rows (%), seed {sel['seed']} | chosen |", "|---|---|---:|:-:|"]
+    for p in sel["points"]:
+        hp = ", ".join(f"{k} {v}" for k, v in p["hp"].items())
+        lines.append(f"| {p['method']} | {hp} | {p['heldout_acc']:.2f} | {'✓' if p['hp'] == sel['chosen'][p['method']] else ''} |")
+    return "\n".join(lines)
+
+
+T95 = {1: 12.71, 2: 4.30, 3: 3.18, 4: 2.78, 5: 2.57, 6: 2.45, 7: 2.36, 8: 2.31, 9: 2.26}  # two-sided t, df
+
+
+def paired_difference(a, b, seeds):
+    """a - b seed by seed (the same fine-tuning data order), their mean and 95% t-interval."""
+    diffs = [x - y for x, y in zip(a["accs"], b["accs"])]
+    mean = statistics.mean(diffs)
+    ci = None
+    if len(diffs) > 1:
+        half = T95.get(len(diffs) - 1, 2.0) * statistics.stdev(diffs) / len(diffs) ** 0.5
+        ci = [mean - half, mean + half]
+    return dict(pair=f"{a['row']} - {b['row']}", seeds=seeds, diffs=diffs, mean=mean, ci95=ci)
 
 
 def main(argv=None):

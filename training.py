@@ -8,29 +8,28 @@ writes, provenance, resume checks, the one-line errors) is apart, in harness.py.
     get_lr()              linear warmup, then cosine decay
     adamw()               AdamW, weight decay on 2-D weights only
     check_finite()        the NaN/inf guard: stop, keep the last good checkpoint
+    fsdp_shard(), full_state_dicts(), load_optimizer()   FSDP behind three calls (continue_train.py --fsdp)
+    add_run_args()        the options both stage scripts take; use_compile(): when to torch.compile
     epoch_order(), micro_batch()   the seeded shuffle of an epoch and one process's micro-batch of it
     get_rng_state(), set_rng_state()   the RNG state a checkpoint carries, as plain lists
-    read_checkpoint(), load_model()   open a model path ONCE (config, weights, tokenizer); build it strictly
 
-    model = training.load_model("out/continue_train/ckpt.pt")   # or "Qwen/Qwen3-0.6B", an HF folder
+Loading a checkpoint (ours, Hugging Face, GGUF) is model.py's, beside from_pretrained.
 """
+import argparse
 import functools
-import json
 import math
 import os
 import random
 from contextlib import nullcontext
-from dataclasses import dataclass
 
 import numpy as np
 import torch
 import torch.distributed as dist
+from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_optimizer_state_dict,
+                                                     set_optimizer_state_dict)
+from torch.distributed.fsdp import fully_shard
 
-from gguf_model import gguf_source, is_gguf, load_gguf
-from model import Qwen3, Qwen3Config, resolve_checkpoint_dir
-from subln import build_model
-
-TOKENIZER_FILES = ("tokenizer.json", "vocab.json")  # an HF folder that has one of these has its tokenizer
+from harness import NonFiniteLossError, nonneg_float, nonneg_int
 
 
 # ----------------------------------------------------------------------------- processes and precision
@@ -83,10 +82,6 @@ def get_lr(step, max_steps, warmup_steps, lr, min_lr):
         return min_lr
     ratio = (step - warmup_steps) / max(1, max_steps - warmup_steps)
     return min_lr + 0.5 * (1.0 + math.cos(math.pi * ratio)) * (lr - min_lr)
-
-
-class NonFiniteLossError(RuntimeError):
-    """Raised by check_finite: the loss became NaN or inf."""
 
 
 def check_finite(loss, step, ckpt_path):
@@ -145,83 +140,73 @@ def set_rng_state(state):
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-# Checkpoints written before the RNG state was stored as lists hold one numpy array (numpy's RNG
-# keys); these are the only globals beyond torch's own that weights_only=True lets through.
-_NUMPY_RNG_GLOBALS = [np.ndarray, np.dtype, type(np.dtype(np.uint32)),
-                      getattr(np, "_core", getattr(np, "core", None)).multiarray._reconstruct]
-CONFIG_KEYS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
+# ----------------------------------------------------------------------------- FSDP (continue_train.py --fsdp)
+# DDP keeps a full copy of the model, its gradients and AdamW's two moments (~16 bytes per parameter in
+# fp32) on every device: the default while that fits one GPU. FSDP shards all three over the N
+# processes (~16/N bytes per parameter, plus one block's full weights while it computes), at the cost
+# of all-gathering the weights in every forward and backward: for a student + optimizer too big for one
+# GPU. A checkpoint is always the full, unsharded state, the same file DDP writes.
+
+FULL_STATE = StateDictOptions(full_state_dict=True, cpu_offload=True)  # unsharded, on rank 0's CPU
 
 
-def load_checkpoint(path):
-    """One of our checkpoint dicts, on CPU, read with weights_only=True: a .pt is a pickle, and a
-    crafted one would otherwise run code. Clear errors for a missing, unreadable or foreign file."""
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"no checkpoint at {path!r}: check the path (or train first, "
-                                "e.g. with continue_train.py --out_dir ...)")
-    try:
-        with torch.serialization.safe_globals(_NUMPY_RNG_GLOBALS):
-            ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        why = str(e).strip().splitlines()[0].split(". ")[0][:160] if str(e).strip() else type(e).__name__
-        raise ValueError(f"{path} is not a readable checkpoint ({why}); it may be truncated or corrupt, or not a "
-                         "bitdistill checkpoint (only tensors and plain values are loaded)") from None
-    if isinstance(ckpt, dict) and ckpt.get("format", "").startswith("bitdistill-packed"):
-        raise ValueError(f"{path} is a packed model (packed.py --out): run it with packed.py --load")
-    if not isinstance(ckpt, dict) or "model" not in ckpt or "config" not in ckpt:
-        raise ValueError(f"{path} is not a bitdistill checkpoint (needs 'model' and 'config' keys)")
-    missing = [k for k in CONFIG_KEYS if k not in (ckpt["config"] or {})]
-    if missing:
-        raise ValueError(f"{path} has an incomplete 'config' (missing {', '.join(missing)}): it is not a "
-                         "checkpoint this project wrote, or it was damaged")
-    return ckpt
+def fsdp_shard(model):
+    """FSDP2, in place: one unit per transformer block, then the root (embeddings, tied lm_head, norm)."""
+    for block in model.model.layers:
+        fully_shard(block)
+    fully_shard(model)                                     # also moves the shards to the device
 
 
-@dataclass
-class Checkpoint:
-    """What a model path holds, read once. kind "hf": a Hugging Face folder (a hub id is downloaded to one);
-    "gguf": a llama.cpp file (gguf_model.py); "ours": a .pt of continue_train.py or distill.py, its dict `ckpt`."""
-    path: str                 # the file, or the resolved HF folder
-    kind: str                 # "hf", "gguf" or "ours"
-    config: Qwen3Config       # .bitnet / .subln say whether it is already a 1.58-bit model
-    tokenizer: str | None     # the tokenizer that belongs to it (None: not recorded)
-    ckpt: dict | None = None  # kind "ours" only
-
-    @property
-    def args(self):
-        return (self.ckpt or {}).get("args", {})
+def full_state_dicts(model, optimizer, fsdp):
+    """(model, optimizer) state dicts, full; FSDP: gathered on rank 0's CPU, every rank taking part."""
+    if not fsdp:
+        return model.state_dict(), optimizer.state_dict()
+    model_sd = get_model_state_dict(model, options=FULL_STATE)
+    # before the first step there is no optimizer state; asked for it, FSDP would take a dummy step
+    return model_sd, (get_optimizer_state_dict(model, optimizer, options=FULL_STATE) if optimizer.state
+                      else optimizer.state_dict())
 
 
-def read_checkpoint(path):
-    """Open a model path once: our .pt (torch.load), a GGUF (its tokenizer inside) or an HF folder / hub id."""
-    if is_gguf(path):
-        return Checkpoint(*gguf_source(path))
-    if os.path.isfile(path) or path.endswith(".pt"):
-        ckpt = load_checkpoint(path)
-        return Checkpoint(path, "ours", Qwen3Config.from_dict(dict(ckpt["config"])),
-                          ckpt.get("args", {}).get("tokenizer"), ckpt)
-    folder = resolve_checkpoint_dir(path)
-    with open(os.path.join(folder, "config.json")) as f:
-        config = Qwen3Config.from_hf(json.load(f))
-    has_tok = any(os.path.isfile(os.path.join(folder, n)) for n in TOKENIZER_FILES)
-    return Checkpoint(folder, "hf", config, os.path.abspath(folder) if has_tok else None)
+def load_optimizer(model, optimizer, state, fsdp):
+    """A full optimizer state dict into `optimizer`; FSDP: every rank read it, each keeps its shard."""
+    if not fsdp:
+        optimizer.load_state_dict(state)
+    elif state["state"]:
+        set_optimizer_state_dict(model, optimizer, state, options=FULL_STATE)
 
 
-def model_from(src, dtype=torch.float32):
-    """The model of a read_checkpoint(): every key and shape checked (strict)."""
-    if src.kind in ("hf", "gguf"):
-        return (Qwen3.from_pretrained if src.kind == "hf" else load_gguf)(src.path, dtype=dtype)
-    model = build_model(src.config)            # BitLinear + SubLN in place when the config says so
-    ours, theirs = set(model.state_dict()), set(src.ckpt["model"])
-    if ours != theirs:
-        miss, extra = sorted(ours - theirs), sorted(theirs - ours)
-        raise ValueError(f"{src.path}: its weights do not fit its config ({len(miss)} missing, e.g. {miss[:2]}; "
-                         f"{len(extra)} unexpected, e.g. {extra[:2]}): the file is damaged or from another version")
-    try:
-        model.load_state_dict(src.ckpt["model"], strict=True)
-    except RuntimeError as e:                  # a shape that does not fit
-        raise ValueError(f"{src.path}: {str(e).splitlines()[-1].strip()[:300]}") from None
-    return model.to(dtype)
+# ----------------------------------------------------------------------------- torch.compile, and the options both stage scripts take
+
+def add_compile_args(p):
+    """--compile / --no_compile; neither: on for CUDA devices, off on the CPU (see use_compile)."""
+    p.add_argument("--compile", dest="compile", action="store_true", default=None,
+                   help="torch.compile the training forward and backward; evaluation stays eager "
+                        "(None: on for CUDA devices, off on the CPU)")
+    p.add_argument("--no_compile", dest="compile", action="store_false", default=argparse.SUPPRESS,
+                   help="never torch.compile")
 
 
-def load_model(path, dtype=torch.float32):   # an HF checkpoint (folder or hub id) or our .pt, strictly
-    return model_from(read_checkpoint(path), dtype)
+def use_compile(flag, device):
+    """On a GPU compiling pays for itself within minutes (2.6x for stage 2 on an H100, docs/speed.md);
+    on a CPU the toy runs are over before it would, and the matmuls dominate anyway."""
+    return device.type == "cuda" if flag is None else flag
+
+
+def mark_dynamic_length(*tensors):
+    """Stage 3's batches are padded to their longest example, so T changes every step: marked
+    dynamic before the first compile, one graph serves every length (no recompile per new T)."""
+    for t in tensors:
+        torch._dynamo.maybe_mark_dynamic(t, 1)
+
+
+def add_run_args(p):
+    """The run options continue_train.py and distill.py share, declared once."""
+    p.add_argument("--grad_clip", type=nonneg_float, default=1.0, help="clip the global grad norm (0: off)")
+    p.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16"),
+                   help="autocast dtype; auto = bfloat16 on CUDA GPUs that support it, else float32")
+    add_compile_args(p)
+    p.add_argument("--profile", type=nonneg_int, default=0, metavar="N", help="only time 1 + N optimizer steps: "
+                   "tok/s, data/forward/backward/optimizer ms, peak memory, MFU (profiling.py); evaluates and "
+                   "writes nothing")
+    p.add_argument("--resume", action="store_true", help="continue from <out_dir>/ckpt.pt")
+    p.add_argument("--overwrite", action="store_true", help="start over in an --out_dir that holds an earlier run")
