@@ -1,7 +1,8 @@
 """
-Compiles ternary_cpu.c (with ternary_x86.c), layers_cpu.c and decode_cpu.c, as one unit, into the
-Python extension module _ternary_cpu with cffi (out-of-line API mode: a real C extension, and cffi
-releases the GIL around every call into it).
+Compiles ternary_cpu.c, ternary_x86.c, layers_cpu.c and decode_cpu.c (four units sharing ternary.h,
+whose first part is also the declarations handed to cffi) into the Python extension module
+_ternary_cpu with cffi (out-of-line API mode: a real C extension, and cffi releases the GIL around
+every call into it).
 
     python build_ffi.py        # builds ./_ternary_cpu*.so, prints the flags and the SIMD path
 
@@ -21,71 +22,21 @@ import tempfile
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 MODULE = "_ternary_cpu"
-SOURCES = [os.path.join(HERE, f) for f in ("ternary_cpu.c", "layers_cpu.c", "decode_cpu.c")]  # one unit, in order
-INCLUDED = [os.path.join(HERE, "ternary_x86.c")]   # #included by ternary_cpu.c: a change rebuilds too
+SOURCES = [os.path.join(HERE, f) for f in ("ternary_cpu.c", "ternary_x86.c", "layers_cpu.c", "decode_cpu.c")]
 PATH_NAMES = {0: "plain C", 1: "AVX2", 2: "AVX-512 VNNI"}
+HEADER = os.path.join(HERE, "ternary.h")
+INCLUDED = [HEADER]   # #included by every source: a change rebuilds too
+API_END = "end of the Python API"   # ternary.h: the structs and entry points above this line are cffi's cdef
 
-# The C functions Python may call (ternary_cpu.c documents each one).
-CDEF = """
-int tl_padded_k(int K);
-int tl_cpu_path(void);
-int tl_max_threads(void);
-int tl_has_openmp(void);
-int tl_pack_ternary(const int8_t *codes, int N, int K, uint8_t *packed);
-void tl_unpack_ternary(const uint8_t *packed, int N, int K, int8_t *codes);
-int tl_quantize(const float *x, int M, int K, int8_t *q, float *srow, int32_t *qsum,
-                int path, int nthreads);
-int tl_ternary_gemm(const int8_t *q, const int32_t *qsum, int M, int Kp, const uint8_t *w, int N,
-                    int32_t *acc, float *y, const float *srow, const float *scale,
-                    int path, int nthreads);
-int tl_int8_gemm(const int8_t *q, int M, int Kp, const int8_t *w, const int32_t *wsum, int N,
-                 int32_t *acc, float *y, const float *srow, const float *scale,
-                 int path, int nthreads);
-int tl_ternary_linear(const float *x, int M, int K, int pre, const float *normw, float eps,
-                      const uint8_t *w, const float *scale, int N, float *y, int path, int nthreads);
-int tl_int8_linear(const float *x, int M, int K, int pre, const float *normw, float eps,
-                   const int8_t *w, const int32_t *wsum, const float *scale, int N, float *y,
-                   int path, int nthreads);
-int tl_bf16_linear(const float *x, int M, int K, int pre, const float *normw, float eps,
-                   const uint16_t *w, int N, float *y, int path, int nthreads);
-int tl_rmsnorm(const float *x, int M, int K, const float *w, float eps, float *y, int nthreads);
-int tl_qk_norm_rope(float *qkv, int M, int row_stride, int n_q, int n_kv, int hd, const float *q_w,
-                    const float *k_w, float eps, const float *cos, const float *sin, int nthreads);
-typedef struct {
-    const uint8_t *w; const float *scale, *bias, *norm;
-    int rows;
-} tl_part;
-typedef struct {
-    const float *in_norm;
-    int n_qkv, n_gate_up;
-    tl_part qkv[3], gate_up[2];
-    const float *q_norm, *k_norm;
-    const float *attn_subln;
-    const uint8_t *o; const float *o_scale;
-    const float *post_norm;
-    const float *mlp_subln;
-    const uint8_t *down; const float *down_scale;
-    uint16_t *k_cache, *v_cache;
-} tl_layer;
-typedef struct {
-    int dim, hidden, n_layers, n_q, n_kv, head_dim, vocab, max_len;
-    float eps;
-    const float *rope_cos, *rope_sin;
-    const tl_layer *layers;
-    const float *final_norm;
-    int head_kind;
-    const void *head_w; const int32_t *head_wsum; const float *head_scale;
-    const void *embed_w; const float *embed_scale;
-} tl_model;
-double tl_peak_gmacs(int path, int nthreads, long iters);
-void tl_f32_to_f16(const float *x, size_t n, uint16_t *y);
-void tl_f16_to_f32(const uint16_t *x, size_t n, float *y);
-int tl_attention(const float *q, const uint16_t *k_cache, const uint16_t *v_cache, int n_q, int n_kv, int hd,
-                 int max_len, int n, float *y, float *att, int path, int nthreads);
-size_t tl_decode_scratch_bytes(const tl_model *m);
-int tl_decode_token(const tl_model *m, int token, int pos, float *logits, void *scratch,
-                    double *timing, int path, int nthreads);
-"""
+
+def cdef():
+    """The declarations Python may call: ternary.h up to its API_END line, without the preprocessor
+    lines (cffi parses C declarations, not directives). The layout is written once, in the header."""
+    with open(HEADER) as f:
+        text = f.read()
+    api = text[:text.rindex(API_END)].rsplit("\n", 1)[0]         # up to the line that says it
+    return "\n".join(l for l in api.splitlines() if not l.lstrip().startswith("#"))
+
 
 BASE_FLAGS = ["-O3", "-std=gnu11", "-ffp-contract=off"]  # no FMA contraction: exact fp32 scales
 
@@ -128,9 +79,9 @@ def build(verbose=True):
             print("build_ffi: WARNING: building without OpenMP (-fopenmp failed, or BITDISTILL_NO_OPENMP is set); "
                   "the kernels will run on ONE thread.")
     ffi = FFI()
-    ffi.cdef(CDEF)
-    # the generated wrapper #includes the sources, so compiler messages point into those files
-    ffi.set_source(MODULE, "".join(f'#include "{os.path.basename(f)}"\n' for f in SOURCES),
+    ffi.cdef(cdef())
+    # the generated wrapper includes the header; the four sources are compiled beside it and linked in
+    ffi.set_source(MODULE, '#include "ternary.h"\n', sources=SOURCES,
                    include_dirs=[HERE], libraries=["m"],
                    extra_compile_args=cflags, extra_link_args=ldflags)
     tmp = os.path.join(HERE, "build")

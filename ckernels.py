@@ -147,7 +147,6 @@ def int8_gemm_int(q, w8, wsum, path=-1, threads=0):
     return acc
 
 
-PRE_RMSNORM, PRE_SWIGLU = 1, 2  # the pre-ops layers_cpu.c can fuse in front of a linear
 
 
 def _check_linear(x, K, scale, N, norm_weight, swiglu):
@@ -201,7 +200,7 @@ def bf16_call(x, w16, norm_weight, eps, path=-1, threads=0):
     M, (N, K) = x.shape[0], w16.shape
     y = torch.empty(M, N)
     nw = ffi.NULL if norm_weight is None else ffi.cast("float *", norm_weight.data_ptr())
-    _raise(L.tl_bf16_linear(ffi.cast("float *", x.data_ptr()), M, K, PRE_RMSNORM if norm_weight is not None else 0,
+    _raise(L.tl_bf16_linear(ffi.cast("float *", x.data_ptr()), M, K, L.TL_PRE_RMSNORM if norm_weight is not None else 0,
                             nw, eps, ffi.cast("uint16_t *", w16.data_ptr()), N, ffi.cast("float *", y.data_ptr()),
                             path, threads or torch.get_num_threads()), "tl_bf16_linear")
     return y
@@ -211,7 +210,7 @@ def linear_call(kind, x, w, wsum, scale, K, norm_weight, eps, swiglu, path=-1, t
     """tl_ternary_linear (kind 0) / tl_int8_linear (kind 1) itself, arguments already checked: the
     packed modules check their weights once and only x per call (as_matrix)."""
     L, ffi = _LIB or lib()
-    pre = (PRE_SWIGLU if swiglu else 0) | (PRE_RMSNORM if norm_weight is not None else 0)
+    pre = (L.TL_PRE_SWIGLU if swiglu else 0) | (L.TL_PRE_RMSNORM if norm_weight is not None else 0)   # ternary.h
     nw = ffi.NULL if norm_weight is None else ffi.cast("float *", norm_weight.data_ptr())
     M, N = x.shape[0], w.shape[0]
     y = torch.empty(M, N)
@@ -295,7 +294,7 @@ class DecodeStep:
 
     def __init__(self, pm, rope_table):
         c = pm.config
-        _, ffi = lib()
+        L, ffi = lib()
         self.pm, self.rope_table, self.cache, self.threads = pm, rope_table, None, None
         ptr = lambda t, ct="float *": ffi.NULL if t is None else ffi.cast(ct, t.data_ptr())
         w = lambda norm: None if isinstance(norm, torch.nn.Identity) else norm.weight.detach()
@@ -321,11 +320,11 @@ class DecodeStep:
         m.layers, m.final_norm = self.layers, ptr(pm.norm.weight.detach())
         if pm.head_kind == "int8":
             head = pm.lm_head or pm.embed
-            m.head_kind, m.head_w, m.head_wsum = 2, ptr(head.w8, "void *"), ptr(head.wsum, "int32_t *")
+            m.head_kind, m.head_w, m.head_wsum = L.TL_HEAD_INT8, ptr(head.w8, "void *"), ptr(head.wsum, "int32_t *")
             m.head_scale, m.embed_w, m.embed_scale = ptr(head.scale), ptr(pm.embed.w8, "void *"), ptr(pm.embed.scale)
         else:
             head = pm.embed_weight if pm.lm_head_weight is None else pm.lm_head_weight
-            m.head_kind, m.head_w, m.embed_w = 1, ptr(head, "void *"), ptr(pm.embed_weight, "void *")
+            m.head_kind, m.head_w, m.embed_w = L.TL_HEAD_BF16, ptr(head, "void *"), ptr(pm.embed_weight, "void *")
         self.timing = ffi.new("double[3]")
 
     def bind(self, cache):

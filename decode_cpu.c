@@ -1,10 +1,9 @@
 /*
 decode_cpu.c -- one decode token of the packed 1.58-bit Qwen3 in one C call, in the manner of
 llama2.c's run.c: the whole forward of a single token (every layer, the final norm and the lm_head)
-on preallocated buffers, with no Python between the operations. Compiled together with
-ternary_cpu.c and layers_cpu.c (build_ffi.py includes all three), whose kernels and pre-ops it
-calls; packed.py fills the model struct below from a PackedQwen3 and keeps the readable PyTorch
-forward as the reference this step must equal (test_decode.py: bit for bit, logits and 64 greedy
+on preallocated buffers, with no Python between the operations. It calls the kernels of
+ternary_cpu.c and the pre-ops of layers_cpu.c (declared in ternary.h); packed.py fills the model
+struct from a PackedQwen3 and keeps the readable PyTorch forward as the reference this step must equal (test_decode.py: bit for bit, logits and 64 greedy
 tokens).
 
 ONE TOKEN (x is the residual stream, C = hidden size; every buffer fp32 unless marked)
@@ -29,41 +28,12 @@ thread count. The operations are the same C functions the PyTorch reference call
 ckernels.py (pre-ops, quantization, GEMV, q/k norm + RoPE), so only attention differs from it in
 rounding (SDPA sums in another order).
 */
-/* One projection's part: a ternary matrix with its row scales (Δ), an optional bias, and the SubLN
-   of its own in front (NULL: the block's norm is the only one). */
-typedef struct {
-    const uint8_t *w; const float *scale, *bias, *norm;     /* (rows, Kp/4), (rows), (rows)|NULL, (K)|NULL */
-    int rows;
-} tl_part;
-
-/* One layer's weights (packed.py fills these from a PackedBlock; NULL where the model lacks one).
-   q/k/v and gate/up are one fused part each, or, with a SubLN before every projection (the
-   authors' layout, config.subln_all), 3 and 2 parts with their own norms. */
-typedef struct {
-    const float *in_norm;                                   /* (C) input_layernorm */
-    int n_qkv, n_gate_up;                                   /* 1 and 1, or 3 and 2 */
-    tl_part qkv[3], gate_up[2];                             /* rows: q | k | v, gate | up */
-    const float *q_norm, *k_norm;                           /* (hd) each, NULL without q/k norm */
-    const float *attn_subln;                                /* (nq hd) or NULL (no SubLN) */
-    const uint8_t *o; const float *o_scale;                 /* (C, Qp/4), (C) */
-    const float *post_norm;                                 /* (C) post_attention_layernorm */
-    const float *mlp_subln;                                 /* (I) or NULL */
-    const uint8_t *down; const float *down_scale;           /* (C, Ip/4), (C) */
-    uint16_t *k_cache, *v_cache;                            /* (nkv, max_len, hd) each, fp16 */
-} tl_layer;
-
-typedef struct {
-    int dim, hidden, n_layers, n_q, n_kv, head_dim, vocab, max_len;
-    float eps;                                 /* rms_norm_eps of every norm */
-    const float *rope_cos, *rope_sin;          /* (max_len, hd): row p = position p */
-    const tl_layer *layers;                    /* (n_layers) */
-    const float *final_norm;                   /* (C) */
-    int head_kind;                             /* 1 = bf16 (V, C), 2 = int8 (V, Cp) */
-    const void *head_w; const int32_t *head_wsum; const float *head_scale;  /* wsum/scale: int8 */
-    const void *embed_w; const float *embed_scale;  /* the embedding table, same kind (tied: = head) */
-} tl_model;
-
-enum { TL_HEAD_BF16 = 1, TL_HEAD_INT8 = 2 };
+/* The structs (tl_part, tl_layer, tl_model) with the shape of every field: ternary.h. */
+#include <math.h>
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+#include "ternary.h"
 
 static int max3(int a, int b, int c) { return a > b ? (a > c ? a : c) : (b > c ? b : c); }
 
@@ -174,50 +144,67 @@ static inline __attribute__((always_inline)) float dot_lanes(const float *a, con
 
 /* KV group g over cache positions 0..n-1: for each of its rep = n_q / n_kv query heads h = g rep
    + r, att_h (n) = softmax(q_h . k_t / sqrt(hd)) and y_h = sum_t att_h,t v_t. Each cache row is
-   converted once and serves the group's heads (GQA); per head the operations and their order are
-   those of a single head. q (nq hd), caches (nkv, max_len, hd), att (rep rows of stride att_ld).
-   Compiled once per path (below). */
+   converted once (row_to_f32) and serves the group's heads (GQA); per head the operations and their
+   order are those of a single head. q (nq hd), caches (nkv, max_len, hd), att (rep rows of stride
+   att_ld). Inlined into one function per path (below), with that path's row conversion and dot. */
 #define TL_MAX_REP 64
-#define ATTEND_GROUP(ROW_TO_F32, DOT)                                                          \
-    int rep = n_q / n_kv;                                                                   \
-    const uint16_t *kc = k_cache + (size_t)g * max_len * hd, *vc = v_cache + (size_t)g * max_len * hd; \
-    float scale = 1.0f / sqrtf((float)hd), row[TL_MAX_HD], mx[TL_MAX_REP], sum[TL_MAX_REP]; \
-    for (int r = 0; r < rep; r++) { mx[r] = -INFINITY; sum[r] = 0.0f; }                     \
-    for (int t = 0; t < n; t++) {                                                           \
-        ROW_TO_F32(kc + (size_t)t * hd, row, hd);                                           \
-        for (int r = 0; r < rep; r++) {                                                     \
-            float s = DOT(q + (size_t)(g * rep + r) * hd, row, hd) * scale;                 \
-            att[(size_t)r * att_ld + t] = s;                                                \
-            mx[r] = s > mx[r] ? s : mx[r];                                                  \
-        }                                                                                   \
-    }                                                                                       \
-    for (int r = 0; r < rep; r++) {                                                         \
-        float *ar = att + (size_t)r * att_ld;                                               \
-        for (int t = 0; t < n; t++) ar[t] = exp_fast(ar[t] - mx[r]);                        \
-        for (int t = 0; t < n; t++) sum[r] = sum[r] + ar[t];                                \
-        for (int d = 0; d < hd; d++) y[(size_t)(g * rep + r) * hd + d] = 0.0f;              \
-    }                                                                                       \
-    for (int t = 0; t < n; t++) {                                                           \
-        ROW_TO_F32(vc + (size_t)t * hd, row, hd);                                           \
-        for (int r = 0; r < rep; r++) {                                                     \
-            float p = att[(size_t)r * att_ld + t] / sum[r], *yh = y + (size_t)(g * rep + r) * hd; \
-            for (int d = 0; d < hd; d++) yh[d] = yh[d] + p * row[d];                        \
-        }                                                                                   \
-    }
+typedef void (*row_fn)(const uint16_t *src, float *dst, int n);
+typedef float (*dot_fn)(const float *a, const float *b, int n);
 
-#define ATTEND_ARGS const float *q, const uint16_t *k_cache, const uint16_t *v_cache, int n_q, int n_kv, \
-                    int hd, int max_len, int n, int g, float *att, size_t att_ld, float *y
-#define ROW_C(src, dst, n) for (int d = 0; d < (n); d++) (dst)[d] = half_to_float((src)[d])
-static void attend_c(ATTEND_ARGS) { ATTEND_GROUP(ROW_C, dot_lanes) }
+static inline __attribute__((always_inline))
+void attend_group(const float *q, const uint16_t *k_cache, const uint16_t *v_cache, int n_q, int n_kv, int hd,
+                  int max_len, int n, int g, float *att, size_t att_ld, float *y, row_fn row_to_f32, dot_fn dot) {
+    int rep = n_q / n_kv;
+    const uint16_t *kc = k_cache + (size_t)g * max_len * hd, *vc = v_cache + (size_t)g * max_len * hd;
+    float scale = 1.0f / sqrtf((float)hd), row[TL_MAX_HD], mx[TL_MAX_REP], sum[TL_MAX_REP];
+    for (int r = 0; r < rep; r++) { mx[r] = -INFINITY; sum[r] = 0.0f; }
+    for (int t = 0; t < n; t++) {                          /* scores: q_h . k_t / sqrt(hd) */
+        row_to_f32(kc + (size_t)t * hd, row, hd);
+        for (int r = 0; r < rep; r++) {
+            float s = dot(q + (size_t)(g * rep + r) * hd, row, hd) * scale;
+            att[(size_t)r * att_ld + t] = s;
+            mx[r] = s > mx[r] ? s : mx[r];
+        }
+    }
+    for (int r = 0; r < rep; r++) {                        /* softmax, summed in increasing t */
+        float *ar = att + (size_t)r * att_ld;
+        for (int t = 0; t < n; t++) ar[t] = exp_fast(ar[t] - mx[r]);
+        for (int t = 0; t < n; t++) sum[r] = sum[r] + ar[t];
+        for (int d = 0; d < hd; d++) y[(size_t)(g * rep + r) * hd + d] = 0.0f;
+    }
+    for (int t = 0; t < n; t++) {                          /* y_h += p_t v_t, in increasing t */
+        row_to_f32(vc + (size_t)t * hd, row, hd);
+        for (int r = 0; r < rep; r++) {
+            float p = att[(size_t)r * att_ld + t] / sum[r], *yh = y + (size_t)(g * rep + r) * hd;
+            for (int d = 0; d < hd; d++) yh[d] = yh[d] + p * row[d];
+        }
+    }
+}
+
+static inline void row_c(const uint16_t *src, float *dst, int n) {
+    for (int d = 0; d < n; d++) dst[d] = half_to_float(src[d]);
+}
+
+static void attend_c(const float *q, const uint16_t *k_cache, const uint16_t *v_cache, int n_q, int n_kv, int hd,
+                     int max_len, int n, int g, float *att, size_t att_ld, float *y) {
+    attend_group(q, k_cache, v_cache, n_q, n_kv, hd, max_len, n, g, att, att_ld, y, row_c, dot_lanes);
+}
+
 #ifdef TL_X86
-#define ROW_512(src, dst, n) do { int d = 0;                                                        \
-        for (; d + 16 <= (n); d += 16)                                                              \
-            _mm512_storeu_ps((dst) + d, _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)((src) + d)))); \
-        for (; d < (n); d++) (dst)[d] = half_to_float((src)[d]); } while (0)
-#define ROW_F16C(src, dst, n) do { int d = 0;                                                       \
-        for (; d + 8 <= (n); d += 8)                                                                \
-            _mm256_storeu_ps((dst) + d, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)((src) + d)))); \
-        for (; d < (n); d++) (dst)[d] = half_to_float((src)[d]); } while (0)
+__attribute__((target("avx512f"))) static inline void row_512(const uint16_t *src, float *dst, int n) {
+    int d = 0;
+    for (; d + 16 <= n; d += 16)
+        _mm512_storeu_ps(dst + d, _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(src + d))));
+    for (; d < n; d++) dst[d] = half_to_float(src[d]);
+}
+
+__attribute__((target("avx2,f16c"))) static inline void row_f16c(const uint16_t *src, float *dst, int n) {
+    int d = 0;
+    for (; d + 8 <= n; d += 8)
+        _mm256_storeu_ps(dst + d, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(src + d))));
+    for (; d < n; d++) dst[d] = half_to_float(src[d]);
+}
+
 /* dot_lanes with the 16 lanes in one register and the fold as vector adds of the same pairs
    (l + 8, + 4, + 2, + 1): the same float as dot_lanes, without its 15 scalar adds. */
 __attribute__((target("avx512f"))) static inline float dot_lanes_512(const float *a, const float *b, int n) {
@@ -237,11 +224,22 @@ __attribute__((target("avx512f"))) static inline float dot_lanes_512(const float
     __m128 s2 = _mm_add_ps(s4, _mm_movehl_ps(s4, s4));
     return _mm_cvtss_f32(_mm_add_ss(s2, _mm_shuffle_ps(s2, s2, 1)));
 }
-__attribute__((target("avx512f"))) static void attend_512(ATTEND_ARGS) { ATTEND_GROUP(ROW_512, dot_lanes_512) }
-__attribute__((target("avx2,f16c"))) static void attend_avx2(ATTEND_ARGS) { ATTEND_GROUP(ROW_F16C, dot_lanes) }
+
+__attribute__((target("avx512f")))
+static void attend_512(const float *q, const uint16_t *k_cache, const uint16_t *v_cache, int n_q, int n_kv, int hd,
+                       int max_len, int n, int g, float *att, size_t att_ld, float *y) {
+    attend_group(q, k_cache, v_cache, n_q, n_kv, hd, max_len, n, g, att, att_ld, y, row_512, dot_lanes_512);
+}
+
+__attribute__((target("avx2,f16c")))
+static void attend_avx2(const float *q, const uint16_t *k_cache, const uint16_t *v_cache, int n_q, int n_kv, int hd,
+                        int max_len, int n, int g, float *att, size_t att_ld, float *y) {
+    attend_group(q, k_cache, v_cache, n_q, n_kv, hd, max_len, n, g, att, att_ld, y, row_f16c, dot_lanes);
+}
 #endif
 
-static void attend(int path, ATTEND_ARGS) {
+static void attend(int path, const float *q, const uint16_t *k_cache, const uint16_t *v_cache, int n_q, int n_kv,
+                   int hd, int max_len, int n, int g, float *att, size_t att_ld, float *y) {
 #ifdef TL_X86
     if (path == TL_PATH_AVX512VNNI) { attend_512(q, k_cache, v_cache, n_q, n_kv, hd, max_len, n, g, att, att_ld, y); return; }
     if (path == TL_PATH_AVX2) { attend_avx2(q, k_cache, v_cache, n_q, n_kv, hd, max_len, n, g, att, att_ld, y); return; }

@@ -2,25 +2,18 @@
 layers_cpu.c -- the float operations around the ternary kernels of ternary_cpu.c, and the
 whole-layer entry points packed.py calls: RMSNorm / SubLN and silu(gate)*up fused in front of a
 linear (one C call per linear), Qwen3's q/k norm + RoPE, the block norm alone, and the bf16 head.
-Compiled as one unit with ternary_cpu.c (before it) and decode_cpu.c (after it), which runs
-these same functions inside its one-call decode step.
+decode_cpu.c runs these same functions inside its one-call decode step.
 */
+#include <math.h>
+#include <stdlib.h>
+#include "ternary.h"
+
 /* ------------------------------------------------------------------------------------------ */
 /* Pre-ops fused in front of a linear, so that packed.py makes one C call per linear:            */
 /*   TL_PRE_RMSNORM  y = x * (1/sqrt(mean(x^2) + eps)) * w   (model.RMSNorm / SubLN; w NULL = 1) */
 /*   TL_PRE_SWIGLU   x rows hold (gate | up), 2K wide: h = silu(gate) * up  (applied first)      */
 /* Not bit-equal to PyTorch (sum order, exp): the int8 rounding right after may rarely differ.  */
-
-enum { TL_PRE_RMSNORM = 1, TL_PRE_SWIGLU = 2 };
-
-/* The vector operations around the kernels are compiled for AVX-512, AVX2 and plain x86-64 and
-   picked by the CPU at load time (GCC's target_clones): each step is one IEEE fp32 operation or a
-   fixed-order sum, so every clone gives the same floats. */
-#if defined(TL_X86) && defined(__GNUC__) && !defined(__clang__)
-#define CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
-#else
-#define CLONES
-#endif
+/* Compiled per ISA with CLONES (ternary.h); exp_fast, the exp they use, is in ternary.h too.   */
 
 /* The sum of squares in double, 8 lanes (lane l sums k = l mod 8, in increasing k), then folded
    in a fixed order: vectorizable without reassociation, the same double on every path. */
@@ -35,27 +28,7 @@ CLONES static void rmsnorm_row(const float *x, int K, const float *w, float eps,
     for (int k = 0; k < K; k++) y[k] = w ? (x[k] * r) * w[k] : x[k] * r;
 }
 
-/* exp(x) for silu and softmax, in plain fp32 operations the compiler vectorizes (libm's expf is a
-   scalar call): x = n ln2 + r with n = round(x log2 e) and ln2 in two parts (Cody-Waite), e^r by
-   the degree-6 polynomial of Cephes' expf (|r| <= ln2/2; within 1.3 ulp of exp on [-87, 88]),
-   times 2^n built in the exponent bits. x is clamped to [-87, 88], where 2^n stays normal. */
-static inline float exp_fast(float x) {
-    x = x < -87.0f ? -87.0f : (x > 88.0f ? 88.0f : x);
-    float n = (x * 1.44269504089f + ROUND_MAGIC) - ROUND_MAGIC;
-    float r = (x - n * 0.693359375f) - n * -2.12194440e-4f;
-    float p = 1.9875691500e-4f;
-    p = p * r + 1.3981999507e-3f;
-    p = p * r + 8.3334519073e-3f;
-    p = p * r + 4.1665795894e-2f;
-    p = p * r + 1.6666665459e-1f;
-    p = p * r + 5.0000001201e-1f;
-    int32_t bits = ((int32_t)n + 127) << 23;
-    float two_n;
-    memcpy(&two_n, &bits, 4);
-    return ((p * (r * r) + r) + 1.0f) * two_n;
-}
-
-CLONES static void pre_op(const float *x, int M, int K, int pre, const float *normw, float eps,
+CLONES void pre_op(const float *x, int M, int K, int pre, const float *normw, float eps,
                    float *out, int nthreads) {
     #pragma omp parallel for schedule(static) num_threads(nthreads) if(M > 1)
     for (int m = 0; m < M; m++) {

@@ -41,7 +41,7 @@ BF16 HEAD (optional lm_head kept in bf16; no int8 anywhere)
   increasing k (product rounded, then added: no FMA), the tail k >= K - K%16 goes to lanes
   0.. in scalar, then lanes fold l += l+8, l += l+4, l += l+2, l += l+1.
 
-ENTRY POINTS (declared for Python in build_ffi.py)
+ENTRY POINTS (declared, with every struct, in ternary.h)
   tl_pack_ternary / tl_unpack_ternary      codes (N, K) int8 <-> packed (N, Kp/4)
   tl_quantize                              Eq. (3): x fp32 -> q, gamma/127, qsum
   tl_ternary_gemm / tl_int8_gemm           the integer core: acc int32, or y fp32 when y != NULL
@@ -55,29 +55,17 @@ ENTRY POINTS (declared for Python in build_ffi.py)
 
 PATHS, chosen at run time (tl_cpu_path), all equal to the plain-C path bit for bit:
   0 = plain C (the reference, written to be read, in this file), 1 = AVX2, 2 = AVX-512 VNNI (their
-  tiles in ternary_x86.c, which this file includes).
+  tiles in ternary_x86.c).
   OpenMP splits the output rows across threads; every row is computed by one thread in the same
   order whatever the thread count, so results do not depend on the number of threads either.
 */
-#include <stdint.h>
 #include <stdlib.h>
-#include <string.h>
 #include <math.h>
 #include <time.h>
 #ifdef _OPENMP
 #include <omp.h>
 #endif
-#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
-#include <immintrin.h>
-#define TL_X86 1
-#endif
-
-#define QK 256   /* weights per packed block: 64 bytes */
-#ifndef PF_DIST
-#define PF_DIST 8192  /* decode: prefetch the weights this many bytes ahead (prefetches never fault) */
-#endif
-
-enum { TL_PATH_C = 0, TL_PATH_AVX2 = 1, TL_PATH_AVX512VNNI = 2 };
+#include "ternary.h"
 
 int tl_padded_k(int K) { return (K + QK - 1) / QK * QK; }
 
@@ -110,7 +98,7 @@ int tl_has_openmp(void) {
 #endif
 }
 
-static int threads_or_default(int nthreads) { return nthreads > 0 ? nthreads : tl_max_threads(); }
+int threads_or_default(int nthreads) { return nthreads > 0 ? nthreads : tl_max_threads(); }
 #ifdef _OPENMP
 static int thread_count(void) { return omp_get_num_threads(); }
 static int thread_id(void) { return omp_get_thread_num(); }
@@ -154,39 +142,8 @@ void tl_unpack_ternary(const uint8_t *packed, int N, int K, int8_t *codes) {
 /* Same fp32 operations as bitlinear.activation_quant_int: torch evaluates 127.0/(g+eps) as     */
 /* reciprocal(g+eps) * 127, and rounds half to even. srow = gamma/127 is the token's scale.     */
 
-#define TL_EPS 1e-5f
-#define ROUND_MAGIC 12582912.0f  /* 1.5 * 2^23: (v + M) - M rounds |v| < 2^22 half to even */
-
-/* One token. Written so the compiler vectorizes it; compiled once per path (below) and equal on
-   all of them: every step is one IEEE fp32 operation or exact integer arithmetic. */
-static inline __attribute__((always_inline))
-void quantize_row(const float *xm, int K, int Kp, int8_t *qm, float *srow, int32_t *qsum) {
-    /* gamma = max|x|: for non-negative floats the order of the bit patterns is the order of
-       the values, so an integer max (which vectorizes) gives the same result */
-    int32_t gbits = 0;
-    for (int k = 0; k < K; k++) {
-        int32_t b;
-        float a = xm[k];
-        memcpy(&b, &a, 4);
-        b &= 0x7fffffff;                                 /* |x| */
-        gbits = b > gbits ? b : gbits;
-    }
-    float g;
-    memcpy(&g, &gbits, 4);
-    float inv = (1.0f / (g + TL_EPS)) * 127.0f;
-    int32_t s = 0;
-    for (int k = 0; k < K; k++) {
-        float v = (xm[k] * inv + ROUND_MAGIC) - ROUND_MAGIC;
-        v = v < -128.0f ? -128.0f : v;
-        v = v > 127.0f ? 127.0f : v;
-        int32_t qi = (int32_t)v;
-        qm[k] = (int8_t)qi;
-        s += qi;
-    }
-    memset(qm + K, 0, Kp - K);
-    *srow = g / 127.0f;
-    *qsum = s;
-}
+/* quantize_row (one token) is in ternary.h: decode_cpu.c inlines it too. Compiled once per path
+   below, equal on all of them. */
 
 #define QUANTIZE_ROWS                                                                     \
     int Kp = tl_padded_k(K);                                                              \
@@ -205,8 +162,6 @@ static void quantize_avx2(const float *x, int M, int K, int8_t *q, float *srow, 
                           int nthreads) { QUANTIZE_ROWS }
 #endif
 
-static int check_path(int *path);
-
 /* x (M, K) fp32 -> q (M, Kp) int8 zero padded, srow[m] = gamma/127, qsum[m] = sum_k q[m][k]. */
 int tl_quantize(const float *x, int M, int K, int8_t *q, float *srow, int32_t *qsum,
                 int path, int nthreads) {
@@ -222,25 +177,11 @@ int tl_quantize(const float *x, int M, int K, int8_t *q, float *srow, int32_t *q
     return 0;
 }
 
-/* y = ((float)acc * srow[m]) * scale[n]: the one float scale per output, written by every path. */
-static inline void store(int32_t a, int m, int n, int N, int32_t *acc, float *y,
-                         const float *srow, const float *scale) {
-    if (y) y[(size_t)m * N + n] = ((float)a * srow[m]) * scale[n];
-    else acc[(size_t)m * N + n] = a;
-}
-
 /* ------------------------------------------------------------------------------------------ */
 /* Plain C: the reference every SIMD path must equal. One output at a time, straight from the   */
 /* layout above.                                                                                */
 
-/* The arguments of one matrix product, shared by every path: q (M, Kp) int8 with qsum (M,) (and
-   qu = q + 128 for the int8 VNNI path), weights w (N, Kp/4 packed ternary, or N x Kp int8 with row
-   sums wsum), output acc (M, N) int32, or y (M, N) fp32 when y != NULL. */
-typedef struct {
-    const int8_t *q; const uint8_t *qu; const int32_t *qsum; int M, Kp;
-    const void *w; const int32_t *wsum; int N;
-    int32_t *acc; float *y; const float *srow, *scale;
-} gemm_args;
+/* (gemm_args, the arguments of one product, and store(), its one float scale, are in ternary.h.) */
 
 /* Rows [lo, hi) of the output (every token), one output at a time, straight from the layout. */
 static void ternary_c_rows(const gemm_args *g, int lo, int hi) {
@@ -274,12 +215,10 @@ static void int8_c_rows(const gemm_args *g, int lo, int hi) {
 }
 
 /* The SIMD paths (AVX2, AVX-512 VNNI): register tiles, the decode rows and the ISA peak's loops
-   live in ternary_x86.c, compiled here as part of this file; each path equals the plain C above
-   bit for bit (test_ternary.py). */
-#include "ternary_x86.c"
+   live in ternary_x86.c; each path equals the plain C above bit for bit (test_ternary.py). */
 
 /* Rows [lo, hi) of a ternary (kind 0) or int8 (kind 1) product on the given path. */
-static void gemm_rows(int kind, int path, const gemm_args *g, int lo, int hi) {
+void gemm_rows(int kind, int path, const gemm_args *g, int lo, int hi) {
 #ifdef TL_X86
     if (path == TL_PATH_AVX512VNNI) { (kind ? int8_512_rows : ternary_512_rows)(g, lo, hi); return; }
     if (path == TL_PATH_AVX2) { (kind ? int8_avx2_rows : ternary_avx2_rows)(g, lo, hi); return; }
@@ -289,7 +228,7 @@ static void gemm_rows(int kind, int path, const gemm_args *g, int lo, int hi) {
 
 /* Called inside a parallel region: this thread's rows, one contiguous run of 4-row tiles. Every
    row is computed by one thread in one order, so no result depends on the thread count. */
-static void my_rows(int N, int *lo, int *hi) {
+void my_rows(int N, int *lo, int *hi) {
     int nt = thread_count(), id = thread_id(), tiles = (N + 3) / 4, per = (tiles + nt - 1) / nt;
     *lo = id * per * 4 < N ? id * per * 4 : N;
     *hi = (id + 1) * per * 4 < N ? (id + 1) * per * 4 : N;
@@ -310,7 +249,7 @@ static void gemm(int kind, int path, const gemm_args *g, int nthreads) {
 /* kernel's GMAC/s by it. VNNI: vpdpbusd, 64 MACs; AVX2: vpmaddubsw + vpaddw, 32 MACs (the loops: */
 /* peak_512 / peak_avx2 in ternary_x86.c).                                                        */
 
-static double now_s(void) {
+double now_s(void) {
     struct timespec ts;
     clock_gettime(CLOCK_MONOTONIC, &ts);
     return ts.tv_sec + ts.tv_nsec * 1e-9;
@@ -335,60 +274,27 @@ double tl_peak_gmacs(int path, int nthreads, long iters) {
 /* ------------------------------------------------------------------------------------------ */
 /* bf16 head: the 16 lanes of one row (order at the top of the file), then tail and fold.      */
 
-static inline float bf16_to_f32(uint16_t h) {
-    uint32_t u = (uint32_t)h << 16;
-    float f;
-    memcpy(&f, &u, 4);
-    return f;
-}
-
-static float bf16_finish(float a[16], const float *x, const uint16_t *w, int K) {
+float bf16_finish(float a[16], const float *x, const uint16_t *w, int K) {
     for (int k = K / 16 * 16, l = 0; k < K; k++, l++) a[l] = a[l] + x[k] * bf16_to_f32(w[k]);
     for (int s = 8; s >= 1; s /= 2)
         for (int l = 0; l < s; l++) a[l] = a[l] + a[l + s];
     return a[0];
 }
 
-static float bf16_dot_c(const float *x, const uint16_t *w, int K) {
+float bf16_dot_c(const float *x, const uint16_t *w, int K) {
     float a[16] = {0};
     for (int k = 0; k + 16 <= K; k += 16)
         for (int l = 0; l < 16; l++) a[l] = a[l] + x[k + l] * bf16_to_f32(w[k + l]);
     return bf16_finish(a, x, w, K);
 }
 
-#ifdef TL_X86
-__attribute__((target("avx512f")))
-static float bf16_dot_512(const float *x, const uint16_t *w, int K) {
-    __m512 acc = _mm512_setzero_ps();
-    for (int k = 0; k + 16 <= K; k += 16) {
-        __m512i wi = _mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)(w + k))), 16);
-        acc = _mm512_add_ps(acc, _mm512_mul_ps(_mm512_loadu_ps(x + k), _mm512_castsi512_ps(wi)));
-    }
-    float a[16];
-    _mm512_storeu_ps(a, acc);
-    return bf16_finish(a, x, w, K);
-}
-
-T_AVX2 static float bf16_dot_avx2(const float *x, const uint16_t *w, int K) {
-    __m256 lo = _mm256_setzero_ps(), hi = _mm256_setzero_ps();  /* lanes 0-7 and 8-15 */
-    for (int k = 0; k + 16 <= K; k += 16) {
-        __m256i w0 = _mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)(w + k))), 16);
-        __m256i w1 = _mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)(w + k + 8))), 16);
-        lo = _mm256_add_ps(lo, _mm256_mul_ps(_mm256_loadu_ps(x + k), _mm256_castsi256_ps(w0)));
-        hi = _mm256_add_ps(hi, _mm256_mul_ps(_mm256_loadu_ps(x + k + 8), _mm256_castsi256_ps(w1)));
-    }
-    float a[16];
-    _mm256_storeu_ps(a, lo);
-    _mm256_storeu_ps(a + 8, hi);
-    return bf16_finish(a, x, w, K);
-}
-#endif
+/* bf16_dot_512 / bf16_dot_avx2: the same 16 lanes in registers, in ternary_x86.c. */
 
 /* ------------------------------------------------------------------------------------------ */
 /* Entry points. Return 0 on success, -1 for a bad argument, -2 for a path this CPU lacks,      */
 /* -3 when out of memory. nthreads <= 0 means all OpenMP threads; path < 0 means tl_cpu_path(). */
 
-static int check_path(int *path) {
+int check_path(int *path) {
     if (*path < 0) *path = tl_cpu_path();
     if (*path > TL_PATH_AVX512VNNI) return -1;
     if (*path > tl_cpu_path()) return -2;

@@ -1,11 +1,12 @@
 /*
 ternary_x86.c -- the SIMD paths of ternary_cpu.c: AVX-512 VNNI and AVX2 register tiles for the
-ternary and int8 products (prefill: 4 rows x 4 tokens; decode: one row at a time, prefetched), and
-the loops that measure the ISA's int8 peak. Included by ternary_cpu.c where gemm_rows needs them
-(one compilation unit: the layouts, gemm_args and store() are ternary_cpu.c's, described at its
-top). Each function is compiled for its ISA with a target attribute and chosen at run time; every
-path equals ternary_cpu.c's plain C bit for bit (test_ternary.py, 1,000 random shapes per path).
+ternary and int8 products (prefill: 4 rows x 4 tokens; decode: one row at a time, prefetched), the
+bf16 head's dot product, and the loops that measure the ISA's int8 peak. ternary_cpu.c's gemm_rows
+calls them (the layouts are described at its top; gemm_args and store() are in ternary.h). Each
+function is compiled for its ISA with a target attribute and chosen at run time; every path equals
+ternary_cpu.c's plain C bit for bit (test_ternary.py, 1,000 random shapes per path).
 */
+#include "ternary.h"
 #ifdef TL_X86
 /* ------------------------------------------------------------------------------------------ */
 /* SIMD tiles: R output rows x T tokens per tile, R and T compile-time constants after inlining, */
@@ -241,7 +242,7 @@ T_512 static void int8_512_gemv_rows(const gemm_args *g, int lo, int hi) {
     }
 }
 
-T_512 static void ternary_512_rows(const gemm_args *g, int lo, int hi) {
+T_512 void ternary_512_rows(const gemm_args *g, int lo, int hi) {
     if (g->M == 1) { ternary_512_gemv_rows(g, lo, hi); return; }
     const uint8_t *w = g->w;
     int rb = g->Kp / 4;
@@ -251,7 +252,7 @@ T_512 static void ternary_512_rows(const gemm_args *g, int lo, int hi) {
 #undef CALL
 }
 
-T_AVX2 static void ternary_avx2_rows(const gemm_args *g, int lo, int hi) {
+T_AVX2 void ternary_avx2_rows(const gemm_args *g, int lo, int hi) {
     const uint8_t *w = g->w;
     int rb = g->Kp / 4;
 #define CALL(RR, TT) tile_ternary_avx2(w + (size_t)n0 * rb, rb, g->q + (size_t)m0 * Kp, Kp, g->qsum + m0, RR, TT, out)
@@ -259,7 +260,7 @@ T_AVX2 static void ternary_avx2_rows(const gemm_args *g, int lo, int hi) {
 #undef CALL
 }
 
-T_512 static void int8_512_rows(const gemm_args *g, int lo, int hi) {
+T_512 void int8_512_rows(const gemm_args *g, int lo, int hi) {
     if (g->M == 1) { int8_512_gemv_rows(g, lo, hi); return; }
     const int8_t *w = g->w;
 #define CALL(RR, TT) tile_int8_512(w + (size_t)n0 * Kp, g->qu + (size_t)m0 * Kp, Kp, g->wsum + n0, RR, TT, out)
@@ -267,7 +268,7 @@ T_512 static void int8_512_rows(const gemm_args *g, int lo, int hi) {
 #undef CALL
 }
 
-T_AVX2 static void int8_avx2_rows(const gemm_args *g, int lo, int hi) {
+T_AVX2 void int8_avx2_rows(const gemm_args *g, int lo, int hi) {
     const int8_t *w = g->w;
 #define CALL(RR, TT) tile_int8_avx2(w + (size_t)n0 * Kp, g->q + (size_t)m0 * Kp, Kp, RR, TT, out)
     TILE_RANGE(DISPATCH_RT(R, T, CALL))
@@ -275,7 +276,7 @@ T_AVX2 static void int8_avx2_rows(const gemm_args *g, int lo, int hi) {
 }
 
 /* The ISA's peak (tl_peak_gmacs in ternary_cpu.c): the core instruction alone, 12 accumulators. */
-T_512 static int32_t peak_512(long iters) {
+T_512 int32_t peak_512(long iters) {
     __m512i acc[12], a = _mm512_set1_epi8(1), b = _mm512_set1_epi8(2);
     for (int i = 0; i < 12; i++) acc[i] = _mm512_set1_epi32(i);
     for (long it = 0; it < iters; it++) {
@@ -286,7 +287,7 @@ T_512 static int32_t peak_512(long iters) {
     return _mm512_reduce_add_epi32(acc[0]);
 }
 
-T_AVX2 static int32_t peak_avx2(long iters) {
+T_AVX2 int32_t peak_avx2(long iters) {
     __m256i acc[12], a = _mm256_set1_epi8(1), b = _mm256_set1_epi8(2);
     for (int i = 0; i < 12; i++) acc[i] = _mm256_set1_epi16((short)i);
     for (long it = 0; it < iters; it++) {
@@ -295,5 +296,32 @@ T_AVX2 static int32_t peak_avx2(long iters) {
     }
     for (int i = 1; i < 12; i++) acc[0] = _mm256_add_epi16(acc[0], acc[i]);
     return _mm256_extract_epi16(acc[0], 0);
+}
+
+/* The bf16 head (ternary_cpu.c's bf16_dot_c): the same 16 lanes held in registers. */
+__attribute__((target("avx512f")))
+float bf16_dot_512(const float *x, const uint16_t *w, int K) {
+    __m512 acc = _mm512_setzero_ps();
+    for (int k = 0; k + 16 <= K; k += 16) {
+        __m512i wi = _mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)(w + k))), 16);
+        acc = _mm512_add_ps(acc, _mm512_mul_ps(_mm512_loadu_ps(x + k), _mm512_castsi512_ps(wi)));
+    }
+    float a[16];
+    _mm512_storeu_ps(a, acc);
+    return bf16_finish(a, x, w, K);
+}
+
+T_AVX2 float bf16_dot_avx2(const float *x, const uint16_t *w, int K) {
+    __m256 lo = _mm256_setzero_ps(), hi = _mm256_setzero_ps();  /* lanes 0-7 and 8-15 */
+    for (int k = 0; k + 16 <= K; k += 16) {
+        __m256i w0 = _mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)(w + k))), 16);
+        __m256i w1 = _mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)(w + k + 8))), 16);
+        lo = _mm256_add_ps(lo, _mm256_mul_ps(_mm256_loadu_ps(x + k), _mm256_castsi256_ps(w0)));
+        hi = _mm256_add_ps(hi, _mm256_mul_ps(_mm256_loadu_ps(x + k + 8), _mm256_castsi256_ps(w1)));
+    }
+    float a[16];
+    _mm256_storeu_ps(a, lo);
+    _mm256_storeu_ps(a + 8, hi);
+    return bf16_finish(a, x, w, K);
 }
 #endif /* TL_X86 */

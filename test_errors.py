@@ -277,7 +277,7 @@ def test_a_full_disk_keeps_the_previous_file(tmp_path):
 def copy_of_the_repo(tmp_path):
     d = tmp_path / "repo"
     d.mkdir()
-    for f in glob.glob(os.path.join(HERE, "*.py")) + glob.glob(os.path.join(HERE, "*.c")):
+    for f in glob.glob(os.path.join(HERE, "*.py")) + glob.glob(os.path.join(HERE, "*.[ch]")):
         shutil.copy(f, d)
     return d
 
