@@ -3,8 +3,8 @@ decode_cpu.c -- one decode token of the packed 1.58-bit Qwen3 in one C call, in 
 llama2.c's run.c: the whole forward of a single token (every layer, the final norm and the lm_head)
 on preallocated buffers, with no Python between the operations. It calls the kernels of
 ternary_cpu.c and the pre-ops of layers_cpu.c (declared in ternary.h); packed.py fills the model
-struct from a PackedQwen3 and keeps the readable PyTorch forward as the reference this step must equal (test_decode.py: bit for bit, logits and 64 greedy
-tokens).
+struct from a PackedQwen3 and keeps the readable PyTorch forward as the reference this step must
+equal (test_decode.py: bit for bit, logits and 64 greedy tokens).
 
 ONE TOKEN (x is the residual stream, C = hidden size; every buffer fp32 unless marked)
   x (C)           = embedding row of the token (int8 row * its scale, or bf16 -> fp32)
