@@ -32,6 +32,7 @@ against our model with the same weights (activations unquantized on both sides).
 import argparse
 import enum
 import functools
+import json
 import os
 import struct
 
@@ -339,6 +340,43 @@ def check(path, model):
     return r
 
 
+def log_softmax(z):
+    m = z.max(-1, keepdims=True)
+    return z - m - np.log(np.exp(z - m).sum(-1, keepdims=True))
+
+
+def in_llama_cpp(path, model, n_tokens=64, n_greedy=16):
+    """The export run by llama.cpp itself (llama-cpp-python, an optional install that builds it):
+    logits of the same 64 ids as check(), against our forward with the same weights and unquantized
+    activations, and 16 greedy tokens with the KV cache against ours. llama.cpp multiplies an F32 file
+    in fp32; for Q2_0 weights its CPU quantizes the activations to 8 bits per block of 32 (Q8_0)."""
+    try:
+        from llama_cpp import Llama
+    except ImportError:
+        raise ValueError("--in_llama_cpp needs llama-cpp-python: pip install llama-cpp-python==0.3.36 "
+                         "(builds llama.cpp from source, ~10 minutes on 2 cores)") from None
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, model.config.vocab_size, (n_tokens,), generator=g)
+    llm = Llama(model_path=path, n_ctx=n_tokens + n_greedy + 8, logits_all=True, verbose=False, n_threads=2)
+    llm.eval(ids.tolist())
+    theirs = np.asarray(llm.scores[:n_tokens], np.float32)                      # (T, V)
+    ours = reference_logits(model, ids)
+    p, q = log_softmax(ours), log_softmax(theirs)
+    kl = float((np.exp(p) * (p - q)).sum(-1).mean())                             # KL(ours || llama.cpp) per position
+    llm.reset()
+    prompt = ids[:8].tolist()
+    got = [t for _, t in zip(range(n_greedy), llm.generate(prompt, temp=0.0, top_k=1))]
+    seq = ids[:8].clone()
+    want = []
+    for _ in range(n_greedy):                                                    # ours: greedy, full recompute
+        nxt = int(reference_logits(model, seq)[-1].argmax())
+        want.append(nxt)
+        seq = torch.cat([seq, torch.tensor([nxt])])
+    return dict(max_abs_diff=float(np.abs(ours - theirs).max()), logit_std=float(ours.std()), kl=kl,
+                top1_agree=int((ours.argmax(-1) == theirs.argmax(-1)).sum()), positions=n_tokens,
+                greedy_equal=got == want, greedy_ours=want, greedy_llama_cpp=got)
+
+
 @torch.no_grad()
 def reference_logits(model, ids):
     """Our forward (model.py) with each BitLinear's weight replaced by Δ·codes and no activation
@@ -361,19 +399,29 @@ def main(argv=None):
     p.add_argument("--out", default=None, help="the GGUF to write (not with --check)")
     p.add_argument("--compact", action="store_true", help="codes as Q2_0 (2.25 bits per weight) instead of F32")
     p.add_argument("--check", default=None, metavar="GGUF", help="only read this export back and compare it")
+    p.add_argument("--in_llama_cpp", default=None, metavar="GGUF",
+                   help="only run this export in llama.cpp (llama-cpp-python) and compare logits and greedy tokens")
     p.add_argument("--convert", action="store_true",
                    help="--ckpt is a full-precision llama model (smollm2, a .gguf, an HF folder): convert it first "
                         "(stage 1, SubLN before o_proj/down_proj, untrained) to try the path before training")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     args = p.parse_args(argv)
-    if (args.out is None) == (args.check is None):
-        p.error("give exactly one of --out (export) and --check (compare an export)")
+    if sum(a is not None for a in (args.out, args.check, args.in_llama_cpp)) != 1:
+        p.error("give exactly one of --out (export), --check and --in_llama_cpp (compare an export)")
     src = read_checkpoint(args.ckpt)
     model = model_from(src).eval()
     if args.convert:
         if model.config.bitnet:
             raise ValueError(f"--convert: {args.ckpt} is already a 1.58-bit model; drop --convert")
         model = convert_to_bitnet(model, subln=True, subln_all=False)
+    if args.in_llama_cpp:
+        r = in_llama_cpp(args.in_llama_cpp, model)
+        print(f"export.py: {args.in_llama_cpp} in llama.cpp vs ours on {r['positions']} positions: max |Δlogit| "
+              f"{r['max_abs_diff']:.3g} (logit std {r['logit_std']:.3g}), KL {r['kl']:.3g}, top-1 "
+              f"{r['top1_agree']}/{r['positions']}; {len(r['greedy_ours'])} greedy tokens "
+              f"{'identical' if r['greedy_equal'] else 'differ'}")
+        print("LLAMACPP " + json.dumps(r))
+        return r
     if args.check:
         r = check(args.check, model)
         print(f"export.py: {args.check} holds the checkpoint's codes, Δ, norms and embedding exactly; llama.cpp's "
