@@ -168,13 +168,11 @@ def test_command_line_export_then_check(tmp_path, tok_gguf):
     assert p.returncode == 0 and "top-1 64/64" in p.stdout, p.stdout + p.stderr
 
 
-def test_the_real_model_converted_exports_and_agrees(tmp_path):
+def test_the_real_model_converted_exports_and_agrees(tmp_path, tok_gguf):
     """SmolLM2-135M-Instruct (the real GGUF) converted by stage 1 with the paper's SubLN placement:
-    576 wide, 9 heads of 64, 30 layers; the compact file through the command line, then --check."""
-    out = tmp_path / "smollm2.gguf"
-    run = lambda *a: subprocess.run([sys.executable, os.path.join(HERE, "export.py"), "--ckpt", "smollm2", "--convert",
-                                     *map(str, a)], capture_output=True, text=True, timeout=600)   # noqa: E731
-    p = run("--out", out, "--compact")
-    assert p.returncode == 0, p.stderr
-    p = run("--check", out)
-    assert p.returncode == 0 and "top-1 64/64" in p.stdout, p.stdout + p.stderr
+    576 wide, 9 heads of 64, 30 layers; the compact file, read back and run as llama.cpp's graph."""
+    m = convert_to_bitnet(gguf_model.load_gguf("smollm2"), subln=True, subln_all=False).eval()
+    path = str(tmp_path / "smollm2.gguf")
+    export.export(m, tok_gguf, path, compact=True)
+    r = export.check(path, m)
+    assert r["top1_agree"] == r["positions"] and r["max_abs_diff"] < 1e-4 * r["logit_std"], r
