@@ -345,11 +345,12 @@ def log_softmax(z):
     return z - m - np.log(np.exp(z - m).sum(-1, keepdims=True))
 
 
-def in_llama_cpp(path, model, n_tokens=64, n_greedy=16):
+def in_llama_cpp(path, model, n_tokens=64, n_greedy=16, f32_cache=False):
     """The export run by llama.cpp itself (llama-cpp-python, an optional install that builds it):
     logits of the same 64 ids as check(), against our forward with the same weights and unquantized
     activations, and 16 greedy tokens with the KV cache against ours. llama.cpp multiplies an F32 file
-    in fp32; for Q2_0 weights its CPU quantizes the activations to 8 bits per block of 32 (Q8_0)."""
+    in fp32; for Q2_0 weights its CPU quantizes the activations to 8 bits per block of 32 (Q8_0).
+    Its KV cache is fp16 unless f32_cache."""
     try:
         from llama_cpp import Llama
     except ImportError:
@@ -357,12 +358,15 @@ def in_llama_cpp(path, model, n_tokens=64, n_greedy=16):
                          "(builds llama.cpp from source, ~10 minutes on 2 cores)") from None
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(0, model.config.vocab_size, (n_tokens,), generator=g)
-    llm = Llama(model_path=path, n_ctx=n_tokens + n_greedy + 8, logits_all=True, verbose=False, n_threads=2)
+    cache = dict(type_k=0, type_v=0) if f32_cache else {}                     # GGML_TYPE_F32; default: an F16 KV cache
+    llm = Llama(model_path=path, n_ctx=n_tokens + n_greedy + 8, logits_all=True, verbose=False, n_threads=2, **cache)
     llm.eval(ids.tolist())
-    theirs = np.asarray(llm.scores[:n_tokens], np.float32)                      # (T, V)
+    theirs = np.array(llm.scores[:n_tokens], np.float32)          # (T, V), a copy: generate() reuses the buffer
     ours = reference_logits(model, ids)
     p, q = log_softmax(ours), log_softmax(theirs)
-    kl = float((np.exp(p) * (p - q)).sum(-1).mean())                             # KL(ours || llama.cpp) per position
+    r = dict(max_abs_diff=float(np.abs(ours - theirs).max()), logit_std=float(ours.std()),
+             kl=float((np.exp(p) * (p - q)).sum(-1).mean()),                   # KL(ours || llama.cpp) per position
+             top1_agree=int((ours.argmax(-1) == theirs.argmax(-1)).sum()), positions=n_tokens)
     llm.reset()
     prompt = ids[:8].tolist()
     got = [t for _, t in zip(range(n_greedy), llm.generate(prompt, temp=0.0, top_k=1))]
@@ -372,9 +376,8 @@ def in_llama_cpp(path, model, n_tokens=64, n_greedy=16):
         nxt = int(reference_logits(model, seq)[-1].argmax())
         want.append(nxt)
         seq = torch.cat([seq, torch.tensor([nxt])])
-    return dict(max_abs_diff=float(np.abs(ours - theirs).max()), logit_std=float(ours.std()), kl=kl,
-                top1_agree=int((ours.argmax(-1) == theirs.argmax(-1)).sum()), positions=n_tokens,
-                greedy_equal=got == want, greedy_ours=want, greedy_llama_cpp=got)
+    llm.close()
+    return dict(r, greedy_equal=got == want, greedy_ours=want, greedy_llama_cpp=got)
 
 
 @torch.no_grad()
@@ -401,6 +404,8 @@ def main(argv=None):
     p.add_argument("--check", default=None, metavar="GGUF", help="only read this export back and compare it")
     p.add_argument("--in_llama_cpp", default=None, metavar="GGUF",
                    help="only run this export in llama.cpp (llama-cpp-python) and compare logits and greedy tokens")
+    p.add_argument("--f32_cache", action="store_true",
+                   help="--in_llama_cpp: an fp32 KV cache (llama.cpp's default: fp16)")
     p.add_argument("--convert", action="store_true",
                    help="--ckpt is a full-precision llama model (smollm2, a .gguf, an HF folder): convert it first "
                         "(stage 1, SubLN before o_proj/down_proj, untrained) to try the path before training")
@@ -415,8 +420,9 @@ def main(argv=None):
             raise ValueError(f"--convert: {args.ckpt} is already a 1.58-bit model; drop --convert")
         model = convert_to_bitnet(model, subln=True, subln_all=False)
     if args.in_llama_cpp:
-        r = in_llama_cpp(args.in_llama_cpp, model)
-        print(f"export.py: {args.in_llama_cpp} in llama.cpp vs ours on {r['positions']} positions: max |Δlogit| "
+        r = in_llama_cpp(args.in_llama_cpp, model, f32_cache=args.f32_cache)
+        print(f"export.py: {args.in_llama_cpp} in llama.cpp ({'fp32' if args.f32_cache else 'fp16'} KV cache) vs ours "
+              f"on {r['positions']} positions: max |Δlogit| "
               f"{r['max_abs_diff']:.3g} (logit std {r['logit_std']:.3g}), KL {r['kl']:.3g}, top-1 "
               f"{r['top1_agree']}/{r['positions']}; {len(r['greedy_ours'])} greedy tokens "
               f"{'identical' if r['greedy_equal'] else 'differ'}")
