@@ -1,6 +1,6 @@
 """
 Export a distilled 1.58-bit student as a GGUF file that mainline llama.cpp runs, through its
-`bitnet` architecture (llama.cpp's src/models/bitnet.cpp), and check a file without llama.cpp.
+`bitnet` architecture (llama.cpp's src/models/bitnet.cpp); check a file, without llama.cpp or in it.
 
 llama.cpp's `bitnet` block is the paper's block exactly: RMSNorm -> q/k/v -> RoPE (NEOX, i.e. the
 "rotate half" of model.apply_rope, so Q/K stay in Hugging Face order) -> attention -> SubLN
@@ -24,6 +24,7 @@ reader of the container (read_container), which the tests hold against the `gguf
     python export.py --ckpt out/.../bitdistill/ckpt.pt --out student-q2.gguf --compact
     python export.py --check student.gguf --ckpt out/.../bitdistill/ckpt.pt           # read back and compare
     python export.py --ckpt smollm2 --convert --out s.gguf --compact                    # the path, untrained
+    python export.py --ckpt smollm2 --convert --in_llama_cpp s.gguf   # in llama.cpp (pip install llama-cpp-python)
 
 --check reads the file back (every code and Δ equal to the checkpoint's, every norm and the
 embedding byte-equal) and runs llama.cpp's `bitnet` graph in NumPy as its source writes it,
