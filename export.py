@@ -363,7 +363,9 @@ def in_llama_cpp(path, model, n_tokens=64, n_greedy=16, f32_cache=False):
     llm = Llama(model_path=path, n_ctx=n_tokens + n_greedy + 8, logits_all=True, verbose=False, n_threads=2, **cache)
     llm.eval(ids.tolist())
     theirs = np.array(llm.scores[:n_tokens], np.float32)          # (T, V), a copy: generate() reuses the buffer
-    ours = reference_logits(model, ids)
+    ref = dequantized(model)                                                    # built once: logits and greedy
+    with torch.no_grad():
+        ours = ref(ids[None])[0].numpy()
     p, q = log_softmax(ours), log_softmax(theirs)
     r = dict(max_abs_diff=float(np.abs(ours - theirs).max()), logit_std=float(ours.std()),
              kl=float((np.exp(p) * (p - q)).sum(-1).mean()),                   # KL(ours || llama.cpp) per position
@@ -374,7 +376,8 @@ def in_llama_cpp(path, model, n_tokens=64, n_greedy=16, f32_cache=False):
     seq = ids[:8].clone()
     want = []
     for _ in range(n_greedy):                                                    # ours: greedy, full recompute
-        nxt = int(reference_logits(model, seq)[-1].argmax())
+        with torch.no_grad():
+            nxt = int(ref(seq[None])[0, -1].argmax())
         want.append(nxt)
         seq = torch.cat([seq, torch.tensor([nxt])])
     llm.close()
@@ -382,9 +385,9 @@ def in_llama_cpp(path, model, n_tokens=64, n_greedy=16, f32_cache=False):
 
 
 @torch.no_grad()
-def reference_logits(model, ids):
-    """Our forward (model.py) with each BitLinear's weight replaced by Δ·codes and no activation
-    quantization: what the exact file asks llama.cpp to compute. (T,) ids -> (T, V) float32."""
+def dequantized(model):
+    """A copy of `model` with each BitLinear replaced by an nn.Linear holding Δ·codes: no activation
+    quantization, i.e. what the exact file asks llama.cpp to compute."""
     import copy
     m = copy.deepcopy(model).float().eval()
     for name, mod in list(m.named_modules()):
@@ -394,7 +397,13 @@ def reference_logits(model, ids):
             lin.weight.copy_(codes.float() * delta)
             parent, _, child = name.rpartition(".")
             setattr(m.get_submodule(parent), child, lin)
-    return m(ids[None])[0].numpy()
+    return m
+
+
+@torch.no_grad()
+def reference_logits(model, ids):
+    """Our forward (model.py) of dequantized(model): (T,) ids -> (T, V) float32."""
+    return dequantized(model)(ids[None])[0].numpy()
 
 
 def main(argv=None):
