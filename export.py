@@ -36,13 +36,14 @@ import functools
 import json
 import os
 import struct
+import time
 
 import numpy as np
 import torch
 
 from bitlinear import BitLinear, weight_quant_int
 from gguf_model import read_gguf
-from harness import HelpFormatter, atomic_write, run_cli
+from harness import HelpFormatter, atomic_write, provenance, run_cli, write_json
 from model import read_checkpoint, model_from
 from subln import convert_to_bitnet
 
@@ -384,6 +385,61 @@ def in_llama_cpp(path, model, n_tokens=64, n_greedy=16, f32_cache=False):
     return dict(r, greedy_equal=got == want, greedy_ours=want, greedy_llama_cpp=got)
 
 
+def llama_cpp_greedy(llm):
+    """greedy(ids, n, stop) -> up to n new ids, ending before `stop`: llama.cpp's own sampler at temperature 0."""
+    def greedy(ids, n, stop):
+        out = []
+        for t in llm.generate(ids, temp=0.0, top_k=1, reset=True):
+            if t == stop or len(out) == n:
+                break
+            out.append(t)
+        return out
+    return greedy
+
+
+def llama_cpp_task_accuracy(path, model, src, rows=0, f32_cache=False):
+    """task_accuracy() with the export run by llama.cpp (KV cache fp16 unless f32_cache)."""
+    from llama_cpp import Llama
+    from tokenizer import load_tokenizer
+    cache = dict(type_k=0, type_v=0) if f32_cache else {}
+    llm = Llama(model_path=path, n_ctx=src.args.get("max_len", 64) + 8, verbose=False, n_threads=2, **cache)
+    try:
+        return task_accuracy(llama_cpp_greedy(llm), model, load_tokenizer(src.tokenizer), src.args["task"], src.args,
+                             os.environ.get("BITDISTILL_DATA"), rows)         # distill.py's --data_dir default
+    finally:
+        llm.close()
+
+
+def task_accuracy(greedy, model, tok, task, args, data_dir=None, limit=0):
+    """The checkpoint's task on its validation rows, as distill.py evaluates it (the same prompts,
+    max_len and label words, greedy): the export's predictions from greedy(ids, n, stop) against ours,
+    the trained model (int8 per-token activations, Eq. 3) and dequantized(model) (none, what the exact
+    file asks for). Returns the three accuracies and how many predictions each pair shares."""
+    from contextlib import nullcontext
+    from tasks import chat_tokens, encode_prompt, evaluate, get_task, load_examples, stop_token
+    spec = get_task(task)
+    if spec["kind"] != "cls":
+        raise ValueError(f"--task_accuracy: {task} is not a classification task (sst2, mnli, qnli)")
+    rows = load_examples(task, "validation", data_dir, limit or None)
+    chat = chat_tokens(tok) if args.get("prompt") == "chat" else None
+    stop, max_len = stop_token(tok, chat), args.get("max_len", 64)
+    gen_len = max(len(tok.encode(("" if chat else " ") + w)) for w in spec["labels"]) + 1   # as tasks.evaluate
+    theirs = [tok.decode(greedy(encode_prompt(tok, task, ex, max_len - gen_len, chat), gen_len, stop)) for ex in rows]
+    cpu, labels = torch.device("cpu"), [spec["labels"][ex["label"]] for ex in rows]
+    ours = {name: evaluate(m, tok, task, rows, max_len, gen_len, 32, cpu, nullcontext(), chat)[2]
+            for name, m in (("ours", model), ("ours_dequantized", dequantized(model)))}
+    norm = lambda s: (s.strip().split() or [""])[0].strip(".,!").lower()     # tasks.accuracy's match
+    right = lambda preds: [norm(p) == norm(l) for p, l in zip(preds, labels)]
+    r = {"task": task, "rows": len(rows), "export": 100.0 * np.mean(right(theirs))}
+    for name, preds in ours.items():
+        r[name] = 100.0 * np.mean(right(preds))
+        r[f"export_agrees_with_{name}"] = sum(norm(a) == norm(b) for a, b in zip(theirs, preds))
+        d = np.array(right(theirs), float) - np.array(right(preds), float)    # paired, per row
+        r[f"export_minus_{name}_ci95"] = [100 * (d.mean() - 1.96 * d.std(ddof=1) / len(d) ** 0.5),
+                                          100 * (d.mean() + 1.96 * d.std(ddof=1) / len(d) ** 0.5)]
+    return r
+
+
 @torch.no_grad()
 def dequantized(model):
     """A copy of `model` with each BitLinear replaced by an nn.Linear holding Δ·codes: no activation
@@ -416,14 +472,26 @@ def main(argv=None):
                    help="only run this export in llama.cpp (llama-cpp-python) and compare logits and greedy tokens")
     p.add_argument("--f32_cache", action="store_true",
                    help="--in_llama_cpp: an fp32 KV cache (llama.cpp's default: fp16)")
+    p.add_argument("--task_accuracy", action="store_true",
+                   help="--in_llama_cpp: also the checkpoint's task (distill.py's --task, prompts, --max_len) on its "
+                        "validation rows, in llama.cpp against ours")
+    p.add_argument("--json", default=None, metavar="PATH",
+                   help="--in_llama_cpp: also write the figures, the inputs and the commit there (strict JSON)")
+    p.add_argument("--rows", type=int, default=0, help="--task_accuracy: the first N validation rows (0: all)")
     p.add_argument("--convert", action="store_true",
                    help="--ckpt is a full-precision llama model (smollm2, a .gguf, an HF folder): convert it first "
                         "(stage 1, SubLN before o_proj/down_proj, untrained) to try the path before training")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
-    args = p.parse_args(argv)
+    args, started = p.parse_args(argv), time.time()
+    if args.json and (not args.in_llama_cpp or os.path.exists(args.json)):
+        p.error(f"--json goes with --in_llama_cpp, and {args.json} must not exist yet")
     if sum(a is not None for a in (args.out, args.check, args.in_llama_cpp)) != 1:
         p.error("give exactly one of --out (export), --check and --in_llama_cpp (compare an export)")
+    if args.task_accuracy and not args.in_llama_cpp:
+        p.error("--task_accuracy goes with --in_llama_cpp GGUF")
     src = read_checkpoint(args.ckpt)
+    if args.task_accuracy and not src.args.get("task"):
+        raise ValueError(f"--task_accuracy: {args.ckpt} records no task; give a checkpoint of distill.py")
     model = model_from(src).eval()
     if args.convert:
         if model.config.bitnet:
@@ -436,7 +504,19 @@ def main(argv=None):
               f"{r['max_abs_diff']:.3g} (logit std {r['logit_std']:.3g}), KL {r['kl']:.3g}, top-1 "
               f"{r['top1_agree']}/{r['positions']}; {len(r['greedy_ours'])} greedy tokens "
               f"{'identical' if r['greedy_equal'] else 'differ'}")
+        if args.task_accuracy:
+            r["task_accuracy"] = llama_cpp_task_accuracy(args.in_llama_cpp, model, src, args.rows, args.f32_cache)
+            a = r["task_accuracy"]
+            print(f"export.py: {a['task']} validation accuracy on {a['rows']} rows: llama.cpp {a['export']:.2f}, ours "
+                  f"{a['ours']:.2f} (int8 activations), ours dequantized {a['ours_dequantized']:.2f}; the same prediction "
+                  f"as ours on {a['export_agrees_with_ours']} rows, as ours dequantized on "
+                  f"{a['export_agrees_with_ours_dequantized']}")
         print("LLAMACPP " + json.dumps(r))
+        if args.json:
+            import llama_cpp
+            write_json(args.json, {"provenance": provenance(started), "ckpt": args.ckpt, "gguf": args.in_llama_cpp,
+                                   "gguf_bytes": os.path.getsize(args.in_llama_cpp), "f32_cache": args.f32_cache,
+                                   "llama_cpp_python": llama_cpp.__version__, **r})
         return r
     if args.check:
         r = check(args.check, model)

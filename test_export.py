@@ -176,3 +176,33 @@ def test_the_real_model_converted_exports_and_agrees(tmp_path, tok_gguf):
     export.export(m, tok_gguf, path, compact=True)
     r = export.check(path, m)
     assert r["top1_agree"] == r["positions"] and r["max_abs_diff"] < 1e-4 * r["logit_std"], r
+
+
+def test_task_accuracy_compares_the_same_prompts(tok_gguf):
+    """task_accuracy() with the export's greedy decoding played by our own model, recomputed from scratch at
+    every token: its predictions equal the batched, left-padded, KV-cached evaluation of tasks.evaluate row
+    for row, so the prompts, the answer length and the stop token are distill.py's."""
+    from tokenizer import load_tokenizer
+    m = student(5)
+    ref = export.dequantized(m)
+
+    @torch.no_grad()
+    def greedy(ids, n, stop):
+        seq, out = torch.tensor(ids), []
+        while len(out) < n:
+            t = int(ref(seq[None])[0, -1].argmax())
+            if t == stop:
+                break
+            out.append(t)
+            seq = torch.cat([seq, torch.tensor([t])])
+        return out
+
+    tok = load_tokenizer(tok_gguf)
+    r = export.task_accuracy(greedy, m, tok, "sst2", {"prompt": "chat", "max_len": 64}, os.environ["BITDISTILL_DATA"],
+                             limit=12)
+    assert r["rows"] == 12 and r["export_agrees_with_ours_dequantized"] == 12, r
+    assert r["export"] == r["ours_dequantized"]
+    # another prompt (no chat template) gives other predictions: the agreement above is not trivial
+    plain = export.task_accuracy(lambda ids, n, stop: greedy(tok.encode("Review: x"), n, stop), m, tok, "sst2",
+                                 {"prompt": "chat", "max_len": 64}, os.environ["BITDISTILL_DATA"], limit=12)
+    assert plain["export_agrees_with_ours_dequantized"] < 12, plain
