@@ -352,8 +352,45 @@ def train(args, ddp, rank, local_rank, world_size, device, master):
 
     # ---- the loop (nanoGPT): validate + checkpoint every eval_interval steps, one optimizer step
     docs_read = state["docs_read"][rank] if state["docs_read"] else 0
-    prof = Profiler(args.profile, device, dtype, label)      # --profile: time steps, evaluate and save nothing
-    flops = args.batch_size * args.block_size * training_flops_per_token(raw_model.config, args.block_size)
+    prof = Profiler(args.profile, device, dtype, label)      # --profile only: times from outside the step
+    micro_flops = args.batch_size * args.block_size * training_flops_per_token(raw_model.config, args.block_size)
+
+    def forward(x, y):                                          # (B, T) each -> the micro-batch's loss
+        with ctx:
+            logits = model(x)                                   # (B, T, V)
+            return next_token_loss(logits, y) / accum           # Eq. (7)
+    forward = prof.phase("forward", forward, lambda _: (args.batch_size * args.block_size, micro_flops))
+    get_batch = prof.phase("data", next_batch)                  # next_batch itself unless --profile
+    prof.watch(optimizer)                                       # optimizer.step timed under --profile
+
+    def train_step(step):
+        """One optimizer step: forward + loss (Eq. 7) and backward per micro-batch, clipping, AdamW."""
+        lr = get_lr(step, args.max_steps, warmup, args.lr, min_lr)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        loss_sum = torch.zeros((), device=device)
+        with weight_quant_once(raw_model, not args.fsdp):   # Q_w(W) once per optimizer step (bitlinear.py)
+            for micro in range(accum):
+                x, y, docs = get_batch(step, micro)                                     # (B, T) each
+                x, y = x.to(device), y.to(device)
+                if ddp and not args.fsdp:   # all-reduce the gradients only after the last micro-batch (nanoGPT)
+                    model.require_backward_grad_sync = micro == accum - 1
+                # FSDP reduce-scatters every micro-batch's gradients (no set_requires_gradient_sync(False)):
+                # skipping it would keep full-size unsharded gradients between micro-batches, FSDP's saving lost
+                loss = forward(x, y)
+                loss.backward()
+                loss_sum += loss.detach()
+        if ddp:
+            dist.all_reduce(loss_sum)                           # gloo has no AVG: sum, then divide
+            loss_sum /= world_size
+        lossf = check_finite(loss_sum, step, ckpt_path)         # NaN/inf: stop, keep the last good ckpt
+        if args.grad_clip > 0:   # FSDP: the grads are sharded DTensors, the norm is still the global one
+            torch.nn.utils.clip_grad_norm_(raw_model.parameters(), args.grad_clip)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return lossf, lr, docs
+
+    train_step = prof.step(train_step)                          # train_step itself unless --profile
     while True:
         if not args.profile and (step % args.eval_interval == 0 or step == args.max_steps):
             val_loss = evaluate(raw_model, val, args, ctx, device, rank, world_size, master)   # eager
@@ -367,37 +404,8 @@ def train(args, ddp, rank, local_rank, world_size, device, master):
         if step == args.max_steps:
             break
         t0 = time.time()
-        lr = get_lr(step, args.max_steps, warmup, args.lr, min_lr)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        loss_sum = torch.zeros((), device=device)
-        prof.start()
-        with weight_quant_once(raw_model, not args.fsdp):   # Q_w(W) once per optimizer step (bitlinear.py)
-            for micro in range(accum):
-                x, y, docs_read = next_batch(step, micro)                               # (B, T) each
-                x, y = x.to(device), y.to(device)
-                prof.mark("data")
-                if ddp and not args.fsdp:   # all-reduce the gradients only after the last micro-batch (nanoGPT)
-                    model.require_backward_grad_sync = micro == accum - 1
-                # FSDP reduce-scatters every micro-batch's gradients (no set_requires_gradient_sync(False)):
-                # skipping it would keep full-size unsharded gradients between micro-batches, FSDP's saving lost
-                with ctx:
-                    logits = model(x)                                                    # (B, T, V)
-                    loss = next_token_loss(logits, y) / accum                           # Eq. (7)
-                prof.mark("forward", tokens=x.numel(), flops=flops)
-                loss.backward()
-                prof.mark("backward")
-                loss_sum += loss.detach()
-        if ddp:
-            dist.all_reduce(loss_sum)                           # gloo has no AVG: sum, then divide
-            loss_sum /= world_size
-        lossf = check_finite(loss_sum, step, ckpt_path)         # NaN/inf: stop, keep the last good ckpt
-        if args.grad_clip > 0:   # FSDP: the grads are sharded DTensors, the norm is still the global one
-            torch.nn.utils.clip_grad_norm_(raw_model.parameters(), args.grad_clip)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        prof.mark("optimizer")
-        if prof.step_done():
+        lossf, lr, docs_read = train_step(step)
+        if prof.finished:
             return
         dt = time.time() - t0
         if master:

@@ -311,13 +311,17 @@ def train(args, model, student, teacher, tok, layers, ctx, device, dist, data, o
 
     if args.profile:   # one warm-up step and --profile timed ones; nothing saved, nothing evaluated
         step, max_steps = 0, args.profile + 1
-    prof = Profiler(args.profile, device, args.dtype, args.label)
+    prof = Profiler(args.profile, device, args.dtype, args.label)    # --profile only: times from outside the step
     t_config = teacher.config if teacher is not None else None
-    flops = lambda B, T: B * T * training_flops_per_token(student.config, T, t_config)
-    student.train()
-    while step < max_steps:
-        t0 = time.time()
-        prof.start()
+
+    def count(out):   # positions (B, T) and model FLOPs: the student's forward + backward, the teacher's forward
+        B, T = out[1]["positions"]
+        return B * T, B * T * training_flops_per_token(student.config, T, t_config)
+    forward = prof.phase("forward", loss_terms, count)                  # loss_terms itself unless --profile
+    prof.watch(opt)                                                     # opt.step timed under --profile
+
+    def train_step(step):
+        """One optimizer step: forward + loss (Eq. 13) and backward per micro-batch, clipping, AdamW."""
         lr = get_lr(step, max_steps, warmup, args.lr, args.lr * args.min_lr_ratio)
         for g in opt.param_groups:
             g["lr"] = lr
@@ -327,11 +331,9 @@ def train(args, model, student, teacher, tok, layers, ctx, device, dist, data, o
                 if ddp:  # all-reduce the gradients only on the last micro-step
                     model.require_backward_grad_sync = micro == grad_accum - 1
                 batch = micro_batch(data, step, micro, rank, args.micro_batch_size, grad_accum, world_size, args.seed)
-                loss, terms = loss_terms(model, teacher, batch, tok, args, device, ctx, layers)   # Eq. (13)
-                B, T = terms.pop("positions")
-                prof.mark("forward", tokens=B * T, flops=flops(B, T))
+                loss, terms = forward(model, teacher, batch, tok, args, device, ctx, layers)   # Eq. (13)
+                del terms["positions"]
                 (loss / grad_accum).backward()
-                prof.mark("backward")
                 for k, v in terms.items():                 # detached 0-dim tensors: no sync here
                     logged[k] = logged.get(k, 0.0) + v / grad_accum
         norm = torch.nn.utils.clip_grad_norm_(student.parameters(), args.grad_clip or float("inf"))  # 0: off
@@ -341,9 +343,15 @@ def train(args, model, student, teacher, tok, layers, ctx, device, dist, data, o
         check_finite(total, step, ckpt_path)   # NaN/inf: stop before the optimizer step, keep the last good checkpoint
         opt.step()
         opt.zero_grad(set_to_none=True)
-        prof.mark("optimizer")
+        return total, logged, norm, lr
+
+    train_step = prof.step(train_step)                          # train_step itself unless --profile
+    student.train()
+    while step < max_steps:
+        t0 = time.time()
+        total, logged, norm, lr = train_step(step)
         step += 1
-        if prof.step_done():
+        if prof.finished:
             return
         if master:  # rank 0's values; loss = ce + λ·ld + γ·ad, the terms printed unweighted
             parts = " | ".join(f"{k} {v:.4g}" for k, v in logged.items())

@@ -95,47 +95,71 @@ def peak_memory_bytes(device):
 
 
 class Profiler:
-    """Times the phases of each optimizer step. steps = 0: every method is a no-op (no syncs).
-    In the loop: start() when a step begins; mark(phase) when a phase ends ("data", "forward",
-    "backward", "optimizer"), the forward's with the tokens (positions) it processed and their
-    model FLOPs; step_done() at the end of the step: True when the profile is complete (after it
-    has printed the report). The first step is a warm-up and is not counted."""
+    """Times the optimizer steps of a run from outside them (steps = 0: every method hands back what it
+    was given, no syncs). Before the loop: step_fn = prof.step(step_fn) times whole steps; a function
+    the step calls, wrapped as prof.phase("data" | "forward", fn, count), is timed on its own, count(its
+    result) -> (tokens, model FLOPs) for the forward; prof.watch(optimizer) times optimizer.step through
+    its hooks. "backward" is the rest of a step: backward, clipping, the loss sync. The first step is a
+    warm-up and is not counted; prof.finished is True once the report is printed."""
 
     PHASES = ("data", "forward", "backward", "optimizer")
 
     def __init__(self, steps, device, dtype, label):
         dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype      # "bfloat16" -> torch.bfloat16
         self.steps, self.device, self.dtype, self.label = steps, device, dtype, label
-        self.done_steps, self.times, self.tokens, self.flops, self.t_last = -1, dict.fromkeys(self.PHASES, 0.0), 0, 0.0, None
+        self.done_steps, self.times, self.tokens, self.flops = -1, dict.fromkeys(self.PHASES, 0.0), 0, 0.0
         self.step_totals = []   # seconds of each counted step: a recompile shows as one slow step
+        self.this_step, self.finished = {}, False
         if steps and device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
 
-    def start(self):
-        if self.steps:
-            sync(self.device)
-            self.t_last = time.perf_counter()
-
-    def mark(self, phase, tokens=0, flops=0.0):
-        if not self.steps:
-            return
+    def now(self):
         sync(self.device)
-        now = time.perf_counter()
-        if self.done_steps >= 0:                     # step -1 is the warm-up
-            self.times[phase] += now - self.t_last
-            self.tokens, self.flops = self.tokens + tokens, self.flops + flops
-        self.t_last = now
+        return time.perf_counter()
 
-    def step_done(self):
+    def phase(self, name, fn, count=None):
         if not self.steps:
-            return False
-        if self.done_steps >= 0:
-            self.step_totals.append(sum(self.times.values()) - sum(self.step_totals))
-        self.done_steps += 1
-        if self.done_steps < self.steps:
-            return False
-        self.report()
-        return True
+            return fn
+
+        def timed(*a, **k):
+            t0 = self.now()
+            out = fn(*a, **k)
+            self.this_step[name] = self.this_step.get(name, 0.0) + self.now() - t0
+            if count:
+                tokens, flops = count(out)
+                self.this_step["tokens"] = self.this_step.get("tokens", 0) + tokens
+                self.this_step["flops"] = self.this_step.get("flops", 0.0) + flops
+            return out
+        return timed
+
+    def watch(self, optimizer):
+        if self.steps:
+            t0 = []
+            optimizer.register_step_pre_hook(lambda *_: t0.append(self.now()))
+            optimizer.register_step_post_hook(
+                lambda *_: self.this_step.update(optimizer=self.this_step.get("optimizer", 0.0) + self.now() - t0.pop()))
+
+    def step(self, fn):
+        if not self.steps:
+            return fn
+
+        def timed(*a, **k):
+            self.this_step = {}
+            t0 = self.now()
+            out = fn(*a, **k)
+            total, st = self.now() - t0, self.this_step
+            st["backward"] = total - sum(st.get(p, 0.0) for p in ("data", "forward", "optimizer"))   # the rest
+            if self.done_steps >= 0:                                                 # step -1 is the warm-up
+                for p in self.PHASES:
+                    self.times[p] += st.get(p, 0.0)
+                self.tokens, self.flops = self.tokens + st.get("tokens", 0), self.flops + st.get("flops", 0.0)
+                self.step_totals.append(total)
+            self.done_steps += 1
+            if self.done_steps == self.steps:
+                self.report()
+                self.finished = True
+            return out
+        return timed
 
     def report(self):
         step_s = sum(self.times.values())
