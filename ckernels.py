@@ -110,14 +110,16 @@ def unpack_ternary(packed, K):
     return codes
 
 
-def quantize(x, path=-1, threads=0):
-    """Eq. (3) in C: x (M, K) fp32 -> q (M, Kp) int8 zero padded, srow (M,) = γ/127, qsum (M,)."""
+def quantize(x, path=-1, threads=0, clamp=False):
+    """Eq. (3) in C: x (M, K) fp32 -> q (M, Kp) int8 zero padded, srow (M,) = γ/127, qsum (M,);
+    clamp: max(γ, ε) in place of γ + ε (bitlinear.activation_quant_int(x, "clamp"))."""
     _check(x, "x", torch.float32, 2)
     M, K = x.shape
     q = torch.empty(M, padded_k(K), dtype=torch.int8)
     srow, qsum = torch.empty(M), torch.empty(M, dtype=torch.int32)
     _raise(lib()[0].tl_quantize(_ptr(x, "float *"), M, K, _ptr(q, "int8_t *"), _ptr(srow, "float *"),
-                                _ptr(qsum, "int32_t *"), path, threads or torch.get_num_threads()), "tl_quantize")
+                                _ptr(qsum, "int32_t *"), int(clamp), path, threads or torch.get_num_threads()),
+           "tl_quantize")
     return q, srow, qsum
 
 
@@ -164,25 +166,25 @@ def _check_linear(x, K, scale, N, norm_weight, swiglu):
         raise ValueError(f"norm_weight has shape {tuple(norm_weight.shape)}, expected ({K},)")
 
 
-def ternary_linear(x, packed, scale, K, path=-1, threads=0, norm_weight=None, eps=1e-6, swiglu=False):
+def ternary_linear(x, packed, scale, K, path=-1, threads=0, norm_weight=None, eps=1e-6, swiglu=False, clamp=False):
     """y (M, N) fp32 = ((float)acc · γ/127) · scale[n]: x (M, K) fp32, packed (N, Kp/4), scale (N,).
     Optional pre-ops, fused in C: swiglu (x is (M, 2K) = gate | up; h = silu(gate)·up), then
-    RMSNorm with norm_weight (K,)."""
+    RMSNorm with norm_weight (K,). clamp: Eq. (3) with max(γ, ε)."""
     _check(packed, "packed", torch.uint8, 2)
     if packed.shape[1] != padded_k(K) // 4:
         raise ValueError(f"packed has {packed.shape[1]} bytes per row, K={K} needs {padded_k(K) // 4}")
     _check_linear(x, K, scale, packed.shape[0], norm_weight, swiglu)
-    return linear_call(0, x, packed, None, scale, K, norm_weight, eps, swiglu, path, threads)
+    return linear_call(0, x, packed, None, scale, K, norm_weight, eps, swiglu, path, threads, clamp)
 
 
-def int8_linear(x, w8, wsum, scale, K, path=-1, threads=0, norm_weight=None, eps=1e-6):
+def int8_linear(x, w8, wsum, scale, K, path=-1, threads=0, norm_weight=None, eps=1e-6, clamp=False):
     """y (M, N) fp32 = ((float)acc · γ/127) · scale[n] with an int8 weight w8 (N, Kp); optional
     fused RMSNorm of x first."""
     _check(w8, "w8", torch.int8, 2), _check(wsum, "wsum", torch.int32, 1)
     if w8.shape[1] != padded_k(K) or wsum.shape[0] != w8.shape[0]:
         raise ValueError(f"w8 {tuple(w8.shape)} / wsum {tuple(wsum.shape)} do not fit K={K}")
     _check_linear(x, K, scale, w8.shape[0], norm_weight, False)
-    return linear_call(1, x, w8, wsum, scale, K, norm_weight, eps, False, path, threads)
+    return linear_call(1, x, w8, wsum, scale, K, norm_weight, eps, False, path, threads, clamp)
 
 
 def bf16_linear(x, w16, path=-1, threads=0, norm_weight=None, eps=1e-6):
@@ -206,11 +208,12 @@ def bf16_call(x, w16, norm_weight, eps, path=-1, threads=0):
     return y
 
 
-def linear_call(kind, x, w, wsum, scale, K, norm_weight, eps, swiglu, path=-1, threads=0):
+def linear_call(kind, x, w, wsum, scale, K, norm_weight, eps, swiglu, path=-1, threads=0, clamp=False):
     """tl_ternary_linear (kind 0) / tl_int8_linear (kind 1) itself, arguments already checked: the
-    packed modules check their weights once and only x per call (as_matrix)."""
+    packed modules check their weights once and only x per call (as_matrix). clamp: Eq. (3) with max(γ, ε)."""
     L, ffi = _LIB or lib()
-    pre = (L.TL_PRE_SWIGLU if swiglu else 0) | (L.TL_PRE_RMSNORM if norm_weight is not None else 0)   # ternary.h
+    pre = ((L.TL_PRE_SWIGLU if swiglu else 0) | (L.TL_PRE_RMSNORM if norm_weight is not None else 0)   # ternary.h
+           | (L.TL_QUANT_CLAMP if clamp else 0))
     nw = ffi.NULL if norm_weight is None else ffi.cast("float *", norm_weight.data_ptr())
     M, N = x.shape[0], w.shape[0]
     y = torch.empty(M, N)
@@ -325,6 +328,7 @@ class DecodeStep:
         else:
             head = pm.embed_weight if pm.lm_head_weight is None else pm.lm_head_weight
             m.head_kind, m.head_w, m.embed_w = L.TL_HEAD_BF16, ptr(head, "void *"), ptr(pm.embed_weight, "void *")
+        m.quant_clamp = int(c.quant_eps == "clamp")
         self.timing = ffi.new("double[3]")
 
     def bind(self, cache):

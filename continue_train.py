@@ -44,7 +44,7 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
-from bitlinear import weight_quant_once
+from bitlinear import QUANT_EPS, WEIGHT_QUANTS, check_quantizer, weight_quant_once
 from corpus import find_files, get_batch, open_stream, pack_stream, stream_val_tokens, tokenize_corpus, val_blocks
 from figures import latent_weights_over_delta, plot_loss_curves, plot_weights
 from model import Qwen3Config, load_model, model_from, read_checkpoint
@@ -58,7 +58,8 @@ from training import (adamw, add_run_args, autocast_context, check_finite, fsdp_
                       get_rng_state, load_optimizer, resolve_dtype, set_rng_state, setup_distributed, use_compile)
 
 # settings a resumed run must share with the run it continues (--tokens: may grow)
-RESUME_KEYS = ("init", "from_scratch", "model_config", "quant", "subln", "subln_at", "tokens", "block_size",
+RESUME_KEYS = ("init", "from_scratch", "model_config", "quant", "subln", "subln_at", "weight_quant", "quant_eps",
+               "tokens", "block_size",
                "batch_size", "grad_accum", "seed", "lr", "min_lr", "weight_decay", "beta1", "beta2", "dataset",
                "text_field", "val_fraction", "val_docs")
 
@@ -91,11 +92,14 @@ def build_student(args):
         model, tokenizer = model_from(src), args.tokenizer or src.tokenizer
     c, subln_all = model.config, args.subln and args.subln_at == "all"
     if args.quant == "bitnet" and not c.bitnet:
-        convert_to_bitnet(model, subln=args.subln, subln_all=subln_all)         # Stage 1, Eq. (1)-(5)
+        convert_to_bitnet(model, args.subln, subln_all, args.weight_quant, args.quant_eps)   # Stage 1, Eq. (1)-(5)
     elif args.quant == "bitnet" and (c.subln, c.subln_all) != (args.subln, subln_all):
         raise ValueError(f"{args.init} is already a BitNet with SubLN {subln_layout(c.subln, c.subln_all)}; it "
                          f"cannot be changed to {subln_layout(args.subln, subln_all)}: start from the "
                          "full-precision model, or ask for its layout (--subln_at / --no_subln)")
+    elif args.quant == "bitnet" and (c.weight_quant, c.quant_eps) != (args.weight_quant, args.quant_eps):
+        raise ValueError(f"{args.init} is already a BitNet quantized by {c.weight_quant} with the ε form "
+                         f"{c.quant_eps}: ask for it (--weight_quant {c.weight_quant} --quant_eps {c.quant_eps})")
     elif args.quant == "none" and c.bitnet:
         raise ValueError(f"{args.init} is a 1.58-bit BitNet; --quant none needs a full-precision model")
     if not tokenizer:
@@ -139,8 +143,12 @@ def evaluate(model, val, args, ctx, device, rank, world_size, verbose):
 # ----------------------------------------------------------------------------- logs
 
 def run_label(args, config):
-    return args.label or ("full precision" if not config.bitnet else "1.58-bit, SubLN before all 7"
-                          if config.subln_all else "1.58-bit, SubLN" if config.subln else "1.58-bit, no SubLN")
+    if args.label:
+        return args.label
+    if not config.bitnet:
+        return "full precision"
+    subln = "SubLN before all 7" if config.subln_all else "SubLN" if config.subln else "no SubLN"
+    return f"1.58-bit, {subln}" + ("" if config.weight_quant == "absmean" else f" ({config.weight_quant})")
 
 
 def save_metrics(args, log, label):
@@ -172,6 +180,12 @@ def parse_args(argv=None):
     p.add_argument("--subln_at", default=None, choices=("all", "o_down"),
                    help="SubLN before all 7 projections (the authors' released runs) or only before o_proj and "
                         "down_proj (the paper's Eq. 4-5); default: --recipe's")
+    p.add_argument("--weight_quant", default="absmean", choices=WEIGHT_QUANTS,
+                   help="the weight quantizer (Table 4; bitlinear.py): absmean is Eq. (1)-(2), the others the authors' "
+                        "code's (gptq and awq: functions of W alone, no calibration data)")
+    p.add_argument("--quant_eps", default=None, choices=QUANT_EPS,
+                   help="ε in Eq. (1) and (3): add (Δ + ε, the paper) or clamp (max(Δ, ε), the authors' code); "
+                        "default: --recipe's")
     p.add_argument("--recipe", default="authors", choices=sorted(RECIPES),
                    help="authors: the released code's choices; paper: the paper's text (recipe.py, README)")
     p.add_argument("--tokenizer", default=None, help="tokenizer folder / .tiktoken (default: the --init checkpoint's)")
@@ -206,7 +220,8 @@ def parse_args(argv=None):
     p.add_argument("--plot", nargs="+", default=None, metavar="METRICS_JSON",
                    help="only plot: overlay the loss curves of these runs (Figure 3a) into --plot_out")
     p.add_argument("--plot_out", default="loss.png", help="output PNG of --plot")
-    args = apply_recipe(p.parse_args(argv), ("subln_at",))
+    args = apply_recipe(p.parse_args(argv), ("subln_at", "quant_eps"))
+    check_quantizer(args.weight_quant, args.quant_eps)       # e.g. block with the paper's ε: one line, before loading
     if args.from_scratch:   # --init is not loaded: a results file names what was (--model_config)
         args.init = None
     return args
@@ -357,8 +372,7 @@ def train(args, ddp, rank, local_rank, world_size, device, master):
 
     def forward(x, y):                                          # (B, T) each -> the micro-batch's loss
         with ctx:
-            logits = model(x)                                   # (B, T, V)
-            return next_token_loss(logits, y) / accum           # Eq. (7)
+            return next_token_loss(model(x), y) / accum         # logits (B, T, V); Eq. (7)
     forward = prof.phase("forward", forward, lambda _: (args.batch_size * args.block_size, micro_flops))
     get_batch = prof.phase("data", next_batch)                  # next_batch itself unless --profile
     prof.watch(optimizer)                                       # optimizer.step timed under --profile
@@ -375,9 +389,7 @@ def train(args, ddp, rank, local_rank, world_size, device, master):
                 x, y = x.to(device), y.to(device)
                 if ddp and not args.fsdp:   # all-reduce the gradients only after the last micro-batch (nanoGPT)
                     model.require_backward_grad_sync = micro == accum - 1
-                # FSDP reduce-scatters every micro-batch's gradients (no set_requires_gradient_sync(False)):
-                # skipping it would keep full-size unsharded gradients between micro-batches, FSDP's saving lost
-                loss = forward(x, y)
+                loss = forward(x, y)   # FSDP: gradients reduce-scattered every micro-batch (none kept whole)
                 loss.backward()
                 loss_sum += loss.detach()
         if ddp:

@@ -50,6 +50,7 @@ size_t tl_decode_scratch_bytes(const tl_model *m) {
 typedef struct {
     float *x, *xb, *qkv, *y, *gu, *ob, *att, *h;
     int8_t *q; uint8_t *qu; float srow; int32_t qsum;
+    int clamp;                                    /* tl_model.quant_clamp */
 } bufs;
 
 static bufs carve(const tl_model *m, void *scratch) {
@@ -66,6 +67,7 @@ static bufs carve(const tl_model *m, void *scratch) {
     b.h = f;               f += C;                /* (C) the block's norm, when parts have their own */
     b.q = (int8_t *)f;                            /* (Kp) int8 activations */
     b.qu = (uint8_t *)f + tl_padded_k(max3(C, Q, I));  /* (Kp) q + 128, the VNNI int8 head */
+    b.clamp = m->quant_clamp;
     return b;
 }
 
@@ -73,7 +75,7 @@ static bufs carve(const tl_model *m, void *scratch) {
 CLONES static void prep(bufs *b, const float *x, int K, int pre, const float *normw, float eps) {
     const float *src = x;
     if (pre) { pre_op(x, 1, K, pre, normw, eps, b->xb, 1); src = b->xb; }
-    quantize_row(src, K, tl_padded_k(K), b->q, &b->srow, &b->qsum);
+    quantize_row(src, K, tl_padded_k(K), b->q, &b->srow, &b->qsum, b->clamp);
 }
 
 /* This thread's rows of y (N) = W . q, W ternary (N, Kp/4). Caller puts a barrier after it. */

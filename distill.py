@@ -40,7 +40,7 @@ from contextlib import nullcontext
 
 import torch
 
-from bitlinear import weight_quant_once
+from bitlinear import QUANT_EPS, WEIGHT_QUANTS, weight_quant_once
 from losses import distill_loss   # Eq. (8)-(9), (13), (14)
 from model import model_from, read_checkpoint
 from recipe import RECIPES, TEACHER_LR, apply_recipe, distill_layers
@@ -121,8 +121,10 @@ def build_student(args, own):
     args.loaded_from = src.path                   # what was loaded (the resolved folder of a hub id)                   # opened once: config, weights, tokenizer
     model = model_from(src)
     args.continued = model.config.bitnet          # a stage-2 (continue_train.py) 1.58-bit checkpoint
-    if args.method != "fp16-sft" and not model.config.bitnet:
-        convert_to_bitnet(model, subln=args.subln, subln_all=args.subln and args.subln_at == "all")  # stage 1 here
+    if args.method != "fp16-sft" and not model.config.bitnet:                                   # stage 1 here
+        convert_to_bitnet(model, args.subln, args.subln and args.subln_at == "all", args.weight_quant, args.quant_eps)
+    if model.config.bitnet:                                       # what runs, recorded
+        args.weight_quant, args.quant_eps = model.config.weight_quant, model.config.quant_eps
     if args.method == "fp16-sft" and model.config.bitnet:
         raise ValueError(f"{path} is a 1.58-bit checkpoint; fp16-sft fine-tunes a full-precision model")
     return model, args.tokenizer or src.tokenizer
@@ -184,6 +186,8 @@ def method_label(args, config):
     label = {"fp16-sft": "FP16-SFT", "bitnet-sft": "BitNet-SFT", "bitdistill": "BitDistill"}[args.method]
     if config.bitnet and not config.subln:
         label += " w/o SubLN"
+    if config.bitnet and config.weight_quant != "absmean":        # Table 4: -B, -P, -G, -A
+        label += f" ({config.weight_quant})"
     if args.method == "bitdistill":
         label += " w/o CT" * (not args.continued) + " w/o LD" * args.no_ld + " w/o AD" * args.no_ad
     return label
@@ -212,6 +216,11 @@ def get_args(argv=None):
     p.add_argument("--no_subln", dest="subln", action="store_false", help="no SubLN (the Table 5 ablation)")
     p.add_argument("--subln_at", default=None, choices=("all", "o_down"),
                    help="when converting here: SubLN before all 7 projections or only o_proj/down_proj (a recipe item)")
+    p.add_argument("--weight_quant", default="absmean", choices=WEIGHT_QUANTS,
+                   help="when converting here: the weight quantizer (Table 4; bitlinear.py); a 1.58-bit student keeps its own")
+    p.add_argument("--quant_eps", default=None, choices=QUANT_EPS,
+                   help="when converting here: ε in Eq. (1) and (3), add (the paper) or clamp (the authors' code); "
+                        "default: --recipe's; a 1.58-bit student keeps its own")
     p.add_argument("--no_ld", action="store_true", help="no logits distillation (Table 6)")
     p.add_argument("--no_ad", action="store_true", help="no attention distillation (Table 6)")
     p.add_argument("--ld_form", default=None, choices=("authors", "paper"),

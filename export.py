@@ -81,6 +81,9 @@ def refusal(model):
                 "before o_proj and down_proj; train the student with --subln_at o_down")
     if not c.tie_word_embeddings:
         return "its lm_head is untied: the bitnet graph uses the embedding as the head"
+    if c.weight_quant not in ("absmean", "gptq"):
+        return (f"its weight quantizer {c.weight_quant} keeps a scale per {'block' if c.weight_quant == 'block' else 'row'}"
+                ": the bitnet graph has one .scale per matrix (absmean, gptq)")
     if c.qkv_bias or any(m.bias is not None for m in model.modules() if isinstance(m, torch.nn.Linear)):
         return "it has biases: the bitnet graph has none"
     if c.num_attention_heads * c.head_dim != c.hidden_size:
@@ -125,7 +128,7 @@ def tensors_of(model, compact):
             out.append((f"blk.{i}.{name}.weight", sd[f"model.layers.{i}.{ours}.weight"].numpy(), GGMLType.F32, None))
         for ours, name in LINEARS.items():
             lin = block.get_submodule(ours)
-            codes, delta = weight_quant_int(lin.weight.detach())          # Eq. (1)-(2): (N, K) int8, ()
+            codes, delta = weight_quant_int(lin.weight.detach(), lin.quantizer, lin.eps)   # Eq. (1)-(2): (N, K) int8, ()
             codes = codes.numpy()
             if compact:
                 out.append((f"blk.{i}.{name}.weight", q2_0_bytes(codes), GGMLType.Q2_0, codes.shape))
@@ -448,7 +451,7 @@ def dequantized(model):
     m = copy.deepcopy(model).float().eval()
     for name, mod in list(m.named_modules()):
         if isinstance(mod, BitLinear):
-            codes, delta = weight_quant_int(mod.weight)
+            codes, delta = weight_quant_int(mod.weight, mod.quantizer, mod.eps)
             lin = torch.nn.Linear(mod.in_features, mod.out_features, bias=False)
             lin.weight.copy_(codes.float() * delta)
             parent, _, child = name.rpartition(".")

@@ -83,7 +83,9 @@ int tl_qk_norm_rope(float *qkv, int M, int row_stride, int n_q, int n_kv, int hd
 static int linear(int kind, const float *x, int M, int K, int pre, const float *normw, float eps,
                   const void *w, const int32_t *wsum, const float *scale, int N, float *y,
                   int path, int nthreads) {
-    if (M < 0 || K <= 0 || N < 0 || pre < 0 || pre > 3) return -1;
+    if (M < 0 || K <= 0 || N < 0 || pre < 0 || pre > 7) return -1;
+    int clamp = pre & TL_QUANT_CLAMP;                  /* Eq. (3)'s ε form, not a pre-op */
+    pre &= ~TL_QUANT_CLAMP;
     int Kp = tl_padded_k(K);
     nthreads = threads_or_default(nthreads);
     /* one allocation: q (M*Kp bytes, 64-aligned), srow (M floats), qsum (M ints), pre-op rows */
@@ -98,7 +100,7 @@ static int linear(int kind, const float *x, int M, int K, int pre, const float *
         pre_op(x, M, K, pre, normw, eps, xp, nthreads);
         x = xp;
     }
-    int err = tl_quantize(x, M, K, q, srow, qsum, path, nthreads);
+    int err = tl_quantize(x, M, K, q, srow, qsum, clamp, path, nthreads);
     if (!err) err = kind == 0 ? tl_ternary_gemm(q, qsum, M, Kp, w, N, NULL, y, srow, scale, path, nthreads)
                               : tl_int8_gemm(q, M, Kp, w, wsum, N, NULL, y, srow, scale, path, nthreads);
     free(buf);

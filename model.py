@@ -54,6 +54,8 @@ class Qwen3Config:
     bitnet: bool = False         # set by subln.convert_to_bitnet: linears are BitLinear
     subln: bool = False          # set by subln.convert_to_bitnet: SubLN before o_proj and down_proj
     subln_all: bool = False      # ... and before q/k/v/gate/up too (the authors' released runs)
+    weight_quant: str = "absmean"  # set by subln.convert_to_bitnet: Table 4's weight quantizer (bitlinear.py)
+    quant_eps: str = "add"       # ... and the ε form of both quantizers: "add" (Eq. 1, 3) or "clamp" (authors)
 
     @classmethod
     def from_hf(cls, d):

@@ -56,7 +56,10 @@ def _norm_args(norm):
 
 class PackedLinear(nn.Module):
     """y = x Wᵀ (+ b), W ternary at 2 bits per weight: one BitLinear, or several fused along the
-    output dim (q/k/v, gate/up), each keeping its own Δ as the scale of its rows."""
+    output dim (q/k/v, gate/up), each keeping its own Δ as the scale of its rows. clamp: Eq. (3) with
+    max(γ, ε) (a model trained with --quant_eps clamp), else γ + ε."""
+
+    clamp = False
 
     def __init__(self, in_features, out_features, bias=False):
         super().__init__()
@@ -73,13 +76,17 @@ class PackedLinear(nn.Module):
             raise ValueError("from_bitlinears wants BitLinear modules with equal in_features")
         codes, scales = [], []
         for l in linears:
-            c, delta = weight_quant_int(l.weight.detach())
+            if l.quantizer == "block":
+                raise ValueError("--weight_quant block has a scale per 256 weights, not per output row: the packed "
+                                 "kernels run one scale per row (absmean, gptq, perchannel, awq)")
+            c, delta = weight_quant_int(l.weight.detach(), l.quantizer, l.eps)   # Δ: () or (N, 1)
             codes.append(c)
-            scales.append(delta.float().expand(l.out_features))
+            scales.append(delta.float().reshape(-1).expand(l.out_features))
         has_bias = [l.bias is not None for l in linears]
         if any(has_bias) and not all(has_bias):
             raise ValueError("either all or none of the fused linears may have a bias")
         m = cls(K, sum(l.out_features for l in linears), bias=all(has_bias))
+        m.clamp = linears[0].eps == "clamp"
         m.packed.copy_(pack_ternary(torch.cat(codes).contiguous()))
         m.scale.copy_(torch.cat(scales))
         if m.bias is not None:
@@ -91,14 +98,17 @@ class PackedLinear(nn.Module):
         swiglu: x is (..., 2K) = gate | up and silu(gate)·up is the input (before the norm)."""
         w, eps = _norm_args(norm) if norm is not None else (None, 0.0)
         x2 = as_matrix(x, self.in_features * (2 if swiglu else 1))
-        y = linear_call(0, x2, self.packed, None, self.scale, self.in_features, w, eps, swiglu)
+        y = linear_call(0, x2, self.packed, None, self.scale, self.in_features, w, eps, swiglu, clamp=self.clamp)
         y = y.view(*x.shape[:-1], self.out_features)
         return y if self.bias is None else y + self.bias
 
 
 class Int8Linear(nn.Module):
     """An int8 lm_head: W ≈ scale[n] · W8[n], scale = max|W[n]|/127 per row (absmax, like Eq. 3 per
-    row), activations int8 per token; the same int32-then-one-scale kernel as the ternary one."""
+    row), activations int8 per token; the same int32-then-one-scale kernel as the ternary one.
+    clamp: the activations' ε form, the model's (PackedQwen3.from_bitnet)."""
+
+    clamp = False
 
     def __init__(self, in_features, out_features):
         super().__init__()
@@ -123,7 +133,7 @@ class Int8Linear(nn.Module):
     def forward(self, x, norm=None):
         w, eps = _norm_args(norm) if norm is not None else (None, 0.0)
         y = linear_call(1, as_matrix(x, self.in_features), self.w8, self.wsum, self.scale, self.in_features,
-                    w, eps, False)
+                        w, eps, False, clamp=self.clamp)
         return y.view(*x.shape[:-1], self.out_features)
 
 
@@ -258,7 +268,14 @@ class PackedQwen3(nn.Module):
             if c.subln:
                 pb.attn_subln.weight.copy_(a.subln.weight)
                 pb.mlp_subln.weight.copy_(mlp.subln.weight)
-        return pm
+        return pm.set_eps_form()
+
+    def set_eps_form(self):
+        """Eq. (3)'s ε form of the trained model (config.quant_eps) in every int8 product."""
+        for mod in self.modules():
+            if isinstance(mod, (PackedLinear, Int8Linear)):
+                mod.clamp = self.config.quant_eps == "clamp"
+        return self
 
     def embed_tokens(self, idx):
         if self.head_kind == "int8":  # de-quantize the looked-up rows: (B, T, C)
@@ -350,7 +367,7 @@ class PackedQwen3(nn.Module):
                              "`python packed.py --ckpt CKPT --out OUT`")
         pm = cls(Qwen3Config.from_dict(ckpt["config"]), ckpt["head"])
         pm.load_state_dict(ckpt["state_dict"], strict=True)  # every key and shape checked
-        return pm
+        return pm.set_eps_form()
 
 
 def main():

@@ -23,6 +23,7 @@ from attn_relation import check_split_heads
 ITEMS = {
     # stage 1 / 2
     "subln_at":    ("all", "o_down"),            # SubLN before all 7 projections / before o_proj, down_proj (Eq. 4-5)
+    "quant_eps":   ("clamp", "add"),              # max(Δ, ε), max(γ, ε) (core.py) / Δ + ε, γ + ε (Eq. 1, 3)
     # stage 3, the losses
     "ad_norm":     ("authors", "paper"),          # L_AD / (layers x A_r) after Algorithm 1's batchmean / Eq. 11 as printed
     "split_heads": (32, None),                    # A_r = 32 / "the number of attention heads" (None: the student's)

@@ -29,29 +29,30 @@ class SubLN(RMSNorm):
     variance in range and stabilises training (paper section 3.1)."""
 
 
-def convert_to_bitnet(model, subln=True, subln_all=False):
+def convert_to_bitnet(model, subln=True, subln_all=False, weight_quant="absmean", quant_eps="add"):
     """In place: Qwen3 -> 1.58-bit BitNet. Returns the model. Latent weights are copied unchanged.
     subln: SubLN before o_proj and down_proj, Eq. (4)-(5). subln_all: also before q, k, v, gate and
     up (each its own, inside the BitLinear), as the authors' released runs do (their
-    `standard_bitnet=False`; recipe item subln_at)."""
+    `standard_bitnet=False`; recipe item subln_at). weight_quant, quant_eps: Table 4's weight
+    quantizer and the quantizers' ε form (bitlinear.py; recipe item quant_eps)."""
     c = model.config
     if c.bitnet:
         raise ValueError("model is already converted to BitNet")
     if subln_all and not subln:
         raise ValueError("SubLN before all seven projections needs SubLN (drop --no_subln or use --subln_at o_down)")
-    bitnet_layers(model, subln, subln_all)
-    c.bitnet, c.subln, c.subln_all = True, subln, subln_all
+    bitnet_layers(model, subln, subln_all, weight_quant, quant_eps)
+    c.bitnet, c.subln, c.subln_all, c.weight_quant, c.quant_eps = True, subln, subln_all, weight_quant, quant_eps
     return model
 
 
-def bitnet_layers(model, subln, subln_all):
+def bitnet_layers(model, subln, subln_all, weight_quant="absmean", quant_eps="add"):
     """The conversion itself: every projection a BitLinear, and the SubLNs."""
     c = model.config
     for block in model.model.layers:
         for part, names in LINEARS.items():
             mod = getattr(block, part)
             for name in names:
-                setattr(mod, name, BitLinear.from_linear(getattr(mod, name)))
+                setattr(mod, name, BitLinear.from_linear(getattr(mod, name), weight_quant, quant_eps))
                 lin = getattr(mod, name)
                 if subln_all and name not in ("o_proj", "down_proj"):   # input: the hidden state, width C
                     lin.in_norm = SubLN(c.hidden_size, c.rms_norm_eps).to(lin.weight)
@@ -66,5 +67,5 @@ def build_model(config):
     .subln_all say: the skeleton that one of our checkpoints' state dict loads into strictly."""
     model = Qwen3(config)                 # nn.Linear everywhere
     if config.bitnet:
-        bitnet_layers(model, config.subln, config.subln_all)
+        bitnet_layers(model, config.subln, config.subln_all, config.weight_quant, config.quant_eps)
     return model

@@ -19,6 +19,7 @@ of memory. nthreads <= 0 means all OpenMP threads; path < 0 means tl_cpu_path().
 
 enum { TL_PATH_C = 0, TL_PATH_AVX2 = 1, TL_PATH_AVX512VNNI = 2 };   /* chosen at run time */
 enum { TL_PRE_RMSNORM = 1, TL_PRE_SWIGLU = 2 };   /* pre-ops fused in front of a linear (layers_cpu.c) */
+enum { TL_QUANT_CLAMP = 4 };   /* in a linear's flags: Eq. (3) with max(γ, ε) (the authors' clamp), else γ + ε */
 enum { TL_HEAD_BF16 = 1, TL_HEAD_INT8 = 2 };      /* the lm_head's kind */
 
 /* One projection's part: a ternary matrix with its row scales (Δ), an optional bias, and the SubLN
@@ -67,6 +68,7 @@ typedef struct {
     const float *head_scale;   /* (V) row scales of the int8 head, else NULL */
     const void *embed_w;       /* the embedding table, same kind and layout as the head (tied: the same) */
     const float *embed_scale;  /* (V) int8 rows' scales, else NULL */
+    int quant_clamp;           /* Eq. (3)'s ε form: 1 = max(γ, ε) (the authors' clamp), 0 = γ + ε (the paper) */
 } tl_model;
 
 /* ternary_cpu.c: the packing, Eq. (3), the integer products */
@@ -76,7 +78,7 @@ int tl_max_threads(void);
 int tl_has_openmp(void);
 int tl_pack_ternary(const int8_t *codes, int N, int K, uint8_t *packed);     /* (N, K) -> (N, Kp/4) */
 void tl_unpack_ternary(const uint8_t *packed, int N, int K, int8_t *codes);
-int tl_quantize(const float *x, int M, int K, int8_t *q, float *srow, int32_t *qsum,
+int tl_quantize(const float *x, int M, int K, int8_t *q, float *srow, int32_t *qsum, int clamp,
                 int path, int nthreads);       /* x (M, K) -> q (M, Kp), srow (M) = γ/127, qsum (M) */
 int tl_ternary_gemm(const int8_t *q, const int32_t *qsum, int M, int Kp, const uint8_t *w, int N,
                     int32_t *acc, float *y, const float *srow, const float *scale,
@@ -149,11 +151,12 @@ static inline void store(int32_t a, int m, int n, int N, int32_t *acc, float *y,
     else acc[(size_t)m * N + n] = a;
 }
 
-/* Eq. (3) on one token (ternary_cpu.c explains it): q = RoundClip(127/(γ+ε) x), γ = max|x|.
+/* Eq. (3) on one token (ternary_cpu.c explains it): q = RoundClip(127/(γ+ε) x), γ = max|x|;
+   clamp: q = RoundClip(127/max(γ, ε) x) and the token's scale max(γ, ε)/127 (bitlinear.py, eps="clamp").
    Written so the compiler vectorizes it; inlined into each path's code, equal on all of them:
    every step is one IEEE fp32 operation or exact integer arithmetic. */
 static inline __attribute__((always_inline))
-void quantize_row(const float *xm, int K, int Kp, int8_t *qm, float *srow, int32_t *qsum) {
+void quantize_row(const float *xm, int K, int Kp, int8_t *qm, float *srow, int32_t *qsum, int clamp) {
     /* γ = max|x|: for non-negative floats the order of the bit patterns is the order of
        the values, so an integer max (which vectorizes) gives the same result */
     int32_t gbits = 0;
@@ -166,7 +169,8 @@ void quantize_row(const float *xm, int K, int Kp, int8_t *qm, float *srow, int32
     }
     float g;
     memcpy(&g, &gbits, 4);
-    float inv = (1.0f / (g + TL_EPS)) * 127.0f;
+    if (clamp) g = g > TL_EPS ? g : TL_EPS;
+    float inv = (1.0f / (clamp ? g : g + TL_EPS)) * 127.0f;
     int32_t s = 0;
     for (int k = 0; k < K; k++) {
         float v = (xm[k] * inv + ROUND_MAGIC) - ROUND_MAGIC;

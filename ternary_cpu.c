@@ -149,31 +149,31 @@ void tl_unpack_ternary(const uint8_t *packed, int N, int K, int8_t *codes) {
     int Kp = tl_padded_k(K);                                                              \
     _Pragma("omp parallel for schedule(static) num_threads(nthreads) if(M > 1)")          \
     for (int m = 0; m < M; m++)                                                           \
-        quantize_row(x + (size_t)m * K, K, Kp, q + (size_t)m * Kp, srow + m, qsum + m);
+        quantize_row(x + (size_t)m * K, K, Kp, q + (size_t)m * Kp, srow + m, qsum + m, clamp);
 
 static void quantize_c(const float *x, int M, int K, int8_t *q, float *srow, int32_t *qsum,
-                       int nthreads) { QUANTIZE_ROWS }
+                       int clamp, int nthreads) { QUANTIZE_ROWS }
 #ifdef TL_X86
 __attribute__((target("avx512f,avx512bw")))
 static void quantize_512(const float *x, int M, int K, int8_t *q, float *srow, int32_t *qsum,
-                         int nthreads) { QUANTIZE_ROWS }
+                         int clamp, int nthreads) { QUANTIZE_ROWS }
 __attribute__((target("avx2")))
 static void quantize_avx2(const float *x, int M, int K, int8_t *q, float *srow, int32_t *qsum,
-                          int nthreads) { QUANTIZE_ROWS }
+                          int clamp, int nthreads) { QUANTIZE_ROWS }
 #endif
 
 /* x (M, K) fp32 -> q (M, Kp) int8 zero padded, srow[m] = gamma/127, qsum[m] = sum_k q[m][k]. */
-int tl_quantize(const float *x, int M, int K, int8_t *q, float *srow, int32_t *qsum,
+int tl_quantize(const float *x, int M, int K, int8_t *q, float *srow, int32_t *qsum, int clamp,
                 int path, int nthreads) {
     int err = check_path(&path);
     if (err) return err;
     if (M < 0 || K <= 0) return -1;
     nthreads = threads_or_default(nthreads);
 #ifdef TL_X86
-    if (path == TL_PATH_AVX512VNNI) { quantize_512(x, M, K, q, srow, qsum, nthreads); return 0; }
-    if (path == TL_PATH_AVX2) { quantize_avx2(x, M, K, q, srow, qsum, nthreads); return 0; }
+    if (path == TL_PATH_AVX512VNNI) { quantize_512(x, M, K, q, srow, qsum, clamp, nthreads); return 0; }
+    if (path == TL_PATH_AVX2) { quantize_avx2(x, M, K, q, srow, qsum, clamp, nthreads); return 0; }
 #endif
-    quantize_c(x, M, K, q, srow, qsum, nthreads);
+    quantize_c(x, M, K, q, srow, qsum, clamp, nthreads);
     return 0;
 }
 

@@ -106,6 +106,97 @@ def test_integer_form_equals_fake_quant():
                           atol=1e-4, rtol=1e-5)
 
 
+# ----------------------------------------------------------------------------- Eq. (1)-(3) as the authors' code computes them: ε's clamp, Table 4's quantizers
+
+FIXTURE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fixtures", "authors_quantizers.json")
+
+
+def fixture_base(N, K):
+    """The fixture's inputs (fixtures/authors_quantizers.json, "inputs"), built the same way here."""
+    import numpy as np
+    i, j = np.arange(N)[:, None], np.arange(K)[None, :]
+    w = (((i * 7919 + j * 104729) % 2001) - 1000) / 1000.0 * 0.05
+    w = w * np.where(i == 3, 1e-4, 1.0) * np.where(i == 5, 0.0, 1.0) * (1.0 + (i == 6) * 2.0)
+    return torch.from_numpy(w.astype(np.float32))
+
+
+def fixture_expected(entry, w, method):
+    """Q_w(W) of the authors' function from the fixture's codes and magnitudes."""
+    N, K = w.shape
+    codes = torch.tensor(["-0+".index(c) - 1 for c in entry["codes"]], dtype=torch.int8)
+    mag = torch.tensor([0.0 if m is None else float.fromhex(m) for m in entry["magnitude"]])
+    group = {"absmean": torch.zeros(N * K, dtype=torch.long), "gptq": torch.zeros(N * K, dtype=torch.long),
+             "perchannel": torch.arange(N).repeat_interleave(K), "awq": torch.arange(N).repeat_interleave(K),
+             "block": torch.arange(N * K) // 256}[method]
+    return codes.view(N, K), (codes.float() * mag[group]).view(N, K)
+
+
+@pytest.fixture(scope="module")
+def authors():
+    import json
+    with open(FIXTURE) as f:
+        return json.load(f)
+
+
+@pytest.mark.parametrize("fused", [True, False])
+@pytest.mark.parametrize("method", bitlinear.WEIGHT_QUANTS)
+def test_weight_quantizers_equal_the_authors_bit_for_bit(authors, method, fused, monkeypatch):
+    """Each quantizer of Table 4 with the clamp form against the numbers the authors' core.py gave on
+    the same tensors (a zero row, a row with mean |w| below ε, blocks across rows, K not a multiple of 256)."""
+    monkeypatch.setattr(bitlinear, "FUSED", fused)
+    for name, w in (("w", fixture_base(8, 300)), ("tiny", fixture_base(4, 64) * 1e-4)):
+        codes, expected = fixture_expected(authors["weights"][f"{name}/{method}"], w, method)
+        assert torch.equal(weight_quant(w, method, "clamp"), expected), (name, method)
+        c, delta = weight_quant_int(w, method, "clamp")
+        assert torch.equal(c, codes), (name, method)
+        per = (bitlinear.as_blocks(torch.ones_like(w)) if method == "block" else torch.ones_like(w)) * (1 / delta)
+        assert torch.equal(c.float() / (per.reshape(-1)[:w.numel()].view(w.shape)), expected), (name, method)
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_activation_quant_clamp_equals_the_authors_bit_for_bit(authors, fused, monkeypatch):
+    import ckernels
+    monkeypatch.setattr(bitlinear, "FUSED", fused)
+    x = fixture_base(6, 96) * 40.0
+    x[2] = x[2] * 1e-7                                   # max|x| below ε
+    x[4] = 0.0
+    q = torch.tensor(authors["activations"]["codes"], dtype=torch.float32).view(6, 96)
+    s = torch.tensor([float.fromhex(v) for v in authors["activations"]["multiplier"]]).view(6, 1)
+    assert torch.equal(activation_quant(x, "clamp"), q / s)
+    qi, gamma = activation_quant_int(x, "clamp")
+    assert torch.equal(qi.float(), q) and torch.equal(127.0 / gamma, s)
+    qc, srow, _ = ckernels.quantize(x, clamp=True)       # the C kernels' clamp form: the same codes
+    assert torch.equal(qc[:, :96].float(), q) and torch.equal(srow, (gamma / 127.0)[:, 0])
+    assert not torch.equal(activation_quant(x, "add"), q / s)      # the paper's ε gives other values here
+
+
+def test_eps_forms_and_the_recipe():
+    """add: Δ + ε (Eq. 1, 3); clamp: max(Δ, ε). Below ε the levels differ (±mean|w| against ±ε); on ordinary
+    weights a few codes at the thresholds do; --recipe authors is clamp, --recipe paper add."""
+    import continue_train
+    from recipe import RECIPES
+    w = torch.tensor([[9e-6, 1e-7, 1e-7, 1e-7]])        # mean|w| = 2.325e-6 < ε
+    assert weight_quant(w, eps="add")[0, 0].item() == pytest.approx(w.abs().mean().item(), rel=1e-6)
+    assert weight_quant(w, eps="clamp")[0, 0].item() == pytest.approx(1e-5, rel=1e-6)
+    torch.manual_seed(0)
+    big = torch.randn(1024, 1024) * 0.02
+    differ = (weight_quant_int(big, eps="add")[0] != weight_quant_int(big, eps="clamp")[0]).float().mean().item()
+    assert 0 < differ < 1e-3, differ
+    assert (RECIPES["authors"]["quant_eps"], RECIPES["paper"]["quant_eps"]) == ("clamp", "add")
+    for recipe, eps in (("authors", "clamp"), ("paper", "add")):
+        args = continue_train.parse_args(["--recipe", recipe])
+        assert args.quant_eps == eps
+    m = convert_to_bitnet(Qwen3(Qwen3Config(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=1,
+                                            num_attention_heads=2, num_key_value_heads=1, head_dim=16)),
+                          weight_quant="awq", quant_eps="clamp")
+    lin = m.model.layers[0].mlp.down_proj
+    assert (lin.quantizer, lin.eps, m.config.weight_quant, m.config.quant_eps) == ("awq", "clamp", "awq", "clamp")
+    x = torch.randn(3, lin.in_features)
+    assert torch.equal(lin(x), F.linear(activation_quant(x, "clamp"), weight_quant(lin.weight, "awq", "clamp")))
+    with pytest.raises(ValueError, match="exists only in the authors' code"):
+        BitLinear(4, 4, quantizer="block", eps="add")
+
+
 # ----------------------------------------------------------------------------- Eq. (4)-(5): SubLN (subln.py)
 
 def test_subln_placement_and_strict_round_trip(tmp_path):

@@ -97,7 +97,8 @@ def test_c_decode_step_equals_pytorch_forward_qwen3_06b(head):
 
 @pytest.mark.parametrize("kw", [dict(), dict(subln=False, tie_word_embeddings=False),
                                 dict(qkv_bias=True, qk_norm=False, num_key_value_heads=1),
-                                dict(subln_all=True), dict(subln_all=True, qkv_bias=True, tie_word_embeddings=False)])
+                                dict(subln_all=True), dict(subln_all=True, qkv_bias=True, tie_word_embeddings=False),
+                                dict(subln_all=True, weight_quant="awq", quant_eps="clamp")])
 def test_c_decode_step_on_small_models(kw, one_thread):
     """Variants the 0.6B test lacks (no SubLN, untied head, Qwen2's q/k/v bias without q/k norm,
     one KV head, and the authors' SubLN before all seven projections, the default recipe's layout):

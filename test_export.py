@@ -24,7 +24,7 @@ from subln import convert_to_bitnet
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
-def student(seed=0, subln_all=False, **kw):
+def student(seed=0, subln_all=False, weight_quant="absmean", quant_eps="add", **kw):
     """A tiny SmolLM2-shaped student (llama: no q/k-norm, tied, SmolLM2's vocabulary) converted with
     SubLN before o_proj and down_proj only; every norm randomised so that a swapped one shows."""
     torch.manual_seed(seed)
@@ -33,7 +33,7 @@ def student(seed=0, subln_all=False, **kw):
              rope_theta=100000.0)
     c.update(kw)
     m = Qwen3(Qwen3Config(**c))
-    convert_to_bitnet(m, subln=True, subln_all=subln_all)
+    convert_to_bitnet(m, subln=True, subln_all=subln_all, weight_quant=weight_quant, quant_eps=quant_eps)
     with torch.no_grad():
         for n, p in m.named_parameters():
             p.copy_(1.0 + 0.3 * torch.randn_like(p) if n.endswith("norm.weight") or "subln" in n
@@ -140,7 +140,13 @@ def test_what_the_graph_cannot_hold_is_refused(tmp_path, tok_gguf):
             export.export(m, tok_gguf, str(tmp_path / "x.gguf"))
     with pytest.raises(ValueError, match="--subln_at o_down"):
         export.export(student(subln_all=True), tok_gguf, str(tmp_path / "x.gguf"))
+    with pytest.raises(ValueError, match="scale per row"):
+        export.export(student(weight_quant="perchannel", quant_eps="clamp"), tok_gguf, str(tmp_path / "x.gguf"))
     assert not os.path.exists(tmp_path / "x.gguf")
+    m = student(weight_quant="gptq", quant_eps="clamp")       # one scale per matrix: exported, and exact
+    export.export(m, tok_gguf, str(tmp_path / "g.gguf"))
+    r = export.check(str(tmp_path / "g.gguf"), m)
+    assert r["top1_agree"] == r["positions"] and r["max_abs_diff"] < 1e-4 * r["logit_std"], r
     # the command line: one error line, nothing written
     ck = tmp_path / "qwen3.pt"
     q = cases["q/k-norm"]

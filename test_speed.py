@@ -100,7 +100,7 @@ def test_weight_quantized_once_per_optimizer_step(monkeypatch):
                               num_attention_heads=4, num_key_value_heads=2, head_dim=16)
     calls = []
     real = bitlinear.weight_quant_fused
-    monkeypatch.setattr(bitlinear, "weight_quant_fused", lambda w: calls.append(1) or real(w))
+    monkeypatch.setattr(bitlinear, "weight_quant_fused", lambda w, eps: calls.append(1) or real(w, eps))
     runs = []
     for once in (False, True):
         torch.manual_seed(0)

@@ -68,6 +68,27 @@ def test_ternary_kernel_equals_reference(M, K, N):
             assert torch.equal(ckernels.ternary_linear(x, packed, scale, K, path, threads), y_ref), (path, threads)
 
 
+@pytest.mark.parametrize("method", ["absmean", "gptq", "perchannel", "awq"])
+def test_ternary_kernel_per_row_scales_and_clamp(method):
+    """Table 4's quantizers with one scale per row (bitlinear.weight_quant_int), and Eq. (3)'s clamp form
+    (TL_QUANT_CLAMP), on every path: equal to the PyTorch integer reference; block is refused."""
+    M, K, N = 5, 300, 24
+    x, w = ternary_case(M, K, N)
+    x[1] *= 1e-7                                             # a token with max|x| below ε: the forms differ
+    w[3] *= 5.0                                              # an "important" row for awq
+    codes, delta = weight_quant_int(w, method, "clamp")
+    packed, scale = ckernels.pack_ternary(codes), delta.float().reshape(-1).expand(N).contiguous()
+    y_ref = bitlinear_int_reference(x, w, method, "clamp")
+    for path in PATHS:
+        assert torch.equal(ckernels.ternary_linear(x, packed, scale, K, path, 2, clamp=True), y_ref), (method, path)
+    assert not torch.equal(ckernels.ternary_linear(x, packed, scale, K), y_ref)    # the add form is another kernel
+    with pytest.raises(ValueError, match="one scale per row"):
+        bitlinear_int_reference(x, w, "block", "clamp")
+    model = tiny_bitnet(weight_quant="block", quant_eps="clamp")
+    with pytest.raises(ValueError, match="one scale per row"):
+        P.PackedQwen3.from_bitnet(model, "int8")
+
+
 def test_ternary_extremes_and_full_int8_range():
     """Saturation traps: every code +1 or -1 with q = -128 / 127 everywhere, and random q over the
     whole int8 range (-128 included) through the integer entry point."""
@@ -284,7 +305,8 @@ def tiny_bitnet(seed=0, **kw):
                num_attention_heads=4, num_key_value_heads=2, head_dim=16)
     cfg.update(kw)
     subln, subln_all = cfg.pop("subln", True), cfg.pop("subln_all", False)
-    model = convert_to_bitnet(Qwen3(Qwen3Config(**cfg)), subln=subln, subln_all=subln_all).eval()
+    quant = dict(weight_quant=cfg.pop("weight_quant", "absmean"), quant_eps=cfg.pop("quant_eps", "add"))
+    model = convert_to_bitnet(Qwen3(Qwen3Config(**cfg)), subln=subln, subln_all=subln_all, **quant).eval()
     with torch.no_grad():  # non-trivial norm weights and biases, so copying them is tested
         for n, p in model.named_parameters():
             if p.dim() == 1:
@@ -294,7 +316,9 @@ def tiny_bitnet(seed=0, **kw):
 
 @pytest.mark.parametrize("kw", [dict(), dict(subln=False, tie_word_embeddings=False),
                                 dict(qkv_bias=True, qk_norm=False, num_key_value_heads=1),
-                                dict(subln_all=True), dict(subln_all=True, qkv_bias=True)])
+                                dict(subln_all=True), dict(subln_all=True, qkv_bias=True),
+                                dict(quant_eps="clamp"), dict(weight_quant="perchannel", quant_eps="clamp"),
+                                dict(weight_quant="awq", quant_eps="clamp", subln_all=True)])
 def test_packed_model_equals_fake_quantized(kw, one_thread):
     model = tiny_bitnet(**kw)
     pm = P.PackedQwen3.from_bitnet(model, head="fp32")
@@ -346,11 +370,13 @@ def test_prefill_then_decode_equals_one_pass(one_thread):
 
 
 def test_save_load_two_bits_per_weight(tmp_path, one_thread):
-    model = tiny_bitnet(seed=5, hidden_size=256, intermediate_size=512, head_dim=64)
+    model = tiny_bitnet(seed=5, hidden_size=256, intermediate_size=512, head_dim=64, quant_eps="clamp")
     pm = P.PackedQwen3.from_bitnet(model, "int8")
     path = tmp_path / "packed.pt"
     pm.save(path)
     pm2 = P.PackedQwen3.load(path)
+    kernels = [m for m in pm2.modules() if isinstance(m, (P.PackedLinear, P.Int8Linear))]
+    assert kernels and all(m.clamp for m in kernels)            # Eq. (3)'s ε form comes back from the config
     idx = torch.randint(0, 300, (1, 5))
     assert torch.equal(pm2.generate(idx, 8), pm.generate(idx, 8))
     sd = torch.load(path, weights_only=True)["state_dict"]
