@@ -238,6 +238,9 @@ def get_args(argv):
     p.add_argument("--lambda_ld", default=None, help="λ for BitDistill (None: distill.py's, 10)")
     p.add_argument("--recipe", default="authors", choices=("authors", "paper"),
                    help="passed to every stage after pretraining, whose runs go to <out>/<recipe>/")
+    p.add_argument("--quant_eps", default=None, choices=("add", "clamp"),
+                   help="ε in Eq. 1 and 3 for every 1.58-bit stage (None: --recipe's; runs before the switch existed "
+                        "used add), in <out>/<recipe>-<quant_eps>/ when given")
     p.add_argument("--compare", nargs="+", metavar="DIR", default=None,
                    help="only print the README's side-by-side table from these toy results folders "
                         "(each holds a results.json of toy.py, e.g. results/toy_fewlabels/authors/sst2)")
@@ -379,8 +382,8 @@ def main(argv=None):
         open(os.path.join(out, "pretrain", "DONE"), "w").close()
     # 2. stages 1 + 2: SubLN + BitLinear, continued pre-training (and without SubLN for Figure 3a);
     # from here on every stage follows --recipe, in its own folder
-    recipe = ["--recipe", args.recipe]
-    out = os.path.join(out, args.recipe)
+    recipe = ["--recipe", args.recipe] + (["--quant_eps", args.quant_eps] if args.quant_eps else [])
+    out = os.path.join(out, args.recipe + (f"-{args.quant_eps}" if args.quant_eps else ""))
     cts = {"ct": ["--subln"]} | ({"ct_nosubln": ["--no_subln"]} if args.ablations else {})
     for i, (name, flags) in enumerate(cts.items()):
         d = os.path.join(out, name)
