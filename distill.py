@@ -378,6 +378,7 @@ def report(args, student, tok, device, ctx, evals):
            "metrics": metrics, "eval_on": args.eval_on,
            "speed": speed, "memory_gb": weight_memory_gb(student), "n_eval": len(evals),
            "checkpoint": os.path.abspath(os.path.join(args.out_dir, "ckpt.pt")), "args": vars(args),
+           "config": student.config.to_dict(),        # what ran: SubLN layout, quantizer (the args say what was asked)
            "examples": preds[:5]}
     write_json(os.path.join(args.out_dir, "results.json"), res)
     print(f"{args.label} {args.task} ({len(evals)} {args.eval_on} rows): " + ", ".join(f"{k} {v:.2f}" for k, v in metrics.items()))
