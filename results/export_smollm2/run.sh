@@ -19,8 +19,12 @@ for f in f32 q2_0; do
   python export.py --ckpt "$CKPT" --in_llama_cpp "$OUT/student-$f.gguf" --task_accuracy --json "$R/llama_cpp-$f.json" \
     2>/dev/null | grep -v '^LLAMACPP'
 done
+rm -f "$R/llama_cpp-f32-f32cache.json"     # the exact file with an fp32 KV cache: logits and greedy tokens only
+python export.py --ckpt "$CKPT" --in_llama_cpp "$OUT/student-f32.gguf" --f32_cache --json "$R/llama_cpp-f32-f32cache.json" \
+  2>/dev/null | grep -v '^LLAMACPP'
 # The student (training/): stage 2 `continue_train.py --init smollm2 --quant bitnet --recipe authors --subln
 # --subln_at o_down --tokens 2e5 --block_size 256 --batch_size 8 --lr 1e-3 --eval_interval 25 --eval_iters 8
 # --seed 1 --data <corpus: c4_sample.jsonl wikitext2_test.raw tinyshakespeare.txt>`, then
 # `distill.py --method bitdistill --student <that ckpt> --teacher <smollm2_table1 seed-1 fp16sft ckpt>` with
-# the seed-1 BitDistill row's flags (training/bitdistill-o_down-results.json, "provenance" and "args").
+# the seed-1 BitDistill row's flags (training/bitdistill-o_down-results.json, "provenance" and "args"). Both ran
+# at fc419fd, before --quant_eps existed (ε added, the paper's form): pass --quant_eps add to stage 2 to repeat them.
