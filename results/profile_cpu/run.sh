@@ -9,7 +9,7 @@
 set -euo pipefail
 TOY=${1:-out/toy}
 DATA=${BITDISTILL_DATA:-../shared/data}
-TEACHER=${TEACHER:-$TOY/paper/sst2/seed1/fp16sft/ckpt.pt}
+TEACHER=${TEACHER:-$TOY/authors/sst2/seed1/fp16sft/ckpt.pt}   # the quick start's teacher
 echo "# $(date -u +%FT%TZ) $(git rev-parse --short HEAD) $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs), $(nproc) cores, load $(cut -d' ' -f1 /proc/loadavg)"
 for c in --no_compile --compile; do
   for q in none bitnet; do
