@@ -57,22 +57,28 @@ def from_blocks(u, w):
 def weight_multiplier(w, method):
     """s for w (N, K) float32: () per tensor, (N, 1) per row, (blocks, 1) per block of as_blocks(w)."""
     a = w.abs()
-    if method == "absmean":       # Eq. (1) with the clamp: s = 1 / max(mean|W|, ε)
-        return 1.0 / a.mean().clamp(min=EPS)
+    absmean = lambda: 1.0 / a.mean().clamp(min=EPS)                              # Eq. (1) with the clamp
+    if method == "absmean" or (method == "gptq" and w.shape[1] == 1):
+        return absmean()
     if method == "perchannel":    # one absmean per output row
         return 1.0 / a.mean(dim=1, keepdim=True).clamp(min=EPS)
     if method == "block":         # one absmean per block of 256 consecutive weights
         return 1.0 / as_blocks(a).mean(dim=1, keepdim=True).clamp(min=EPS)
     if method == "gptq":          # absmean's s times the mean over columns of 1/std(column): the "Hessian
-        if w.shape[1] == 1:       # diagonal" is the variance of W's own columns (unbiased), + 1e-8
-            return 1.0 / a.mean().clamp(min=EPS)
-        inv_std = 1.0 / (w.var(dim=0, keepdim=True) + 1e-8).sqrt()             # (1, K)
-        return inv_std.mean() / a.mean().clamp(min=EPS)
-    if method == "awq":           # rows whose mean|w| is above the 80th percentile of rows ("important
-        importance = a.mean(dim=1, keepdim=True)                               # channels"): 0.7 absmean's s,
-        base = 1.0 / a.mean().clamp(min=EPS)                                   # the others 1.2 (N, 1)
-        return torch.where(importance > importance.quantile(0.8), base * 0.7, base * 1.2)
-    raise ValueError(f"--weight_quant must be one of {', '.join(WEIGHT_QUANTS)}, got {method!r}")
+        inv_std = 1.0 / (w.var(dim=0, keepdim=True) + 1e-8).sqrt()             # diagonal" is the (unbiased)
+        return inv_std.mean() / a.mean().clamp(min=EPS)                        # variance of W's columns (1, K)
+    check_quantizer(method, "clamp")
+    # awq: rows whose mean|w| is above the 80th percentile of rows ("important channels") get 0.7
+    # absmean's s, the others 1.2 (N, 1)
+    importance, base = a.mean(dim=1, keepdim=True), absmean()
+    return torch.where(importance > importance.quantile(0.8), base * 0.7, base * 1.2)
+
+
+def check_per_row(method):
+    """The packed kernels hold one scale per output row: every quantizer but block."""
+    if method == "block":
+        raise ValueError("--weight_quant block has a scale per 256 weights, not per output row: the packed "
+                         "kernels run one scale per row (absmean, gptq, perchannel, awq)")
 
 
 def check_quantizer(method, eps):
@@ -259,9 +265,7 @@ def bitlinear_int_reference(x, w, quantizer="absmean", eps="add"):
     """The integer computation packed inference performs, in PyTorch (the reference the C kernel
     must match): int8 activations times ternary codes accumulated in int32, then one float scale
     per output: y = acc · (γ/127) · Δ.  x: (..., K) float, w: (N, K) float -> (..., N) float32."""
-    if quantizer == "block":
-        raise ValueError("--weight_quant block has a scale per 256 weights, not per output row: the packed "
-                         "kernels run one scale per row (absmean, gptq, perchannel, awq)")
+    check_per_row(quantizer)
     q, gamma = activation_quant_int(x, eps)                 # (..., K) int8, (..., 1)
     codes, delta = weight_quant_int(w, quantizer, eps)      # (N, K) int8, () or (N, 1)
     acc = q.to(torch.int32) @ codes.to(torch.int32).t()     # (..., N) int32, exact

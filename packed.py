@@ -34,7 +34,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from bitlinear import BitLinear, weight_quant_int
+from bitlinear import BitLinear, check_per_row, weight_quant_int
 from ckernels import (DecodeStep, as_matrix, bf16_call, decode_attention, lib, linear_call, pack_ternary, padded_k,
                      qk_norm_rope, rmsnorm)
 from model import KVCache, Qwen3Config, RMSNorm, generate, rope_cos_sin
@@ -76,9 +76,7 @@ class PackedLinear(nn.Module):
             raise ValueError("from_bitlinears wants BitLinear modules with equal in_features")
         codes, scales = [], []
         for l in linears:
-            if l.quantizer == "block":
-                raise ValueError("--weight_quant block has a scale per 256 weights, not per output row: the packed "
-                                 "kernels run one scale per row (absmean, gptq, perchannel, awq)")
+            check_per_row(l.quantizer)
             c, delta = weight_quant_int(l.weight.detach(), l.quantizer, l.eps)   # Δ: () or (N, 1)
             codes.append(c)
             scales.append(delta.float().reshape(-1).expand(l.out_features))
