@@ -14,7 +14,8 @@ from model import load_model
 
 def test_toy_pipeline_smoke(tmp_path, data_dir):
     out = tmp_path / "toy"
-    toy.main(["--preset", "smoke", "--out", str(out), "--data_dir", data_dir, "--ablations", "--layer_sweep"])
+    toy.main(["--preset", "smoke", "--out", str(out), "--data_dir", data_dir, "--ablations", "--layer_sweep",
+              "--weight_quants", "gptq"])
     teacher = load_model(str(out / "pretrain" / "ckpt.pt"))
     assert not teacher.config.bitnet and teacher.config.vocab_size == 512
     # the toy LLM read the tasks' training sentences, never a label and never a validation row
@@ -30,16 +31,19 @@ def test_toy_pipeline_smoke(tmp_path, data_dir):
     assert len(written) >= 8 and not [f for f in written if "Qwen/Qwen3-0.6B" in open(f).read()]
     assert pre_args["init"] is None and pre_args["from_scratch"]
     out = out / "authors"                                  # every stage after pretraining: --recipe authors
-    for name, subln in (("ct", True), ("ct_nosubln", False)):
+    for name, subln, wq in (("ct", True, "absmean"), ("ct_nosubln", False, "absmean"), ("ct-gptq", True, "gptq")):
         student = load_model(str(out / name / "ckpt.pt"))  # strict load
         assert student.config.bitnet and student.config.subln == subln and student.config.subln_all == subln
+        assert student.config.weight_quant == wq          # Table 4: stage 2 with each quantizer
     res = json.load(open(out / "sst2" / "results.json"))
     rows = res["rows"]
-    assert [r["row"] for r in rows] == [r[0] for r in toy.sft_runs(True, [0])]   # smoke: 2 layers, the recipe's is 1
-    assert rows[-1]["tables"] == "3b" and res["labels"] == 16 and res["heldout_rows"] == 8
+    runs = toy.sft_runs(True, [0], quantizers=["gptq"])
+    assert [r["row"] for r in rows] == [r[0] for r in runs]   # smoke: 2 layers, the recipe's is 1
+    assert rows[-2]["tables"] == "3b" and rows[-1]["row"] == "BitDistill (gptq)" and res["labels"] == 16 and res["heldout_rows"] == 8
     assert [r["pair"] for r in res["paired"]] == ["FP16-SFT - BitNet-SFT", "BitDistill - BitNet-SFT",
-                                                   "BitDistill - FP16-SFT", "BitDistill - BitNet-SFT + SubLN + CT"]
-    assert [r["distill_layer"] for r in rows if r["row"].startswith("BitDistill")] == [1, None, 1, 1, 0]
+                                                   "BitDistill - FP16-SFT", "BitDistill - BitNet-SFT + SubLN + CT",
+                                                   "BitDistill (gptq) - BitDistill"]
+    assert [r["distill_layer"] for r in rows if r["row"].startswith("BitDistill")] == [1, None, 1, 1, 0, 1]
     assert all(r["std"] is None for r in rows)             # one seed: no spread (null, not NaN)
     assert res["recipe"] == "authors" and res["seeds"] == [1]
     head = subprocess.run(["git", "-C", os.path.dirname(os.path.abspath(__file__)), "rev-parse", "HEAD"],
@@ -50,12 +54,13 @@ def test_toy_pipeline_smoke(tmp_path, data_dir):
     assert ft["args"]["loaded_from"] == str(out.parent / "pretrain" / "ckpt.pt")   # what was really loaded
     assert ft["args"]["n_train_rows"] == 16 and ft["eval_on"] == "validation" and ft["args"]["heldout"] == 8
     assert ft["provenance"]["command"][0] == "distill.py" and ft["provenance"]["wall_s"] > 0
-    for row, _, method, flags, _ in toy.sft_runs(True, [0]):
+    for row, _, method, flags, init in runs:
         d = toy.run_dir(str(out), "sst2", 1, row)
         res = json.load(open(os.path.join(d, "results.json")))
         assert res["method"] == method and res["n_eval"] == 8 and 0 <= res["metrics"]["ACC"] <= 100
         m = load_model(os.path.join(d, "ckpt.pt"))
         assert m.config.bitnet == (method != "fp16-sft")
+        assert m.config.weight_quant == ("gptq" if init == "ct-gptq" else "absmean")
         if "--distill_layer" in flags:
             assert str(res["args"]["distill_layer"]) == "0"
         with torch.no_grad():

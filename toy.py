@@ -34,6 +34,7 @@ the control (BitNet-SFT + SubLN + CT: stages 1-2, no teacher), which BitDistill 
 
     python toy.py --preset smollm2-cpu --select     # stage 2 (~30 min on 2 cores), the held-out grid
     python toy.py --preset smollm2-cpu --seeds 1 2 3   # ~90 min a seed; finished runs are skipped
+    python toy.py --preset smollm2-cpu --seeds 1 2 3 --weight_quants gptq awq   # + Table 4's rows
 
 A small vocabulary (Qwen's 151,936-row head would outweigh all of a model this small), trained with
 the same byte-level BPE and pre-tokenizer regex, read back through tokenizer.load_tokenizer.
@@ -56,6 +57,7 @@ from tqdm import tqdm
 from corpus import make_tokenizer, unlabeled_text
 from figures import plot_toy, plot_toy_summary
 from recipe import distill_layer_for
+from bitlinear import WEIGHT_QUANTS
 from harness import HelpFormatter, provenance, run_cli, write_json, write_text
 from model import read_checkpoint
 
@@ -183,9 +185,10 @@ STEP = re.compile(r"^step (?P<done>\d+)/(?P<total>\d+) \| loss(?P<phase>)")     
 EVAL = re.compile(r"^(?P<phase>eval \w+|validation):\s+\d+%.*?\| (?P<done>\d+)/(?P<total>\d+) ")  # a tqdm bar
 
 
-def sft_runs(ablations, layers=(), control=False):
+def sft_runs(ablations, layers=(), control=False, quantizers=()):
     """(row name, table(s), distill.py method and flags, which pretrained model it starts from).
-    control: also the row that lacks only the teacher (BitNet-SFT + SubLN + CT) without --ablations."""
+    control: also the row that lacks only the teacher (BitNet-SFT + SubLN + CT) without --ablations.
+    quantizers: Table 4, BitDistill from the stage 2 of each other weight quantizer (ct-<name>)."""
     rows = [("FP16-SFT", "1", "fp16-sft", [], "teacher"),
             ("BitNet-SFT", "1,5", "bitnet-sft", ["--no_subln"], "teacher"),
             ("BitNet-SFT + SubLN", "5", "bitnet-sft", [], "teacher"),
@@ -198,7 +201,7 @@ def sft_runs(ablations, layers=(), control=False):
             or (control and r[0] == "BitNet-SFT + SubLN + CT")]
     # Figure 3b: L_AD at one other student layer each (the recipe's own layer is the BitDistill row)
     return rows + [(f"BitDistill, L_AD at layer {i}", "3b", "bitdistill", ["--distill_layer", str(i)], "ct")
-                   for i in layers]
+                   for i in layers] + [(f"BitDistill ({q})", "4", "bitdistill", [], f"ct-{q}") for q in quantizers]
 
 
 def ad_layer(row, runs, default):
@@ -241,6 +244,9 @@ def get_args(argv):
     p.add_argument("--quant_eps", default=None, choices=("add", "clamp"),
                    help="ε in Eq. 1 and 3 for every 1.58-bit stage (None: --recipe's; runs before the switch existed "
                         "used add), in <out>/<recipe>-<quant_eps>/ when given")
+    p.add_argument("--weight_quants", nargs="+", default=[], choices=[q for q in WEIGHT_QUANTS if q != "absmean"],
+                   help="Table 4: also stage 2 and BitDistill with each of these weight quantizers (bitlinear.py), "
+                        "paired against the absmean BitDistill row of the same seeds")
     p.add_argument("--compare", nargs="+", metavar="DIR", default=None,
                    help="only print the README's side-by-side table from these toy results folders "
                         "(each holds a results.json of toy.py, e.g. results/toy_fewlabels/authors/sst2)")
@@ -350,8 +356,8 @@ def main(argv=None):
     n_layers = config.num_hidden_layers
     layer = distill_layer_for(config)       # the recipe's L_AD layer for this model
     sweep = [i for i in range(n_layers) if i != layer] if args.layer_sweep else []
-    runs = sft_runs(args.ablations, sweep, control=real)
-    n_runs = 1 + 1 + args.ablations + (len(args.seeds) * len(runs) if not args.select else
+    runs = sft_runs(args.ablations, sweep, control=real, quantizers=args.weight_quants)
+    n_runs = 1 + 1 + args.ablations + len(args.weight_quants) + (len(args.seeds) * len(runs) if not args.select else
                                        sum(len(list(itertools.product(*g.values()))) for g in pre["grid"].values()))
     title = lambda i, what: f"[{'real' if real else 'toy'} {i}/{n_runs}] {what}"
     corpus = [os.path.join(os.path.abspath(args.data_dir), "corpus", c) for c in CORPUS]
@@ -384,19 +390,21 @@ def main(argv=None):
     # from here on every stage follows --recipe, in its own folder
     recipe = ["--recipe", args.recipe] + (["--quant_eps", args.quant_eps] if args.quant_eps else [])
     out = os.path.join(out, args.recipe + (f"-{args.quant_eps}" if args.quant_eps else ""))
-    cts = {"ct": ["--subln"]} | ({"ct_nosubln": ["--no_subln"]} if args.ablations else {})
+    cts = ({"ct": ["--subln"]} | ({"ct_nosubln": ["--no_subln"]} if args.ablations else {})
+           | {f"ct-{q}": ["--subln", "--weight_quant", q] for q in args.weight_quants})      # Table 4
     for i, (name, flags) in enumerate(cts.items()):
         d = os.path.join(out, name)
+        what = "without SubLN" if name == "ct_nosubln" else "with SubLN" + (f", weights by {name[3:]}" if "-" in name else "")
         run(["continue_train.py", "--init", teacher, "--quant", "bitnet", "--out_dir", d, "--seed", "1"]
             + recipe + flags + pre["ct"] + text, os.path.join(d, "DONE"), os.path.join(out, name + ".log"),
-            title(2 + i, f"stages 1 + 2: 1.58-bit {'with' if i == 0 else 'without'} SubLN, continued pre-training"))
+            title(2 + i, f"stages 1 + 2: 1.58-bit {what}, continued pre-training"))
         open(os.path.join(d, "DONE"), "w").close()
     # the toy LM was pretrained on plain text and never saw chat markup: plain prompts (a real chat
     # model: its template); few labels; the last --heldout train rows never train (they score --select)
     labels = pre["labels"] if args.labels is None else args.labels
     common = recipe + ["--prompt", "auto" if real else "plain", "--task", args.task, "--train_limit", str(labels),
                        "--heldout", str(pre["heldout"])] + pre["sft"] + data
-    start = {"teacher": teacher, "ct": os.path.join(out, "ct", "ckpt.pt")}
+    start = {"teacher": teacher} | {name: os.path.join(out, name, "ckpt.pt") for name in cts}
 
     def finetune(i, row, method, flags, init, d, seed, hp, teacher_dir, eval_on="validation", extra=()):
         src = ["--student", start[init]] if method == "bitdistill" else ["--model", start[init]]
@@ -470,8 +478,9 @@ def report(args, task_out, out, runs, labels, heldout, hps, layer):
         rows.append(dict(row=row, tables=tables, task=args.task, n_seeds=len(accs), mean=statistics.mean(accs),
                          std=sd, accs=accs, distill_layer=ad_layer(row, runs, layer)))
     for t, title in (("1", "Table 1"), ("5", "Table 5 (stages)"), ("6", "Table 6 (LD / AD)"),
-                     ("3b", "Figure 3b (L_AD layer; BitDistill is the recipe's layer)")):
-        sel = [r for r in rows if t in r["tables"].split(",") or (t == "3b" and r["row"] == "BitDistill")]
+                     ("3b", "Figure 3b (L_AD layer; BitDistill is the recipe's layer)"),
+                     ("4", "Table 4 (weight quantizer; BitDistill is absmean)")):
+        sel = [r for r in rows if t in r["tables"].split(",") or (t in ("3b", "4") and r["row"] == "BitDistill")]
         if len(sel) < 2:
             continue
         print(f"\n{title}: {args.task.upper()} validation accuracy (%), mean ± std over {len(args.seeds)} seed(s)")
@@ -485,6 +494,7 @@ def report(args, task_out, out, runs, labels, heldout, hps, layer):
     paired = [paired_difference(by[a], by[b], args.seeds) for a, b in
               (("FP16-SFT", "BitNet-SFT"), ("BitDistill", "BitNet-SFT"), ("BitDistill", "FP16-SFT"),
                ("BitDistill", "BitNet-SFT + SubLN + CT")) if b in by]
+    paired += [paired_difference(by[f"BitDistill ({q})"], by["BitDistill"], args.seeds) for q in args.weight_quants]
     print("\nPaired differences (the same seed, point by point), mean with a 95% t-interval:")
     for p in paired:
         ci = "n/a (one seed)" if p["ci95"] is None else f"[{p['ci95'][0]:+.2f}, {p['ci95'][1]:+.2f}]"
@@ -494,6 +504,7 @@ def report(args, task_out, out, runs, labels, heldout, hps, layer):
     stage2 = [(os.path.join(out, "..", "fp", "metrics.json"), "full precision (the pretrained LLM)"),
               (os.path.join(out, "ct", "metrics.json"), "1.58-bit with SubLN"),
               (os.path.join(out, "ct_nosubln", "metrics.json"), "1.58-bit without SubLN")]
+    stage2 += [(os.path.join(out, f"ct-{q}", "metrics.json"), f"1.58-bit with SubLN, {q} weights") for q in args.weight_quants]
     stage2 = [(os.path.normpath(p), label) for p, label in stage2 if os.path.exists(p)]
     ppl = {}
     for p, label in stage2:
@@ -502,7 +513,7 @@ def report(args, task_out, out, runs, labels, heldout, hps, layer):
         ppl[label] = dict(metrics=os.path.relpath(p, out), first_step=val[0]["step"], first_ppl=val[0]["ppl"],
                           last_step=val[-1]["step"], last_tokens=val[-1]["tokens"], last_ppl=val[-1]["ppl"])
     write_json(os.path.join(task_out, "results.json"), {
-        "provenance": provenance(), "task": args.task, "recipe": args.recipe, "seeds": args.seeds,
+        "provenance": provenance(), "task": args.task, "recipe": args.recipe, "quant_eps": args.quant_eps, "seeds": args.seeds,
         "preset": args.preset, "model": (args.model or PRESETS[args.preset]["model"]) if real else "toy", "stage2_heldout_ppl": ppl,
         "seeds_vary": "fine-tuning data order (teacher pretraining seed 0 and stage 2 seed 1 fixed)",
         "labels": labels, "heldout_rows": heldout, "hyperparameters": hps, "rows": rows,
