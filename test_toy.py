@@ -5,6 +5,7 @@ import json
 import os
 import subprocess
 
+import pytest
 import torch
 
 import tasks
@@ -70,6 +71,13 @@ def test_toy_pipeline_smoke(tmp_path, data_dir):
     before = os.path.getmtime(out / "ct" / "ckpt.pt")
     toy.main(["--preset", "smoke", "--out", str(out.parent), "--data_dir", data_dir, "--ablations"])
     assert os.path.getmtime(out / "ct" / "ckpt.pt") == before
+    # part of the pipeline (--rows): the named rows and the teacher; the folder's tables are not replaced
+    before = os.path.getmtime(out / "sst2" / "results.json")
+    toy.main(["--preset", "smoke", "--out", str(out.parent), "--data_dir", data_dir, "--weight_quants", "gptq",
+              "--rows", "BitDistill (gptq)"])
+    assert os.path.getmtime(out / "sst2" / "results.json") == before
+    with pytest.raises(SystemExit, match="not rows of this pipeline"):
+        toy.main(["--preset", "smoke", "--out", str(out.parent), "--data_dir", data_dir, "--rows", "BitDistill (awq)"])
     # the paper's recipe: its own stage 2 (SubLN before o_proj and down_proj only) and stage 3 runs,
     # each handing a strictly loadable checkpoint to the next
     toy.main(["--preset", "smoke", "--out", str(out.parent), "--data_dir", data_dir, "--recipe", "paper"])

@@ -247,6 +247,8 @@ def get_args(argv):
     p.add_argument("--weight_quants", nargs="+", default=[], choices=[q for q in WEIGHT_QUANTS if q != "absmean"],
                    help="Table 4: also stage 2 and BitDistill with each of these weight quantizers (bitlinear.py), "
                         "paired against the absmean BitDistill row of the same seeds")
+    p.add_argument("--rows", nargs="+", default=None, metavar="ROW",
+                   help='only these rows, e.g. "BitDistill (gptq)" (None: all; FP16-SFT, the teacher, always runs)')
     p.add_argument("--compare", nargs="+", metavar="DIR", default=None,
                    help="only print the README's side-by-side table from these toy results folders "
                         "(each holds a results.json of toy.py, e.g. results/toy_fewlabels/authors/sst2)")
@@ -357,6 +359,12 @@ def main(argv=None):
     layer = distill_layer_for(config)       # the recipe's L_AD layer for this model
     sweep = [i for i in range(n_layers) if i != layer] if args.layer_sweep else []
     runs = sft_runs(args.ablations, sweep, control=real, quantizers=args.weight_quants)
+    if args.rows:                  # only these rows, and FP16-SFT: the teacher BitDistill reads
+        unknown = set(args.rows) - {r[0] for r in runs}
+        if unknown:
+            sys.exit(f"toy.py: error: --rows {sorted(unknown)} are not rows of this pipeline; its rows: "
+                     + ", ".join(repr(r[0]) for r in runs))
+        runs = [r for r in runs if r[0] in args.rows or r[0] == "FP16-SFT"]
     n_runs = 1 + 1 + args.ablations + len(args.weight_quants) + (len(args.seeds) * len(runs) if not args.select else
                                        sum(len(list(itertools.product(*g.values()))) for g in pre["grid"].values()))
     title = lambda i, what: f"[{'real' if real else 'toy'} {i}/{n_runs}] {what}"
@@ -392,6 +400,8 @@ def main(argv=None):
     out = os.path.join(out, args.recipe + (f"-{args.quant_eps}" if args.quant_eps else ""))
     cts = ({"ct": ["--subln"]} | ({"ct_nosubln": ["--no_subln"]} if args.ablations else {})
            | {f"ct-{q}": ["--subln", "--weight_quant", q] for q in args.weight_quants})      # Table 4
+    if args.rows:
+        cts = {name: flags for name, flags in cts.items() if name in {r[4] for r in runs}}
     for i, (name, flags) in enumerate(cts.items()):
         d = os.path.join(out, name)
         what = "without SubLN" if name == "ct_nosubln" else "with SubLN" + (f", weights by {name[3:]}" if "-" in name else "")
@@ -481,7 +491,7 @@ def report(args, task_out, out, runs, labels, heldout, hps, layer):
                      ("3b", "Figure 3b (L_AD layer; BitDistill is the recipe's layer)"),
                      ("4", "Table 4 (weight quantizer; BitDistill is absmean)")):
         sel = [r for r in rows if t in r["tables"].split(",") or (t in ("3b", "4") and r["row"] == "BitDistill")]
-        if len(sel) < 2:
+        if len(sel) < (1 if args.rows else 2):
             continue
         print(f"\n{title}: {args.task.upper()} validation accuracy (%), mean ± std over {len(args.seeds)} seed(s)")
         for r in sel:
@@ -493,12 +503,16 @@ def report(args, task_out, out, runs, labels, heldout, hps, layer):
     # and against the row that lacks only the teacher (SubLN + CT): distillation's own share
     paired = [paired_difference(by[a], by[b], args.seeds) for a, b in
               (("FP16-SFT", "BitNet-SFT"), ("BitDistill", "BitNet-SFT"), ("BitDistill", "FP16-SFT"),
-               ("BitDistill", "BitNet-SFT + SubLN + CT")) if b in by]
-    paired += [paired_difference(by[f"BitDistill ({q})"], by["BitDistill"], args.seeds) for q in args.weight_quants]
+               ("BitDistill", "BitNet-SFT + SubLN + CT")) if a in by and b in by]
+    paired += [paired_difference(by[f"BitDistill ({q})"], by["BitDistill"], args.seeds) for q in args.weight_quants
+               if "BitDistill" in by and f"BitDistill ({q})" in by]
     print("\nPaired differences (the same seed, point by point), mean with a 95% t-interval:")
     for p in paired:
         ci = "n/a (one seed)" if p["ci95"] is None else f"[{p['ci95'][0]:+.2f}, {p['ci95'][1]:+.2f}]"
         print(f"  {p['pair']:<28}{p['mean']:+7.2f}  {ci}   per seed: " + " / ".join(f"{d:+.2f}" for d in p["diffs"]))
+    if args.rows:                # part of the pipeline: the folder's tables stay those of a whole run
+        print(f"(--rows: {task_out}/results.json not written; the whole pipeline writes it)")
+        return
     # stage 2 on the held-out slice: perplexity at the first and last validation of each run
     real = isinstance(PRESETS[args.preset]["model"], str)
     stage2 = [(os.path.join(out, "..", "fp", "metrics.json"), "full precision (the pretrained LLM)"),
