@@ -14,10 +14,22 @@ explicit key-by-key copy with every key and shape asserted.
     tok = load_tokenizer(path)
     out = model.generate(torch.tensor([tok.encode("Hello")]), max_new_tokens=20)
 
-Differences between the three families, all read from config.json (or a GGUF's metadata, gguf_model.py):
+Differences between the four families, all read from config.json (or a GGUF's metadata, gguf_model.py):
     qwen3: RMSNorm on each head's q and k (q_norm, k_norm), no q/k/v bias, explicit head_dim
     qwen2: q/k/v bias, no q/k norm, head_dim = hidden_size // num_attention_heads
     llama: Qwen2's block without the biases (SmolLM2, Llama)
+    gemma3_text (Gemma 3 1B, Table 3): Qwen3's attention plus
+        - RMSNorm as x / rms(x) * (1 + w), computed in fp32 and cast at the end (weights start at 0)
+        - four norms a block ("sandwich"): input_layernorm -> attention -> post_attention_layernorm ->
+          residual add, pre_feedforward_layernorm -> MLP -> post_feedforward_layernorm -> residual add
+          (Qwen's post_attention_layernorm is the norm BEFORE its MLP: the same key, another place)
+        - GeGLU: gelu_tanh(x W_gate) * (x W_up) in place of SiLU
+        - scores scaled by 1/sqrt(query_pre_attn_scalar) in place of 1/sqrt(head_dim)
+        - five of every six layers attend to the last `sliding_window` keys only (self included),
+          with their own RoPE base (10,000; the global layers: 1,000,000)
+        - the embedding times sqrt(hidden_size), rounded to the weight's dtype (33.94 in fp32 at 1152,
+          34.0 in bf16); the tied lm_head reads the unscaled table
+        - no soft-capping in Gemma 3 (Gemma 2 had it): a config that sets it is refused, never ignored
 Padding: `attention_mask` (B, T) has 1 for real tokens, 0 for padding. Left and right padding are
 both correct in forward (positions come from the mask); generate() expects left padding.
 
@@ -54,16 +66,28 @@ class Qwen3Config:
     bitnet: bool = False         # set by subln.convert_to_bitnet: linears are BitLinear
     subln: bool = False          # set by subln.convert_to_bitnet: SubLN before o_proj and down_proj
     subln_all: bool = False      # ... and before q/k/v/gate/up too (the authors' released runs)
+    hidden_act: str = "silu"     # gemma3_text: "gelu_tanh" (GeGLU)
+    query_pre_attn_scalar: float | None = None   # gemma3_text: scores / sqrt(this) (None: / sqrt(head_dim))
+    sliding_window: int | None = None            # gemma3_text: a sliding layer sees this many keys, itself included
+    layer_types: list | None = None              # gemma3_text: "sliding_attention" | "full_attention" a layer
+    rope_local_theta: float | None = None        # gemma3_text: the sliding layers' RoPE base
     weight_quant: str = "absmean"  # set by subln.convert_to_bitnet: Table 4's weight quantizer (bitlinear.py)
     quant_eps: str = "add"       # ... and the ε form of both quantizers: "add" (Eq. 1, 3) or "clamp" (authors)
 
+    @property
+    def gemma(self):             # Gemma's norms, sandwich block and scaled embedding (the docstring above)
+        return self.model_type == "gemma3_text"
+
     @classmethod
     def from_hf(cls, d):
-        """From the dict of a Hugging Face config.json (model_type qwen3 or qwen2)."""
+        """From the dict of a Hugging Face config.json (model_type qwen3, qwen2, llama or gemma3_text)."""
         mt = d.get("model_type")
+        if mt == "gemma3_text":
+            return cls.gemma3_from_hf(d)
         if mt not in ("qwen3", "qwen2", "llama"):
             raise ValueError(f"unsupported model_type {mt!r}: this loader knows 'qwen3' (Qwen3), "
-                             "'qwen2' (Qwen2, Qwen2.5) and 'llama' (SmolLM2, Llama). Pick one of those.")
+                             "'qwen2' (Qwen2, Qwen2.5), 'llama' (SmolLM2, Llama) and 'gemma3_text' (Gemma 3 1B). "
+                             "Pick one of those.")
         if mt == "llama" and (d.get("mlp_bias") or d.get("attention_bias") or d.get("pretraining_tp", 1) != 1):
             raise ValueError("llama options mlp_bias / attention_bias / pretraining_tp are not implemented")
         rope = d.get("rope_scaling") or d.get("rope_parameters") or {}
@@ -84,6 +108,46 @@ class Qwen3Config:
             qk_norm=(mt == "qwen3"), model_type=mt)
 
     @classmethod
+    def gemma3_from_hf(cls, d):
+        """Gemma 3's text config: the hub's (rope_theta, rope_local_base_freq, sliding_window_pattern) or
+        the one transformers 5 writes (rope_parameters and layer_types); what this model lacks is refused."""
+        for key in ("final_logit_softcapping", "attn_logit_softcapping"):
+            if d.get(key) is not None:
+                raise ValueError(f"{key} = {d[key]}: logit soft-capping is not implemented (Gemma 3 sets none); "
+                                 "refused rather than ignored")
+        for key in ("use_bidirectional_attention", "attention_bias"):
+            if d.get(key):
+                raise ValueError(f"gemma3_text with {key} is not implemented")
+        act = d.get("hidden_activation") or d.get("hidden_act") or "gelu_pytorch_tanh"
+        if act not in ("gelu_pytorch_tanh", "gelu_tanh"):
+            raise ValueError(f"gemma3_text activation {act!r} is not implemented (only gelu_pytorch_tanh)")
+        n = d["num_hidden_layers"]
+        every = d.get("sliding_window_pattern", 6)   # the hub's: every 6th layer global
+        types = d.get("layer_types") or ["full_attention" if (i + 1) % every == 0 else "sliding_attention"
+                                         for i in range(n)]
+        if len(types) != n or set(types) - {"sliding_attention", "full_attention"}:
+            raise ValueError(f"layer_types {types} do not name {n} sliding_attention / full_attention layers")
+        rope = d.get("rope_parameters") or {}
+        full, local = (rope.get("full_attention") or {}, rope.get("sliding_attention") or {}) \
+            if "full_attention" in rope or "sliding_attention" in rope else (d.get("rope_scaling") or rope, {})
+        for r in (full, local):
+            if r.get("rope_type", r.get("type", "default")) != "default":
+                raise ValueError(f"rope scaling {r} is not implemented (Gemma 3 1B has none; 4B and up scale "
+                                 "the global layers)")
+        head_dim = d.get("head_dim", 256)
+        return cls(
+            vocab_size=d["vocab_size"], hidden_size=d["hidden_size"], intermediate_size=d["intermediate_size"],
+            num_hidden_layers=n, num_attention_heads=d["num_attention_heads"],
+            num_key_value_heads=d.get("num_key_value_heads", d["num_attention_heads"]), head_dim=head_dim,
+            rope_theta=float(full.get("rope_theta", d.get("rope_theta", 1e6))),
+            rope_local_theta=float(local.get("rope_theta", d.get("rope_local_base_freq", 1e4))),
+            rms_norm_eps=d.get("rms_norm_eps", 1e-6), tie_word_embeddings=d.get("tie_word_embeddings", True),
+            max_position_embeddings=d.get("max_position_embeddings", 131072), qkv_bias=False, qk_norm=True,
+            model_type="gemma3_text", hidden_act="gelu_tanh",
+            query_pre_attn_scalar=float(d.get("query_pre_attn_scalar", head_dim)),
+            sliding_window=d.get("sliding_window", 4096), layer_types=list(types))
+
+    @classmethod
     def from_dict(cls, d):
         """From one of our own checkpoints' asdict(config); unknown keys are an error."""
         known = {f.name for f in fields(cls)}
@@ -97,17 +161,20 @@ class Qwen3Config:
 
 
 class RMSNorm(nn.Module):
-    """y = x / sqrt(mean(x^2) + eps) * weight, computed in fp32 as Qwen does."""
+    """y = x / sqrt(mean(x^2) + eps) * weight, computed in fp32 as Qwen does (cast, then weighted).
+    one_plus (Gemma): y = x / sqrt(mean(x^2) + eps) * (1 + weight), all in fp32, cast at the end."""
 
-    def __init__(self, dim, eps=1e-6):
+    def __init__(self, dim, eps=1e-6, one_plus=False):
         super().__init__()
-        self.eps = eps
-        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps, self.one_plus = eps, one_plus
+        self.weight = nn.Parameter(torch.zeros(dim) if one_plus else torch.ones(dim))
 
     def forward(self, x):
         dtype = x.dtype
         x = x.float()
         x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        if self.one_plus:
+            return (x * (1.0 + self.weight.float())).to(dtype)
         return self.weight * x.to(dtype)
 
 
@@ -157,9 +224,10 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(c.hidden_size, self.n_kv_head * self.head_dim, bias=c.qkv_bias)
         self.o_proj = nn.Linear(self.n_head * self.head_dim, c.hidden_size, bias=False)
         if c.qk_norm:
-            self.q_norm = RMSNorm(self.head_dim, c.rms_norm_eps)
-            self.k_norm = RMSNorm(self.head_dim, c.rms_norm_eps)
+            self.q_norm = RMSNorm(self.head_dim, c.rms_norm_eps, c.gemma)
+            self.k_norm = RMSNorm(self.head_dim, c.rms_norm_eps, c.gemma)
         self.qk_norm = c.qk_norm
+        self.scale = (c.query_pre_attn_scalar or self.head_dim) ** -0.5   # Eq. (6)'s 1/sqrt(d)
         self.subln = nn.Identity()  # Eq. (4): subln.py puts SubLN here, right before o_proj
 
     def forward(self, x, cos, sin, mask, cache=None, layer_idx=0, return_qkv=False, qk_after_rope=True):
@@ -185,12 +253,12 @@ class Attention(nn.Module):
         rep = self.n_head // self.n_kv_head
         k = k.repeat_interleave(rep, dim=1)  # (B, nh, S, hd)
         v = v.repeat_interleave(rep, dim=1)
-        # Eq. (6): softmax(Q K^T / sqrt(d)) V, with the causal + padding mask; mask None (no padding,
+        # Eq. (6): softmax(Q K^T / sqrt(d)) V, with the causal + padding (+ sliding window) mask; mask None (no padding,
         # and no cache or one new token): plain causal, which SDPA's fused (flash) kernels take. One
         # new token after a cache sees every key (SDPA's causal mask is aligned top-left); the test
         # is on the cache, not on T, which torch.compile may hold as a symbol.
         causal = mask is None and (cache is None or cache.length == 0)
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal)  # (B, nh, T, hd)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, scale=self.scale)  # (B, nh, T, hd)
         y = y.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim)
         y = self.o_proj(self.subln(y))
         return (y, qkv) if return_qkv else y
@@ -203,24 +271,36 @@ class MLP(nn.Module):
         self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
         self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
         self.subln = nn.Identity()  # Eq. (5): subln.py puts SubLN here, right before down_proj
+        self.gelu = config.hidden_act == "gelu_tanh"   # Gemma's GeGLU
 
     def forward(self, x):
-        return self.down_proj(self.subln(F.silu(self.gate_proj(x)) * self.up_proj(x)))
+        g = self.gate_proj(x)
+        g = F.gelu(g, approximate="tanh") if self.gelu else F.silu(g)
+        return self.down_proj(self.subln(g * self.up_proj(x)))
 
 
 class Block(nn.Module):
     def __init__(self, config):
         super().__init__()
-        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        C, eps, g = config.hidden_size, config.rms_norm_eps, config.gemma
+        self.input_layernorm = RMSNorm(C, eps, g)
         self.self_attn = Attention(config)
-        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(C, eps, g)   # Qwen: before the MLP; Gemma: after the attention
+        if g:
+            self.pre_feedforward_layernorm = RMSNorm(C, eps, g)
+            self.post_feedforward_layernorm = RMSNorm(C, eps, g)
+        self.sandwich = g
         self.mlp = MLP(config)
 
     def forward(self, x, cos, sin, mask, cache=None, layer_idx=0, return_qkv=False, qk_after_rope=True):
         a = self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, layer_idx, return_qkv, qk_after_rope)
         a, qkv = a if return_qkv else (a, None)
-        x = x + a
-        x = x + self.mlp(self.post_attention_layernorm(x))
+        if self.sandwich:          # Gemma: each sublayer's output is normed before the residual add
+            x = x + self.post_attention_layernorm(a)
+            x = x + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(x)))
+        else:
+            x = x + a
+            x = x + self.mlp(self.post_attention_layernorm(x))
         return (x, qkv) if return_qkv else x
 
 
@@ -231,7 +311,7 @@ class Qwen3(nn.Module):
         self.model = nn.ModuleDict(dict(
             embed_tokens=nn.Embedding(config.vocab_size, config.hidden_size),
             layers=nn.ModuleList([Block(config) for _ in range(config.num_hidden_layers)]),
-            norm=RMSNorm(config.hidden_size, config.rms_norm_eps),
+            norm=RMSNorm(config.hidden_size, config.rms_norm_eps, config.gemma),
         ))
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         if config.tie_word_embeddings:
@@ -252,23 +332,35 @@ class Qwen3(nn.Module):
                              f"expected (batch, past + T) = {(B, past + T)}")
         keep = attention_mask.bool()                                              # (B, S)
         pos = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, past:]       # (B, T)
-        cos, sin = rope_cos_sin(pos, self.config.head_dim, self.config.rope_theta)
+        c = self.config
+        cos, sin = rope_cos_sin(pos, c.head_dim, c.rope_theta)
         # mask[b, 0, i, j]: query i (absolute past+i) may see key j if j <= past+i and j is real;
         # a padded query also sees itself, so its softmax row is never empty (its output is unused).
-        mask = None                                  # fused: SDPA's own causal mask, nothing built
-        if not fused:
-            S = past + T
-            qpos = torch.arange(past, S, device=idx.device)[:, None]             # (T, 1)
-            kpos = torch.arange(S, device=idx.device)[None, :]                    # (1, S)
-            mask = (kpos <= qpos)[None] & keep[:, None, :]                        # (B, T, S)
-            mask = (mask | (kpos == qpos)[None])[:, None]                         # (B, 1, T, S)
+        # A sliding layer (Gemma) also needs j > past+i - window.
+        S = past + T
+        qpos = torch.arange(past, S, device=idx.device)[:, None]                  # (T, 1)
+        kpos = torch.arange(S, device=idx.device)[None, :]                         # (1, S)
+
+        def build_mask(window=None):
+            see = kpos <= qpos if window is None else (kpos <= qpos) & (kpos > qpos - window)   # (T, S)
+            mask = see[None] & keep[:, None, :]                                   # (B, T, S)
+            return (mask | (kpos == qpos)[None])[:, None]                         # (B, 1, T, S)
+        mask = None if fused else build_mask()       # fused: SDPA's own causal mask, nothing built
+        ctx = {"full_attention": (cos, sin, mask)}
+        if c.layer_types and "sliding_attention" in c.layer_types:
+            local_cos, local_sin = rope_cos_sin(pos, c.head_dim, c.rope_local_theta)
+            ctx["sliding_attention"] = (local_cos, local_sin, mask if S <= c.sliding_window
+                                        else build_mask(c.sliding_window))   # every key in the window: no change
         x = self.model.embed_tokens(idx)                                          # (B, T, C)
+        if c.gemma:      # sqrt(hidden) rounded to the weight's dtype, as Gemma's checkpoints were trained
+            x = x * torch.tensor(c.hidden_size ** 0.5).to(x.dtype)
         qkv = None
         for i, block in enumerate(self.model.layers):
+            cos_i, sin_i, mask_i = ctx[c.layer_types[i] if c.layer_types else "full_attention"]
             if i == qkv_layer:
-                x, qkv = block(x, cos, sin, mask, cache, i, return_qkv=True, qk_after_rope=qk_after_rope)
+                x, qkv = block(x, cos_i, sin_i, mask_i, cache, i, return_qkv=True, qk_after_rope=qk_after_rope)
             else:
-                x = block(x, cos, sin, mask, cache, i)
+                x = block(x, cos_i, sin_i, mask_i, cache, i)
         if cache is not None:
             cache.length += T
         x = self.model.norm(x)
@@ -288,7 +380,7 @@ class Qwen3(nn.Module):
 
     @classmethod
     def from_pretrained(cls, path, dtype=torch.float32):
-        """A Hugging Face Qwen3/Qwen2 checkpoint (folder, or hub id fetched with huggingface_hub)."""
+        """A Hugging Face Qwen3/Qwen2/Llama/Gemma 3 checkpoint (folder, or hub id fetched with huggingface_hub)."""
         path = resolve_checkpoint_dir(path)
         with open(os.path.join(path, "config.json")) as f:
             config = Qwen3Config.from_hf(json.load(f))
