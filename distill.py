@@ -172,7 +172,8 @@ def build_models(args, device, own=None):
     if args.prompt == "auto":                      # Qwen's chat template when the tokenizer has it
         args.prompt = "chat" if chat_tokens(tok) else "plain"
     if args.prompt == "chat" and not chat_tokens(tok):
-        raise ValueError(f"--prompt chat: the tokenizer {args.tokenizer} has no <|im_start|>/<|im_end|>; use --prompt plain")
+        raise ValueError(f"--prompt chat: the tokenizer {args.tokenizer} has no chat tokens (<|im_start|>/<|im_end|> "
+                         "or <start_of_turn>/<end_of_turn>); use --prompt plain")
     if model.config.vocab_size < tok.n_vocab:
         raise ValueError(f"tokenizer has {tok.n_vocab} ids but the model only {model.config.vocab_size} rows")
     teacher = None

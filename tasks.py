@@ -142,12 +142,24 @@ def prompt_and_answer(task, ex, chat=None):
 QWEN_SYSTEM = "You are Qwen, created by Alibaba Cloud. You are a helpful assistant."
 
 
+# Gemma 3's template (its tokenizer_config.json): <bos><start_of_turn>user\n{prompt, trimmed}<end_of_turn>\n
+# <start_of_turn>model\n{answer}<end_of_turn>\n; no system turn.
+CHAT_MARKERS = (("<|im_start|>", "<|im_end|>"), ("<start_of_turn>", "<end_of_turn>"))
+
+
 def chat_tokens(tok):
-    """(<|im_start|>, <|im_end|>) ids if the tokenizer has Qwen's chat tokens, else None."""
-    try:
-        return tok.encode_single_token("<|im_start|>"), tok.encode_single_token("<|im_end|>")
-    except (KeyError, AttributeError):
-        return None
+    """The ids of (turn start, turn end) if the tokenizer has Qwen's (ChatML) or Gemma's chat tokens, else None."""
+    for start, end in CHAT_MARKERS:
+        try:
+            return tok.encode_single_token(start), tok.encode_single_token(end)
+        except (KeyError, AttributeError):
+            continue
+    return None
+
+
+def bos(tok):
+    """[<bos>] for a tokenizer whose model expects it first (Gemma), else []."""
+    return [tok.bos_token_id] if getattr(tok, "bos_token_id", None) is not None else []
 
 
 def stop_token(tok, chat):
@@ -157,9 +169,11 @@ def stop_token(tok, chat):
 
 def wrap_prompt(tok, prompt_text, chat):
     if not chat:
-        return tok.encode(prompt_text)
+        return bos(tok) + tok.encode(prompt_text)
     s, e = chat
     nl = tok.encode("\n")
+    if tok.decode([s]) == "<start_of_turn>":                        # Gemma
+        return bos(tok) + [s] + tok.encode("user\n" + prompt_text.strip()) + [e] + nl + [s] + tok.encode("model\n")
     system = getattr(tok, "chat_system", None) or QWEN_SYSTEM     # the template's own default (SmolLM2's)
     return ([s] + tok.encode("system\n" + system) + [e] + nl + [s] + tok.encode("user\n" + prompt_text)
             + [e] + nl + [s] + tok.encode("assistant\n"))

@@ -183,3 +183,62 @@ def test_gemma3_subln_before_o_proj_and_down_proj(tmp_path):
         rms = seen[key].pow(2).mean(-1).sqrt()
         assert torch.allclose(rms, torch.ones_like(rms), atol=1e-3)     # SubLN weights start at 1
     assert torch.equal(seen["pa_in"], seen["o_out"]) and torch.equal(seen["pf_in"], seen["d_out"])
+
+
+# ----------------------------------------------------------------------------- Gemma's tokenizer and prompts
+
+@pytest.fixture(scope="module")
+def gemma_tok_dir(tmp_path_factory, data_dir):
+    """A Gemma-layout tokenizer as transformers' GemmaTokenizer writes it (SentencePiece BPE with byte
+    fallback, spaces as '▁', <pad> <eos> <bos> <unk> <mask> at 0-4, the turn markers as added special
+    tokens), its merges trained here on SST-2 text: Gemma's own file cannot be downloaded offline."""
+    from tokenizers import Tokenizer as RustTokenizer, models, normalizers, pre_tokenizers, trainers
+    from test_tokenizer import real_strings
+    specials = ["<pad>", "<eos>", "<bos>", "<unk>", "<mask>"] + [f"<0x{b:02X}>" for b in range(256)]
+    tk = RustTokenizer(models.BPE(unk_token="<unk>", byte_fallback=True, fuse_unk=True))
+    tk.normalizer = normalizers.Replace(" ", "▁")
+    tk.pre_tokenizer = pre_tokenizers.Split(" ", "merged_with_previous")
+    tk.train_from_iterator(real_strings(data_dir)[:1500], trainers.BpeTrainer(vocab_size=1200, special_tokens=specials))
+    model = json.loads(tk.to_str())["model"]
+    hf = transformers.GemmaTokenizer(vocab=model["vocab"], merges=[tuple(m) if not isinstance(m, str) else
+                                                                   tuple(m.split(" ")) for m in model["merges"]],
+                                     add_bos_token=True)
+    hf.add_special_tokens({"additional_special_tokens": ["<start_of_turn>", "<end_of_turn>"]})
+    d = tmp_path_factory.mktemp("gemma_tok")
+    hf.save_pretrained(d)
+    return str(d)
+
+
+def test_gemma_tokenizer_equals_transformers_on_the_shared_data(gemma_tok_dir, data_dir):
+    from test_tokenizer import EDGE_CASES, real_strings
+    from tokenizer import SentencePieceBPE, load_tokenizer
+    import tasks
+    tok, hf = load_tokenizer(gemma_tok_dir), transformers.AutoTokenizer.from_pretrained(gemma_tok_dir)
+    assert isinstance(tok, SentencePieceBPE) and json.load(open(f"{gemma_tok_dir}/tokenizer.json"))["model"]["byte_fallback"]
+    assert (tok.bos_token_id, tok.eos_token_id, tok.pad_token_id, tok.eot_token) == (2, 1, 0, 1)
+    strings = real_strings(data_dir) + EDGE_CASES + ["a<start_of_turn>b<end_of_turn>", "\x00 ü 你好 \U0001f600"]
+    ours, ref = tok.encode_batch(strings), hf(strings, add_special_tokens=False)["input_ids"]
+    assert ours == ref and [tok.encode(s) for s in strings[:50]] == ref[:50]
+    assert any(i in range(5, 261) for ids in ours for i in ids)          # byte fallback was exercised
+    for s, ids in zip(strings[:300], ours):                             # <bos> in front, as HF adds it
+        assert tasks.bos(tok) + ids == hf(s)["input_ids"]
+        assert tok.decode(ids) == hf.decode(ids)
+
+
+def test_gemma_chat_prompt(gemma_tok_dir, data_dir):
+    # Gemma's turn format (llama.cpp's format_gemma, with the HF template's trim of the message):
+    # <bos><start_of_turn>user\n{text}<end_of_turn>\n<start_of_turn>model\n, tokenized as one string by HF
+    from tokenizer import load_tokenizer
+    import tasks
+    tok, hf = load_tokenizer(gemma_tok_dir), transformers.AutoTokenizer.from_pretrained(gemma_tok_dir)
+    chat = tasks.chat_tokens(tok)
+    assert chat == (tok.encode_single_token("<start_of_turn>"), tok.encode_single_token("<end_of_turn>"))
+    for ex in tasks.load_examples("sst2", "validation", data_dir)[:40]:
+        prompt, answer = tasks.prompt_and_answer("sst2", ex, chat)
+        text = f"<start_of_turn>user\n{prompt.strip()}<end_of_turn>\n<start_of_turn>model\n"
+        assert tasks.wrap_prompt(tok, prompt, chat) == hf(text)["input_ids"]
+        ids, n_prompt = tasks.encode_example(tok, "sst2", ex, 512, chat)
+        assert ids == hf(text + answer + "<end_of_turn>\n")["input_ids"] and n_prompt == len(hf(text)["input_ids"])
+    # the template trims the message (our task prompts never start or end with whitespace)
+    assert tasks.wrap_prompt(tok, " \n hi there \n", chat) == \
+        hf("<start_of_turn>user\nhi there<end_of_turn>\n<start_of_turn>model\n")["input_ids"]

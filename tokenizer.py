@@ -9,6 +9,12 @@ Qwen2 / Qwen2.5 / Qwen3 tokenizer as a tiktoken.Encoding, built from a checkpoin
     tok.eos_token_id, tok.pad_token_id           # Qwen3: 151645 <|im_end|>, 151643 <|endoftext|>; None
                                                  # when no tokenizer_config.json names them
 
+Gemma 3's tokenizer is SentencePiece BPE with byte fallback (merge order by score, "▁" for spaces,
+unknown characters as <0xNN> byte tokens): not a tiktoken rank table. Its tokenizer.json is run by
+Hugging Face's own `tokenizers` library (SentencePieceBPE below), so its ids are exact by construction;
+it adds Gemma's <bos> in front of every prompt (tasks.wrap_prompt) as the checkpoint's
+tokenizer_config.json asks (add_bos_token).
+
 Accepted layouts (checked in this order):
     folder/tokenizer.json (or its path)   BPE vocab, NFC normalizer and split regex are read from it
     folder/vocab.json + folder/merges.txt the slow-tokenizer layout; Qwen's regex and NFC are assumed
@@ -149,6 +155,55 @@ def _vocab_to_ranks(vocab, merges, where):
     return ranks
 
 
+class SentencePieceBPE:
+    """A tokenizer.json that is not byte-level BPE (Gemma's SentencePiece BPE with byte fallback), run
+    by the `tokenizers` library, with the interface the rest of this project reads from a Tokenizer:
+    encode (added tokens in the text cut out as single ids, as HF does; no <bos>), decode,
+    encode_single_token, n_vocab, eot_token (= eos), eos_token_id, pad_token_id, bos_token_id."""
+    chat_system = None          # Gemma's chat template has no system turn
+
+    def __init__(self, path, config):
+        from tokenizers import Tokenizer as RustTokenizer
+        self.name = os.path.basename(os.path.dirname(os.path.abspath(path)))
+        self._tk = RustTokenizer.from_file(path)
+        self._tk.no_truncation()
+        self._tk.no_padding()
+        content = lambda t: t["content"] if isinstance(t, dict) else t
+        self.eos_token, self.pad_token = content(config.get("eos_token", "<eos>")), content(config.get("pad_token"))
+        # the <bos> HF puts first: the first special token of tokenizer.json's post-processor template
+        post = _read_json(path).get("post_processor") or {}
+        first = (post.get("single") or [{}])[0] if post.get("type") == "TemplateProcessing" else {}
+        self.bos_token = first.get("SpecialToken", {}).get("id") if config.get("add_bos_token", True) else None
+        self.eos_token_id = self.encode_single_token(self.eos_token)
+        self.eot_token = self.eos_token_id                 # ends a plain-text answer, pads a batch
+        self.pad_token_id = self.encode_single_token(self.pad_token) if self.pad_token else None
+        self.bos_token_id = self.encode_single_token(self.bos_token) if self.bos_token else None
+        self.n_vocab = self._tk.get_vocab_size(with_added_tokens=True)
+        self.special_tokens_set = {t.content for t in self._tk.get_added_tokens_decoder().values() if t.special}
+
+    def encode(self, text, *, allowed_special="all", disallowed_special=()):
+        if allowed_special != "all" or disallowed_special != ():
+            raise ValueError("this tokenizer always cuts added tokens out of the text (allowed_special='all')")
+        return self._tk.encode(text, add_special_tokens=False).ids
+
+    def encode_batch(self, texts, **kw):
+        return [e.ids for e in self._tk.encode_batch(list(texts), add_special_tokens=False)]
+
+    def decode(self, ids):
+        return self._tk.decode(list(ids), skip_special_tokens=False)
+
+    def encode_single_token(self, token):
+        i = self._tk.token_to_id(token)
+        if i is None:
+            raise KeyError(token)
+        return i
+
+
+def is_sentencepiece_json(path):
+    model = _read_json(path).get("model", {})
+    return model.get("type") == "BPE" and bool(model.get("byte_fallback"))
+
+
 def _from_tokenizer_json(path):
     tj = _read_json(path)
     model = tj.get("model", {})
@@ -238,6 +293,9 @@ def load_tokenizer(path):
                                 "or vocab.json + merges.txt) or a .tiktoken file")
     folder = path if os.path.isdir(path) else os.path.dirname(path)
     tokenizer_json = path if path.endswith(".json") else os.path.join(path, "tokenizer.json")
+    if os.path.isfile(tokenizer_json) and is_sentencepiece_json(tokenizer_json):       # Gemma
+        config_path = os.path.join(folder, "tokenizer_config.json")
+        return SentencePieceBPE(tokenizer_json, _read_json(config_path) if os.path.isfile(config_path) else {})
     if os.path.isfile(tokenizer_json):
         ranks, pattern, nfc, added = _from_tokenizer_json(tokenizer_json)
     elif os.path.isfile(path):
