@@ -41,8 +41,8 @@ from contextlib import nullcontext
 import torch
 
 from bitlinear import QUANT_EPS, WEIGHT_QUANTS, weight_quant_once
-from losses import distill_loss   # Eq. (8)-(9), (13), (14)
-from model import model_from, read_checkpoint
+from losses import WHOLE_BYTES, distill_loss   # Eq. (8)-(9), (13), (14)
+from model import HeadLogits, model_from, read_checkpoint
 from recipe import RECIPES, TEACHER_LR, apply_recipe, distill_layers
 from subln import convert_to_bitnet
 from tasks import (METHODS, TASKS, chat_tokens, collate, collect_results, encode_example, evaluate, get_task,
@@ -56,20 +56,34 @@ from training import (adamw, add_run_args, autocast_context, check_finite, get_l
 
 load_tokenizer = functools.lru_cache(maxsize=4)(load_tokenizer)  # teacher and student share one
 
+def unwrapped(m):
+    """The Qwen3 inside DDP and torch.compile wrappers (its config and lm_head)."""
+    m = getattr(m, "module", m)
+    return getattr(m, "_orig_mod", m)
+
+
 def forward_both(model, teacher, idx, mask, layers, args, ctx):
     """The student's forward (with grad) and the frozen teacher's (no grad) on the same tokens
     (mask: the attention mask, or None: causal only); Q/K/V come back from the distilled layers
     only when L_AD is on."""
     use_ad = teacher is not None and not args.no_ad
     rope = args.qk_capture == "after_rope"
+    # logits whose fp32 copy would pass losses.WHOLE_BYTES (Qwen3 at 32 x 512, Gemma 3's 262k vocabulary)
+    # are never made whole: the losses apply each lm_head chunk by chunk (model.HeadLogits)
+    lazy = idx.numel() * unwrapped(model).config.vocab_size * 4 > WHOLE_BYTES
+    logits = lambda m, out: HeadLogits(out, unwrapped(m).lm_head, ctx) if lazy else out    # (B, T, V)
     with ctx:
-        out = model(idx, attention_mask=mask, qkv_layer=layers[0] if use_ad else None, qk_after_rope=rope)
-    s = dict(zip(("logits", "qkv"), out if use_ad else (out, None)))                # logits (B, T, V)
+        out = model(idx, attention_mask=mask, qkv_layer=layers[0] if use_ad else None, qk_after_rope=rope,
+                    head=not lazy)
+    out = out if use_ad else (out, None)
+    s = {"logits": logits(model, out[0]), "qkv": out[1]}
     t = {"logits": None, "qkv": None}
     if teacher is not None:
         with torch.no_grad(), ctx:
-            out = teacher(idx, attention_mask=mask, qkv_layer=layers[1] if use_ad else None, qk_after_rope=rope)
-        t = dict(zip(("logits", "qkv"), out if use_ad else (out, None)))
+            out = teacher(idx, attention_mask=mask, qkv_layer=layers[1] if use_ad else None, qk_after_rope=rope,
+                          head=not lazy)
+        out = out if use_ad else (out, None)
+        t = {"logits": logits(teacher, out[0]), "qkv": out[1]}
         t["logits"] = None if args.no_ld else t["logits"]
     return s, t
 

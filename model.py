@@ -35,6 +35,7 @@ both correct in forward (positions come from the mask); generate() expects left 
 
 Any checkpoint, ours included (full precision or 1.58-bit): model = load_model(path), at the end.
 """
+import contextlib
 import json
 import os
 from dataclasses import dataclass, asdict, fields
@@ -194,6 +195,28 @@ def apply_rope(x, cos, sin):
     return x * cos + torch.cat([-x2, x1], dim=-1) * sin
 
 
+class HeadLogits:
+    """The logits lm_head(h), (B, T, V), never held whole: indexing and reshaping act on the hidden
+    states h (B, T, C), and .float() computes only the rows selected by then. Built from forward(head=False)'s
+    h (distill.forward_both); losses.chunked_sum then applies the head chunk by chunk inside its checkpoint,
+    so a 262,144-token vocabulary (Gemma 3) costs one chunk's logits at a time, never 32 x 512 x V floats."""
+
+    def __init__(self, hidden, head, ctx=None):     # ctx: the forward's autocast, for the head too
+        self.hidden, self.head, self.ctx = hidden, head, ctx or contextlib.nullcontext()
+        self.shape = (*hidden.shape[:-1], head.weight.shape[0])
+
+    def __getitem__(self, key):           # key indexes positions only: [:, :-1], [b, t0:t1], [sel]
+        return HeadLogits(self.hidden[key], self.head, self.ctx)
+
+    def reshape(self, *shape):            # (..., V) -> the hidden states as (..., C)
+        assert shape[-1] == self.shape[-1]
+        return HeadLogits(self.hidden.reshape(*shape[:-1], self.hidden.shape[-1]), self.head, self.ctx)
+
+    def float(self):
+        with self.ctx:
+            return self.head(self.hidden).float()
+
+
 class KVCache:
     """Pre-allocated keys/values for every layer: (B, n_kv_head, max_len, head_dim) each."""
 
@@ -317,9 +340,11 @@ class Qwen3(nn.Module):
         if config.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight  # one tensor, two uses
 
-    def forward(self, idx, attention_mask=None, cache=None, last_only=False, qkv_layer=None, qk_after_rope=True):
+    def forward(self, idx, attention_mask=None, cache=None, last_only=False, qkv_layer=None, qk_after_rope=True,
+                head=True):
         """idx: (B, T) token ids; attention_mask: (B, past + T) with 1 = real token, or None.
-        Returns logits (B, T, vocab), or (B, 1, vocab) with last_only. With qkv_layer=i, returns
+        Returns logits (B, T, vocab), or (B, 1, vocab) with last_only; with head=False the final
+        hidden states (B, T, C) instead (HeadLogits applies the head later, where a loss reads it). With qkv_layer=i, returns
         (logits, (Q, K, V)) of layer i: the states Eq. (10) distils, each (B, heads, T, head_dim),
         Q and K after RoPE unless qk_after_rope=False."""
         B, T = idx.shape
@@ -366,7 +391,7 @@ class Qwen3(nn.Module):
         x = self.model.norm(x)
         if last_only:
             x = x[:, -1:]
-        logits = self.lm_head(x)
+        logits = self.lm_head(x) if head else x
         return logits if qkv_layer is None else (logits, qkv)
 
     def new_cache(self, batch_size, max_len):

@@ -242,3 +242,57 @@ def test_gemma_chat_prompt(gemma_tok_dir, data_dir):
     # the template trims the message (our task prompts never start or end with whitespace)
     assert tasks.wrap_prompt(tok, " \n hi there \n", chat) == \
         hf("<start_of_turn>user\nhi there<end_of_turn>\n<start_of_turn>model\n")["input_ids"]
+
+
+# ----------------------------------------------------------------------------- L_LD over Gemma's 262k vocabulary
+
+def test_logits_losses_never_hold_the_whole_262k_vocabulary(monkeypatch):
+    """distill.forward_both with logits whose fp32 copy passes losses.WHOLE_BYTES: the models return
+    hidden states, the losses apply lm_head one chunk at a time (model.HeadLogits inside
+    losses.chunked_sum's checkpoint). L_CE and L_LD and their gradients equal the whole-logits path,
+    and no tensor of forward or backward holds more than one sample's (T, V) logits."""
+    from types import SimpleNamespace
+    from torch.utils._python_dispatch import TorchDispatchMode
+    import distill
+    import losses
+    V, B, T = 262_144, 4, 80                      # B*T*V*4 bytes = 335 MB > WHOLE_BYTES (256 MB)
+    cfg = Qwen3Config.from_hf(dict(HUB_1B, vocab_size=V, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                                   num_attention_heads=2, num_key_value_heads=1, head_dim=8, sliding_window=16))
+    torch.manual_seed(0)
+    student, teacher = Qwen3(cfg), Qwen3(cfg).requires_grad_(False)
+    idx = torch.randint(0, V, (B, T))
+    mask, answer = torch.ones(B, T, dtype=torch.long), torch.zeros(B, T, dtype=torch.long)
+    answer[:, T // 2:] = 1
+    args = SimpleNamespace(no_ad=True, no_ld=False, qk_capture="after_rope")
+    settings = dict(ce_form="token_mean", ld_form="authors", tau=5.0, lambda_ld=10.0, split_heads=1,
+                    ad_temperature=1.0, ad_scaled_dot=True, ad_norm="none", gamma_ad=0.0)
+
+    class Largest(TorchDispatchMode):             # the most elements any op of forward or backward makes
+        n = 0
+
+        def __torch_dispatch__(self, func, types, a=(), kw=None):
+            out = func(*a, **(kw or {}))
+            for o in (out if isinstance(out, (tuple, list)) else [out]):
+                if isinstance(o, torch.Tensor):
+                    Largest.n = max(Largest.n, o.numel())
+            return out
+
+    def run():
+        student.zero_grad()
+        Largest.n = 0
+        with Largest():
+            s, t = distill.forward_both(student, teacher, idx, None, [1, 1], args, torch.autocast("cpu", enabled=False))
+            loss, terms = losses.distill_loss(s, t, idx, mask, answer, **settings)
+            loss.backward()
+        return loss.item(), terms, [p.grad.clone() for p in student.parameters()], Largest.n
+
+    lazy = run()
+    monkeypatch.setattr(distill, "WHOLE_BYTES", 1 << 40)     # the whole (B, T, V) logits, as for a small vocabulary
+    monkeypatch.setattr(losses, "WHOLE_BYTES", 1 << 40)
+    whole = run()
+    assert lazy[3] <= T * V < whole[3] == B * T * V         # one sample's logits at most; the whole path: all
+    assert lazy[0] == pytest.approx(whole[0], rel=1e-5) and set(lazy[1]) == {"ce", "ld"}
+    for k in lazy[1]:
+        assert lazy[1][k].item() == pytest.approx(whole[1][k].item(), rel=1e-5)
+    for g_lazy, g_whole in zip(lazy[2], whole[2]):           # fp32 sums in another order: relative to the tensor
+        assert rel_err(g_whole, g_lazy) < 1e-4
