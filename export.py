@@ -71,6 +71,9 @@ def refusal(model):
     c = model.config
     if not c.bitnet:
         return "it is a full-precision model: export a 1.58-bit student (continue_train.py / distill.py)"
+    if c.gemma:
+        return ("it is a Gemma 3: llama.cpp's bitnet graph has no (1 + w) or sandwich norms, GeGLU or "
+                "sliding-window layers")
     if c.qk_norm:
         return ("it has q/k-norm (Qwen3): llama.cpp's bitnet graph has no place for it (bitnet.cpp's own "
                 "qwen3 dialect would be needed); export a llama-architecture student such as SmolLM2")

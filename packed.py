@@ -215,6 +215,10 @@ class PackedQwen3(nn.Module):
             raise ValueError(f"head must be one of {HEADS}, got {head!r}")
         if not config.bitnet:
             raise ValueError("config.bitnet is False: pack a converted model (subln.convert_to_bitnet)")
+        if config.gemma:
+            raise ValueError("a Gemma 3 student is not packed: the C decode (decode_cpu.c) lacks its (1 + w) and "
+                             "sandwich norms, GeGLU, sliding-window layers and scaled embedding; evaluate it in "
+                             "PyTorch (distill.py --eval_only)")
         self.config, self.head_kind = config, head
         self.c_decode, self._step = True, None   # decode tokens in one C call (decode_cpu.c); False: PyTorch
         V, C = config.vocab_size, config.hidden_size

@@ -296,3 +296,13 @@ def test_logits_losses_never_hold_the_whole_262k_vocabulary(monkeypatch):
         assert lazy[1][k].item() == pytest.approx(whole[1][k].item(), rel=1e-5)
     for g_lazy, g_whole in zip(lazy[2], whole[2]):           # fp32 sums in another order: relative to the tensor
         assert rel_err(g_whole, g_lazy) < 1e-4
+
+
+def test_gemma3_student_refused_by_the_packed_kernels_and_the_export(tmp_path):
+    import export
+    import packed
+    _, path = make_gemma(tmp_path)
+    m = convert_to_bitnet(Qwen3.from_pretrained(path), subln=True)
+    with pytest.raises(ValueError, match="Gemma 3 student is not packed"):
+        packed.PackedQwen3(m.config)
+    assert "Gemma 3" in export.refusal(m)
