@@ -7,7 +7,10 @@ MEMORY. The logits are (B, T, V) with V = 151,936 for Qwen3: one fp32 copy at ba
 10 GB. So the two logits losses never select or convert such a tensor whole: chunked_sum walks it
 sample by sample, `chunk` positions at a time (views, no copy), converts only that chunk to fp32,
 and recomputes the chunk in the backward pass (torch.utils.checkpoint) instead of keeping its
-temporaries: one chunk's (chunk, V) fp32 tensors at a time, for student and teacher alike.
+temporaries: one chunk's (chunk, V) fp32 tensors at a time, for student and teacher alike. Where
+that fp32 copy would pass WHOLE_BYTES, distill.forward_both hands these losses a model.HeadLogits in
+place of the logits: the models stop at their final hidden states and the lm_head itself runs chunk
+by chunk here (Gemma 3's 262,144-token vocabulary: never 32 x 512 x V logits at once).
 """
 import torch
 import torch.nn.functional as F
