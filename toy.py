@@ -26,6 +26,8 @@ where it stopped. Results: <out>/<recipe>/<task>/results.json, results.csv and t
     python toy.py --task qnli --seeds 1 2 3         # Table 1 on QNLI over three seeds
     python toy.py --ablations --layer_sweep --seeds 1 2 3   # + Tables 5, 6 and Figure 3b
     python toy.py --select                          # the held-out grid that chose the presets' values
+    python toy.py --weight_quants block gptq awq    # + Table 4: each quantizer's own stage 2 and BitDistill
+    python toy.py --arch gemma3 --task mnli         # Table 3's model (Gemma 3) at toy scale
     python toy.py --preset smoke --out out/smoke    # a few steps per stage (the CI test)
 
 The same pipeline from a REAL pretrained LLM (SmolLM2-135M-Instruct, gguf_model.py) replaces steps
@@ -34,7 +36,6 @@ the control (BitNet-SFT + SubLN + CT: stages 1-2, no teacher), which BitDistill 
 
     python toy.py --preset smollm2-cpu --select     # stage 2 (~30 min on 2 cores), the held-out grid
     python toy.py --preset smollm2-cpu --seeds 1 2 3   # ~90 min a seed; finished runs are skipped
-    python toy.py --preset smollm2-cpu --seeds 1 2 3 --weight_quants gptq awq   # + Table 4's rows
 
 A small vocabulary (Qwen's 151,936-row head would outweigh all of a model this small), trained with
 the same byte-level BPE and pre-tokenizer regex, read back through tokenizer.load_tokenizer.
