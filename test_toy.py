@@ -132,6 +132,8 @@ def test_readme_tables_are_the_results_files():
         table = toy.compare_table([os.path.join(RESULTS, r, task) for r in ("authors", "paper")])
         assert table in readme, task
         assert toy.selection_table(os.path.join(RESULTS, "authors", task)) in readme, task
+    for run in ("toy_table4/authors/sst2", "toy_gemma3/authors/mnli"):     # Tables 4 and 3 at toy scale
+        assert toy.compare_table([os.path.join(os.path.dirname(RESULTS), run)]) in readme, run
     # the check bites: the same README with one figure changed (a copy, in memory) fails it
     first_row = table.splitlines()[2]                     # | FP16-SFT | 75.46 ± 1.28 | ...
     mean = first_row.split("|")[2].split("±")[0].strip()
