@@ -346,17 +346,30 @@ def paired_difference(a, b, seeds):
     return dict(pair=f"{a['row']} - {b['row']}", seeds=seeds, diffs=diffs, mean=mean, ci95=ci)
 
 
+def compare(args):
+    """--compare: the tables (and --figure) of finished toy results folders, nothing run."""
+    if args.figure:
+        plot_toy_summary(load_toy_results(args.compare), args.figure)
+        print(f"wrote {args.figure}")
+    print(compare_table(args.compare))
+    for d in args.compare:     # and the held-out grid that chose the hyperparameters, where there is one
+        if os.path.exists(os.path.join(d, "selection.json")):
+            print("\n" + selection_table(d))
+
+
+def only_rows(runs, rows):
+    """--rows: those rows, and FP16-SFT (the teacher BitDistill reads); a name not in runs is an error."""
+    unknown = set(rows) - {r[0] for r in runs}
+    if unknown:
+        sys.exit(f"toy.py: error: --rows {sorted(unknown)} are not rows of this pipeline; its rows: "
+                 + ", ".join(repr(r[0]) for r in runs))
+    return [r for r in runs if r[0] in rows or r[0] == "FP16-SFT"]
+
+
 def main(argv=None):
     args = get_args(argv)
     if args.compare:
-        if args.figure:
-            plot_toy_summary(load_toy_results(args.compare), args.figure)
-            print(f"wrote {args.figure}")
-        print(compare_table(args.compare))
-        for d in args.compare:     # and the held-out grid that chose the hyperparameters, where there is one
-            if os.path.exists(os.path.join(d, "selection.json")):
-                print("\n" + selection_table(d))
-        return
+        return compare(args)
     if not args.data_dir or not os.path.isdir(args.data_dir):
         sys.exit("no data folder: set BITDISTILL_DATA (e.g. export BITDISTILL_DATA=../shared/data) or pass --data_dir")
     pre = PRESETS[args.preset]
@@ -376,12 +389,7 @@ def main(argv=None):
     layer = distill_layer_for(config)       # the recipe's L_AD layer for this model
     sweep = [i for i in range(n_layers) if i != layer] if args.layer_sweep else []
     runs = sft_runs(args.ablations, sweep, control=real, quantizers=args.weight_quants)
-    if args.rows:                  # only these rows, and FP16-SFT: the teacher BitDistill reads
-        unknown = set(args.rows) - {r[0] for r in runs}
-        if unknown:
-            sys.exit(f"toy.py: error: --rows {sorted(unknown)} are not rows of this pipeline; its rows: "
-                     + ", ".join(repr(r[0]) for r in runs))
-        runs = [r for r in runs if r[0] in args.rows or r[0] == "FP16-SFT"]
+    runs = only_rows(runs, args.rows) if args.rows else runs
     n_runs = 1 + 1 + args.ablations + len(args.weight_quants) + (len(args.seeds) * len(runs) if not args.select else
                                        sum(len(list(itertools.product(*g.values()))) for g in pre["grid"].values()))
     title = lambda i, what: f"[{'real' if real else 'toy'} {i}/{n_runs}] {what}"
