@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from tokenizer import save_tiktoken, train_bpe
+from tokenizer import bos_ids, save_tiktoken, train_bpe
 from harness import hub_reason, read_jsonl, write_text
 from training import epoch_order
 
@@ -67,8 +67,7 @@ def read_documents(path, text_field="text"):
 
 def document_ids(tok, doc):
     """One document's ids and its end, <|endoftext|> (tok.eot_token); Gemma's also start with <bos>."""
-    bos = [tok.bos_token_id] if getattr(tok, "bos_token_id", None) is not None else []
-    return bos + tok.encode_ordinary(doc) + [tok.eot_token]
+    return bos_ids(tok) + tok.encode_ordinary(doc) + [tok.eot_token]
 
 
 def tokenize_corpus(files, tok, val_fraction, verbose=False):

@@ -20,6 +20,7 @@ from tqdm import tqdm
 
 from bitlinear import BitLinear
 from harness import hub_reason, read_jsonl
+from tokenizer import bos_ids
 
 # ----------------------------------------------------------------------------------------------
 # Tasks: where the data lives, the prompt, the answer.
@@ -157,9 +158,6 @@ def chat_tokens(tok):
     return None
 
 
-def bos(tok):
-    """[<bos>] for a tokenizer whose model expects it first (Gemma), else []."""
-    return [tok.bos_token_id] if getattr(tok, "bos_token_id", None) is not None else []
 
 
 def stop_token(tok, chat):
@@ -169,11 +167,11 @@ def stop_token(tok, chat):
 
 def wrap_prompt(tok, prompt_text, chat):
     if not chat:
-        return bos(tok) + tok.encode(prompt_text)
+        return bos_ids(tok) + tok.encode(prompt_text)
     s, e = chat
     nl = tok.encode("\n")
     if tok.decode([s]) == "<start_of_turn>":                        # Gemma
-        return bos(tok) + [s] + tok.encode("user\n" + prompt_text.strip()) + [e] + nl + [s] + tok.encode("model\n")
+        return bos_ids(tok) + [s] + tok.encode("user\n" + prompt_text.strip()) + [e] + nl + [s] + tok.encode("model\n")
     system = getattr(tok, "chat_system", None) or QWEN_SYSTEM     # the template's own default (SmolLM2's)
     return ([s] + tok.encode("system\n" + system) + [e] + nl + [s] + tok.encode("user\n" + prompt_text)
             + [e] + nl + [s] + tok.encode("assistant\n"))

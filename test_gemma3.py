@@ -211,8 +211,7 @@ def gemma_tok_dir(tmp_path_factory, data_dir):
 
 def test_gemma_tokenizer_equals_transformers_on_the_shared_data(gemma_tok_dir, data_dir):
     from test_tokenizer import EDGE_CASES, real_strings
-    from tokenizer import SentencePieceBPE, load_tokenizer
-    import tasks
+    from tokenizer import SentencePieceBPE, bos_ids, load_tokenizer
     tok, hf = load_tokenizer(gemma_tok_dir), transformers.AutoTokenizer.from_pretrained(gemma_tok_dir)
     assert isinstance(tok, SentencePieceBPE) and json.load(open(f"{gemma_tok_dir}/tokenizer.json"))["model"]["byte_fallback"]
     assert (tok.bos_token_id, tok.eos_token_id, tok.pad_token_id, tok.eot_token) == (2, 1, 0, 1)
@@ -221,7 +220,7 @@ def test_gemma_tokenizer_equals_transformers_on_the_shared_data(gemma_tok_dir, d
     assert ours == ref and [tok.encode(s) for s in strings[:50]] == ref[:50]
     assert any(i in range(5, 261) for ids in ours for i in ids)          # byte fallback was exercised
     for s, ids in zip(strings[:300], ours):                             # <bos> in front, as HF adds it
-        assert tasks.bos(tok) + ids == hf(s)["input_ids"]
+        assert bos_ids(tok) + ids == hf(s)["input_ids"]
         assert tok.decode(ids) == hf.decode(ids)
 
 

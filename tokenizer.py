@@ -206,6 +206,11 @@ class SentencePieceBPE:
         return i
 
 
+def bos_ids(tok):
+    """[<bos>] for a tokenizer whose model expects it first (Gemma), else []."""
+    return [tok.bos_token_id] if getattr(tok, "bos_token_id", None) is not None else []
+
+
 def is_sentencepiece_json(path):
     model = _read_json(path).get("model", {})
     return model.get("type") == "BPE" and bool(model.get("byte_fallback"))
